@@ -1,0 +1,100 @@
+"""`tap-receiver` / `python -m receiver`: configuration, logging, then the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from receiver import __version__, config
+from receiver.auth import TOKEN_FILE, load_or_create_token
+from receiver.loop import run
+from receiver.server import Server, StartupError
+
+log = logging.getLogger("receiver")
+
+
+def prepare_recordings(directory: Path) -> None:
+    """Create the recordings directory and prove it is writable, or raise ConfigError."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise config.ConfigError(
+            f"recordings: cannot create directory {str(directory)!r}: {exc.strerror or exc}"
+        ) from None
+    if not directory.is_dir():
+        raise config.ConfigError(f"recordings: {str(directory)!r} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise config.ConfigError(
+            f"recordings: directory {str(directory)!r} is not writable: {exc.strerror or exc}"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tap-receiver",
+        description="Receive live call-audio taps (WebSocket and RTP) into per-tap WAV files.",
+    )
+    parser.add_argument("--version", action="version", version=f"tap-receiver {__version__}")
+    config.add_arguments(parser)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg, warnings = config.load(args, os.environ)
+        prepare_recordings(cfg.recordings)
+    except config.ConfigError as exc:
+        print(f"tap-receiver: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    for warning in warnings:
+        log.warning("%s", warning)
+    token: str | None
+    if cfg.no_auth:
+        token = None
+        log.warning("authentication is OFF (--no-auth): anyone who reaches this port can tap")
+    elif cfg.token:
+        token = cfg.token
+    else:
+        try:
+            token, created = load_or_create_token(cfg.recordings)
+        except OSError as exc:
+            print(f"tap-receiver: cannot read or create the token file: {exc}", file=sys.stderr)
+            return 2
+        where = cfg.recordings / TOKEN_FILE
+        log.info("%s token in %s", "generated a new" if created else "using the", where)
+    server = Server(cfg, token)
+    if token is not None:
+        log.info(
+            "tap URI (paste into device.params.uri): wss://<your-host>:%d/t/%s/tap/{tap_id}",
+            cfg.http_port,
+            token,
+        )
+    else:
+        log.info("tap URI: wss://<your-host>:%d/tap/{tap_id}", cfg.http_port)
+    try:
+        return run(server.run())
+    except StartupError as exc:
+        log.error("%s", exc)
+        print(f"tap-receiver: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,303 @@
+"""Every setting in one place: TOML key, `RECEIVER_*` environment variable and `--flag`.
+
+Precedence: command line > environment > config file > built-in default. Each setting is declared
+once in `SETTINGS`; the argument parser, the environment reader, the file reader, the shipped
+`config/receiver.toml` (checked by a test) and the README table all follow from that list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "RECEIVER_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~-]{8,256}$")
+
+
+class ConfigError(Exception):
+    """A bad setting: the message names the key and the problem, and is shown as one line."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    kind: str  # str | int | float | bool | size | path
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None  # returns a problem, or None when fine
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper()
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a port number from 0 to 65535"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _between(low: float, high: float) -> Callable[[float], str | None]:
+    def check(value: float) -> str | None:
+        return None if low <= value <= high else f"must be between {low:g} and {high:g}"
+
+    return check
+
+
+def _log_level(value: str) -> str | None:
+    return None if value in LOG_LEVELS else "must be one of " + ", ".join(LOG_LEVELS)
+
+
+def _token(value: str) -> str | None:
+    if value == "" or _TOKEN_RE.match(value):
+        return None
+    return "must be 8 to 256 characters from A-Z a-z 0-9 . _ ~ - (it goes into the tap URI)"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "str", "0.0.0.0", "Address the HTTP/WebSocket and RTP listeners bind to."),
+    Setting("http_port", "int", 8080, "TCP port for HTTP, WebSocket taps and /healthz.", _port),
+    Setting("rtp_port", "int", 5004, "UDP port for RTP taps.", _port),
+    Setting("recordings", "path", "./recordings", "Directory for WAV files and sidecars."),
+    Setting("log_level", "str", "info", "debug, info, warning or error.", _log_level),
+    Setting(
+        "token",
+        "str",
+        "",
+        "Secret every tap must present. Empty: generated once, kept in <recordings>/"
+        ".receiver-token.",
+        _token,
+    ),
+    Setting("no_auth", "bool", False, "Accept taps without a token (logs a warning)."),
+    Setting(
+        "flush_interval",
+        "float",
+        1.0,
+        "Seconds of audio buffered per tap before a batch is written.",
+        _between(0.05, 60),
+    ),
+    Setting(
+        "ws_max_message_size",
+        "size",
+        64 * 1024,
+        "Largest WebSocket message accepted; a bigger one closes the tap with 1009.",
+        _positive,
+    ),
+    Setting(
+        "ws_heartbeat",
+        "float",
+        30.0,
+        "Seconds between WebSocket pings; a peer that stops answering is closed (0: off).",
+        _between(0, 3600),
+    ),
+    Setting(
+        "shutdown_timeout",
+        "float",
+        4.0,
+        "Seconds SIGTERM waits for open taps to be finalized.",
+        _between(0.1, 60),
+    ),
+    Setting(
+        "rtp_idle_timeout",
+        "float",
+        5.0,
+        "Seconds without a packet after which an RTP tap is finalized.",
+        _between(0.1, 3600),
+    ),
+    Setting(
+        "rtp_jitter_ms",
+        "int",
+        200,
+        "Jitter window in milliseconds: how long a gap waits for late packets.",
+        _between(0, 5000),
+    ),
+    Setting(
+        "rtp_max_gap",
+        "float",
+        30.0,
+        "Longest timestamp gap (seconds) filled with silence; longer is a discontinuity.",
+        _between(0.1, 86400),
+    ),
+    Setting(
+        "rtp_max_streams",
+        "int",
+        10000,
+        "Concurrent RTP streams; new sources beyond it are refused.",
+        _between(1, 1_000_000),
+    ),
+    Setting(
+        "rtp_recv_buffer",
+        "size",
+        4 * 1024 * 1024,
+        "SO_RCVBUF requested for the RTP socket (the kernel may grant less).",
+        _positive,
+    ),
+    Setting(
+        "rtp_dtmf_payload_type",
+        "int",
+        101,
+        "RTP payload type of RFC 4733 telephone-events (DTMF).",
+        _between(96, 127),
+    ),
+)
+
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The merged settings. Built only by `load` (or `from_argv`); defaults live in SETTINGS."""
+
+    host: str
+    http_port: int
+    rtp_port: int
+    recordings: Path
+    log_level: str
+    token: str
+    no_auth: bool
+    flush_interval: float
+    ws_max_message_size: int
+    ws_heartbeat: float
+    shutdown_timeout: float
+    rtp_idle_timeout: float
+    rtp_jitter_ms: int
+    rtp_max_gap: float
+    rtp_max_streams: int
+    rtp_recv_buffer: int
+    rtp_dtmf_payload_type: int
+    config_file: Path | None = None
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def parse_size(text: str) -> int:
+    """'65536', '64K', '4MiB', '1G' -> bytes (binary multiples)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError("must be a number of bytes, optionally with a K, M or G suffix")
+    number, unit = match.groups()
+    return int(number) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit.lower()]
+
+
+def _convert(setting: Setting, raw: Any, source: str) -> Any:
+    """Turn a raw value (TOML value, or a string from env/CLI) into the setting's type."""
+    where = f"{setting.key} (from {source})"
+    try:
+        value: Any
+        if setting.kind == "bool":
+            if isinstance(raw, bool):
+                value = raw
+            elif isinstance(raw, str) and raw.strip().lower() in ("1", "true", "yes", "on"):
+                value = True
+            elif isinstance(raw, str) and raw.strip().lower() in ("0", "false", "no", "off", ""):
+                value = False
+            else:
+                raise ValueError("must be true or false")
+        elif setting.kind == "int":
+            if isinstance(raw, bool) or not isinstance(raw, int | str):
+                raise ValueError("must be a whole number")
+            value = int(raw)
+        elif setting.kind == "float":
+            if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+                raise ValueError("must be a number")
+            value = float(raw)
+        elif setting.kind == "size":
+            if isinstance(raw, bool):
+                raise ValueError("must be a number of bytes")
+            value = raw if isinstance(raw, int) else parse_size(str(raw))
+        elif setting.kind == "path":
+            if not isinstance(raw, str) or not raw:
+                raise ValueError("must be a non-empty path")
+            value = Path(raw).expanduser()
+        else:
+            if not isinstance(raw, str):
+                raise ValueError("must be a string")
+            value = raw.strip().lower() if setting.key == "log_level" else raw
+    except ValueError as exc:
+        problem = str(exc) if "must" in str(exc) else f"{raw!r} is not a valid {setting.kind}"
+        raise ConfigError(f"{where}: {problem}") from None
+    if setting.check is not None:
+        check_problem = setting.check(value)
+        if check_problem:
+            raise ConfigError(f"{where}: {value!r} {check_problem}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--kebab-case` flag per setting; None means "not given" so precedence can apply."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help=f"TOML configuration file (env {ENV_PREFIX}CONFIG).",
+    )
+    for s in SETTINGS:
+        text = f"{s.help} Default: {s.default!r}. Env {s.env}."
+        if s.kind == "bool":
+            parser.add_argument(s.flag, dest=s.key, action="store_const", const=True, help=text)
+        else:
+            parser.add_argument(s.flag, dest=s.key, metavar=s.key.upper(), help=text)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {str(path)!r} is not valid TOML: {exc}") from None
+    for key in data:
+        if key not in _BY_KEY:
+            raise ConfigError(f"{key} (from {path}): unknown setting")
+    return data
+
+
+def load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Config, list[str]]:
+    """Merge defaults, file, environment and command line. Returns the config and warnings."""
+    warnings: list[str] = []
+    config_path = args.config or environ.get(ENV_PREFIX + "CONFIG") or None
+    file_values = _read_file(Path(config_path)) if config_path else {}
+    known_env = {s.env for s in SETTINGS} | {ENV_PREFIX + "CONFIG"}
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known_env:
+            warnings.append(f"ignoring unknown environment variable {name}")
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        cli_value = getattr(args, s.key, None)
+        if cli_value is not None:
+            values[s.key] = _convert(s, cli_value, s.flag)
+        elif s.env in environ:
+            values[s.key] = _convert(s, environ[s.env], s.env)
+        elif s.key in file_values:
+            values[s.key] = _convert(s, file_values[s.key], str(config_path))
+        else:
+            values[s.key] = _convert(s, s.default, "default")
+    config = Config(**values, config_file=Path(config_path) if config_path else None)
+    return config, warnings
+
+
+def from_argv(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Convenience for tests and embedding: parse flags like the command line does."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config, _ = load(parser.parse_args(list(argv)), os.environ if environ is None else environ)
+    return config

@@ -1,0 +1,1 @@
+"""RTP packet parsing and per-stream timeline reconstruction (pure, no I/O)."""

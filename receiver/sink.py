@@ -1,0 +1,118 @@
+"""One tap's files on disk: `<name>.wav` (16-bit PCM) and its `<name>.json` sidecar.
+
+Used only from the writer thread. The WAV is opened as RF64 with libsndfile's auto-downgrade, so
+it is a plain RIFF/WAVE file (with a JUNK chunk reserved) unless it passes 4 GiB, where it becomes
+RF64 instead of silently corrupting. After every batch the header is rewritten to describe exactly
+the data on disk, so a `kill -9` loses at most the batch that was not yet written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+
+SFC_UPDATE_HEADER_NOW = 0x1060
+SFC_RF64_AUTO_DOWNGRADE = 0x1210
+MAX_SUFFIX = 10_000
+
+
+def _command(handle: soundfile.SoundFile, command: int, value: int) -> int:
+    # soundfile exposes no API for these libsndfile commands; its low-level handle does.
+    return int(soundfile._snd.sf_command(handle._file, command, soundfile._ffi.NULL, value))
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON next to `path` and rename it into place: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def reserve_name(directory: Path, tap_id: str) -> str:
+    """Claim `<tap_id>.wav`, else `<tap_id>.1.wav`, `.2` ...: an existing recording is never
+    overwritten, also not by a concurrent tap with the same id (O_EXCL decides)."""
+    for n in range(MAX_SUFFIX):
+        name = tap_id if n == 0 else f"{tap_id}.{n}"
+        if (directory / f"{name}.json").exists():
+            continue  # a sidecar whose WAV was removed still names a recording
+        try:
+            fd = os.open(directory / f"{name}.wav", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return name
+    raise FileExistsError(f"no free file name for tap {tap_id!r} after {MAX_SUFFIX} tries")
+
+
+class WavSink:
+    """The WAV file of one tap. Every method may raise OSError / soundfile.LibsndfileError."""
+
+    def __init__(self, directory: Path, tap_id: str, sample_rate: int, channels: int) -> None:
+        self.directory = directory
+        self.tap_id = tap_id
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self.name: str | None = None
+        self.frames_written = 0
+        self.error: str | None = None
+        self._file: soundfile.SoundFile | None = None
+
+    @property
+    def wav_path(self) -> Path:
+        return self.directory / f"{self.name}.wav"
+
+    @property
+    def sidecar_path(self) -> Path:
+        return self.directory / f"{self.name}.json"
+
+    def open(self) -> None:
+        self.name = reserve_name(self.directory, self.tap_id)
+        self._file = soundfile.SoundFile(
+            self.wav_path,
+            "w",
+            samplerate=self.sample_rate,
+            channels=self.channels,
+            subtype="PCM_16",
+            format="RF64",
+        )
+        _command(self._file, SFC_RF64_AUTO_DOWNGRADE, 1)
+        _command(self._file, SFC_UPDATE_HEADER_NOW, 0)
+
+    def write(self, frames: np.ndarray) -> None:
+        if self._file is None or len(frames) == 0:
+            return
+        self._file.write(frames)
+        self.frames_written += len(frames)
+        _command(self._file, SFC_UPDATE_HEADER_NOW, 0)
+
+    def close(self) -> None:
+        handle, self._file = self._file, None
+        if handle is not None:
+            handle.close()
+
+    def fail(self, error: str) -> None:
+        """After a write error: keep the header true to what reached the disk, then close."""
+        self.error = error
+        handle, self._file = self._file, None
+        if handle is None:
+            return
+        try:
+            _command(handle, SFC_UPDATE_HEADER_NOW, 0)
+            self.frames_written = int(handle.frames)
+        finally:
+            with contextlib.suppress(Exception):  # closing a broken file may fail again
+                handle.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._file is not None

@@ -1,0 +1,78 @@
+"""A tap: one recording in progress, whatever transport feeds it (lives on the event loop)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from receiver.audio_buffer import AudioBuffer
+from receiver.sink import WavSink
+
+_serial = itertools.count(1)
+
+RECORDING = "recording"
+FINISHED = "finished"
+FAILED = "failed"
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Tap:
+    """State of one tap. The transport appends audio to `buffer`; the registry batches it out."""
+
+    def __init__(
+        self,
+        tap_id: str,
+        transport: str,
+        codec: str,
+        sample_rate: int = 8000,
+        channels: int = 1,
+        remote: str | None = None,
+    ) -> None:
+        self.serial = next(_serial)
+        self.tap_id = tap_id
+        self.transport = transport
+        self.codec = codec
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self.remote = remote
+        self.state = RECORDING
+        self.started_at = utc_now_iso()
+        self.ended_at: str | None = None
+        self.started_monotonic = time.monotonic()
+        self.buffer = AudioBuffer(channels)
+        self.sink: WavSink | None = None  # set by the registry; its files are the writer's
+        self.counters: dict[str, int] = {}
+        self.events: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}  # transport-specific sidecar fields
+        self.end_reason: str | None = None
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    @property
+    def name(self) -> str | None:
+        """The file base name once the writer has reserved it (may carry a .N suffix)."""
+        return self.sink.name if self.sink else None
+
+    def describe(self) -> dict[str, Any]:
+        """The sidecar's view of this tap (built on the event loop; files fields added later)."""
+        return {
+            "tap_id": self.tap_id,
+            "transport": self.transport,
+            "codec": self.codec,
+            "sample_rate": self.sample_rate,
+            "channels": self.channels,
+            "remote": self.remote,
+            "state": self.state,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "end_reason": self.end_reason,
+            "counters": dict(self.counters),
+            "events": list(self.events),
+            **{k: v for k, v in self.extra.items()},
+        }

@@ -1,0 +1,108 @@
+"""All disk I/O for recordings, on one worker thread, so the event loop never waits on a disk.
+
+Jobs run in submission order, so a tap's open, batches and close can never overtake each other.
+A failing tap (disk full, I/O error) is marked failed with its error and closed with a header
+that matches its data; the thread goes on with every other tap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from receiver.audio_buffer import Run, render
+from receiver.sink import WavSink, write_json_atomic
+from receiver.tap import FAILED, FINISHED
+
+log = logging.getLogger("receiver.writer")
+
+
+class DiskWriter:
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disk-writer")
+        self.batches = 0
+        self.bytes_written = 0
+        self.errors = 0
+        self.last_batch_seconds = 0.0
+
+    # -- called on the event loop -------------------------------------------------------------
+
+    def open(self, sink: WavSink, sidecar: dict[str, Any]) -> Future[None]:
+        return self._executor.submit(self._open, sink, sidecar)
+
+    def write(self, batch: list[tuple[WavSink, list[Run]]]) -> Future[None]:
+        return self._executor.submit(self._write, batch)
+
+    def finish(self, sink: WavSink, runs: list[Run], sidecar: dict[str, Any]) -> Future[None]:
+        return self._executor.submit(self._finish, sink, runs, sidecar)
+
+    def shutdown(self) -> None:
+        """Run every queued job, then stop the thread (blocking: call it from a thread)."""
+        self._executor.shutdown(wait=True)
+
+    # -- on the writer thread -----------------------------------------------------------------
+
+    def _fail(self, sink: WavSink, exc: BaseException) -> None:
+        self.errors += 1
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("tap %s: recording failed, keeping what was written: %s", sink.tap_id, message)
+        try:
+            sink.fail(message)
+        except Exception as close_exc:
+            log.error("tap %s: could not close failed WAV: %s", sink.tap_id, close_exc)
+
+    def _open(self, sink: WavSink, sidecar: dict[str, Any]) -> None:
+        try:
+            sink.open()
+            write_json_atomic(sink.sidecar_path, self._sidecar(sink, sidecar))
+        except Exception as exc:
+            self._fail(sink, exc)
+
+    def _append(self, sink: WavSink, runs: list[Run]) -> None:
+        if sink.error is not None or not runs:
+            return
+        try:
+            frames = render(runs, sink.channels)
+            sink.write(frames)
+            self.bytes_written += frames.nbytes
+        except Exception as exc:
+            self._fail(sink, exc)
+
+    def _write(self, batch: list[tuple[WavSink, list[Run]]]) -> None:
+        started = time.perf_counter()
+        for sink, runs in batch:
+            self._append(sink, runs)
+        self.batches += 1
+        self.last_batch_seconds = time.perf_counter() - started
+
+    def _finish(self, sink: WavSink, runs: list[Run], sidecar: dict[str, Any]) -> None:
+        self._append(sink, runs)
+        if sink.error is None:
+            try:
+                sink.close()
+            except Exception as exc:
+                self._fail(sink, exc)
+        if sink.name is None:
+            return  # never got a file (the open failed and was logged)
+        try:
+            write_json_atomic(sink.sidecar_path, self._sidecar(sink, sidecar))
+        except Exception as exc:
+            self.errors += 1
+            log.error("tap %s: could not write sidecar: %s", sink.tap_id, exc)
+
+    @staticmethod
+    def _sidecar(sink: WavSink, sidecar: dict[str, Any]) -> dict[str, Any]:
+        data = dict(sidecar)
+        data["file"] = sink.wav_path.name
+        data["frames_written"] = sink.frames_written
+        data["duration_seconds"] = round(sink.frames_written / sink.sample_rate, 6)
+        if sink.error is not None:
+            data["state"] = FAILED
+            data["error"] = sink.error
+        elif data.get("state") == FAILED:
+            data.setdefault("error", "failed")
+        elif data.get("ended_at"):
+            data["state"] = FINISHED
+        return data
