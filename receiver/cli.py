@@ -81,16 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         where = cfg.recordings / TOKEN_FILE
         log.info("%s token in %s", "generated a new" if created else "using the", where)
-    server = Server(cfg, token)
-    if token is not None:
-        log.info(
-            "tap URI (paste into device.params.uri): wss://<your-host>:%d/t/%s/tap/{tap_id}",
-            cfg.http_port,
-            token,
-        )
-    else:
-        log.info("tap URI: wss://<your-host>:%d/tap/{tap_id}", cfg.http_port)
     try:
+        server = Server(cfg, token)
+        path = f"/t/{token}/tap/{{tap_id}}" if token is not None else "/tap/{tap_id}"
+        log.info(
+            "tap URI (paste into device.params.uri): wss://<your-host>:%d%s%s",
+            cfg.http_port,
+            path,
+            "" if cfg.tls_cert else "  (TLS terminated by your proxy, or --tls-cert/--tls-key)",
+        )
         return run(server.run())
     except StartupError as exc:
         log.error("%s", exc)

@@ -85,6 +85,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("no_auth", "bool", False, "Accept taps without a token (logs a warning)."),
     Setting(
+        "tls_cert",
+        "str",
+        "",
+        "PEM certificate (chain) file: serve https/wss directly. Needs tls_key.",
+    ),
+    Setting("tls_key", "str", "", "PEM private key file for tls_cert."),
+    Setting(
         "flush_interval",
         "float",
         1.0,
@@ -170,6 +177,8 @@ class Config:
     log_level: str
     token: str
     no_auth: bool
+    tls_cert: str
+    tls_key: str
     flush_interval: float
     ws_max_message_size: int
     ws_heartbeat: float
@@ -291,6 +300,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Config, 
             values[s.key] = _convert(s, file_values[s.key], str(config_path))
         else:
             values[s.key] = _convert(s, s.default, "default")
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise ConfigError("tls_cert, tls_key: give both (certificate and private key) or neither")
     config = Config(**values, config_file=Path(config_path) if config_path else None)
     return config, warnings
 

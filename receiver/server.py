@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 from typing import Any
 
@@ -27,6 +28,18 @@ class StartupError(Exception):
     """A listener could not be opened; the message is one line for the operator."""
 
 
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """Server-side TLS from tls_cert/tls_key, or None. Raises StartupError on a bad pair."""
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"tls_cert/tls_key: cannot load {config.tls_cert!r}: {exc}") from None
+    return context
+
+
 class Server:
     def __init__(self, config: Config, token: str | None) -> None:
         self.config = config
@@ -40,6 +53,11 @@ class Server:
         self._runner: web.AppRunner | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.ssl_context = tls_context(config)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context is not None else "http"
 
     def health(self) -> dict[str, Any]:
         return {
@@ -80,7 +98,7 @@ class Server:
         app = build_app(self.ws, self.health)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.shutdown_timeout)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.host, cfg.http_port)
+        site = web.TCPSite(self._runner, cfg.host, cfg.http_port, ssl_context=self.ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -97,7 +115,8 @@ class Server:
             asyncio.create_task(self.rtp.run_housekeeping(), name="rtp-housekeeping"),
         ]
         log.info(
-            "tap-receiver ready on http://%s:%d (%s), recordings in %s",
+            "tap-receiver ready on %s://%s:%d (%s), recordings in %s",
+            self.scheme,
             cfg.host,
             self.http_port,
             loop_name(),
