@@ -9,6 +9,7 @@ the data on disk, so a `kill -9` loses at most the batch that was not yet writte
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -28,14 +29,29 @@ def _command(handle: soundfile.SoundFile, command: int, value: int) -> int:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON next to `path` and rename it into place: readers never see half a file."""
+    """Write JSON next to `path` and rename it into place: readers never see half a file.
+
+    On a full disk the temporary file cannot be written; then the existing file is rewritten in
+    place (its blocks are already allocated), so a failed tap can still say why it failed.
+    """
+    text = json.dumps(data, indent=2) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if exc.errno != errno.ENOSPC or not path.exists():
+            raise
+        with path.open("r+", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.truncate()
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def reserve_name(directory: Path, tap_id: str) -> str:
@@ -66,6 +82,7 @@ class WavSink:
         self.frames_written = 0
         self.error: str | None = None
         self._file: soundfile.SoundFile | None = None
+        self._data_offset = 0
 
     @property
     def wav_path(self) -> Path:
@@ -87,11 +104,17 @@ class WavSink:
         )
         _command(self._file, SFC_RF64_AUTO_DOWNGRADE, 1)
         _command(self._file, SFC_UPDATE_HEADER_NOW, 0)
+        self._data_offset = os.path.getsize(self.wav_path)  # the header, before any audio
 
     def write(self, frames: np.ndarray) -> None:
         if self._file is None or len(frames) == 0:
             return
-        self._file.write(frames)
+        try:
+            self._file.write(frames)
+        except soundfile.LibsndfileError as exc:
+            # soundfile reports only "System error."; the handle knows which (e.g. ENOSPC).
+            detail = soundfile._ffi.string(soundfile._snd.sf_strerror(self._file._file))
+            raise OSError(f"{exc}: {detail.decode(errors='replace')}") from None
         self.frames_written += len(frames)
         _command(self._file, SFC_UPDATE_HEADER_NOW, 0)
 
@@ -107,8 +130,13 @@ class WavSink:
         if handle is None:
             return
         try:
+            # A failed write may have left part of a frame: cut the file to whole frames, then
+            # let libsndfile (which sizes the header from the file length) describe exactly that.
+            frame_bytes = 2 * self.channels
+            frames = (os.path.getsize(self.wav_path) - self._data_offset) // frame_bytes
+            os.truncate(self.wav_path, self._data_offset + frames * frame_bytes)
+            self.frames_written = frames
             _command(handle, SFC_UPDATE_HEADER_NOW, 0)
-            self.frames_written = int(handle.frames)
         finally:
             with contextlib.suppress(Exception):  # closing a broken file may fail again
                 handle.close()

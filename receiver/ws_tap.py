@@ -7,6 +7,7 @@ are ignored and counted. The tap ends when the socket closes, cleanly or not.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -28,6 +29,7 @@ from receiver.tap_id import TAP_ID_RULE, is_valid_tap_id
 log = logging.getLogger("receiver.ws")
 
 UNSUPPORTED_DATA = 1003
+CLOSE_HANDSHAKE_TIMEOUT = 1.0  # seconds to wait for the peer's reply to our close frame
 
 
 def json_error(status: int, message: str) -> web.Response:
@@ -63,6 +65,7 @@ class WsTapEndpoint:
         ws = web.WebSocketResponse(
             max_msg_size=self.config.ws_max_message_size,
             heartbeat=self.config.ws_heartbeat or None,
+            timeout=CLOSE_HANDSHAKE_TIMEOUT,
         )
         if not ws.can_prepare(request).ok:
             return json_error(426, "expected a WebSocket upgrade request")
@@ -150,8 +153,11 @@ class WsTapEndpoint:
                 self.registry.finish(tap, reason)
 
     async def close_all(self, code: int = WSCloseCode.GOING_AWAY) -> None:
-        for ws in list(self.sockets):
-            await ws.close(code=code, message=b"server shutting down")
+        """Send every peer a close frame at once; each handler then finishes its own tap."""
+        await asyncio.gather(
+            *(ws.close(code=code, message=b"server shutting down") for ws in list(self.sockets)),
+            return_exceptions=True,
+        )
 
     def stats(self) -> dict[str, Any]:
         return {"open_sockets": len(self.sockets), **self.counters}

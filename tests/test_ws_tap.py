@@ -238,13 +238,16 @@ def raw_request(port: int, target: str, headers: str = "") -> tuple[int, bytes]:
             data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
         status = int(head.split(b" ")[1])
-        if status != 101:
-            sock.settimeout(1)
-            try:
-                while chunk := sock.recv(4096):
-                    body += chunk
-            except TimeoutError:
-                pass
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while status != 101 and len(body) < length:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            body += chunk
     return status, body
 
 

@@ -171,8 +171,13 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         except Exception:
             self.counters["internal_errors"] += 1
             log.exception("tap %s: error flushing its timeline", stream.tap.tap_id)
-        stream.tap.extra["rtp"] = stream.timeline.stats.to_dict()
-        self.registry.finish(stream.tap, reason)
+        tap = stream.tap
+        tap.extra["rtp"] = {
+            **stream.timeline.stats.to_dict(),
+            "malformed": tap.counters.get("malformed", 0),
+            "rtcp": tap.counters.get("rtcp_packets", 0),
+        }
+        self.registry.finish(tap, reason)
 
     def poll(self, now: float) -> None:
         """Release packets whose gap has waited out the jitter window."""

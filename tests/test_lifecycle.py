@@ -1,0 +1,219 @@
+"""Start-up, auth defaults, shutdown by signal, kill -9, and a disk that fills up mid-tap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+
+from receiver.rtp.packet import RtpPacket
+from tests import reference
+from tests.conftest import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
+
+
+def noise(n: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+async def open_tap(url: str) -> tuple[aiohttp.ClientSession, aiohttp.ClientWebSocketResponse]:
+    session = aiohttp.ClientSession()
+    return session, await session.ws_connect(url)
+
+
+def test_health_reports_both_listeners(make_server: Any) -> None:
+    server = make_server("--no-auth")
+    health = server.health()
+    assert health is not None
+    assert health["status"] == "ok"
+    assert health["http_port"] == server.http_port
+    assert health["rtp_port"] == server.rtp_port
+    assert health["active_taps"] == 0
+    assert health["auth"] is False
+    # the UDP port is really bound by the server: binding it again fails
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, pytest.raises(OSError):
+        sock.bind(("127.0.0.1", server.rtp_port))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finalizes_every_open_tap(make_server: Any, sig: int) -> None:
+    server = make_server("--no-auth", "--rtp-idle-timeout", "60")
+    ws_audio = {f"open-{i}": noise(4000 + 100 * i, i) for i in range(3)}
+    rtp_audio = noise(160 * 25, 99)
+
+    async def run() -> int:
+        clients = []
+        for tap_id, data in ws_audio.items():
+            session, ws = await open_tap(f"{server.ws_url}/tap/{tap_id}")
+            await ws.send_bytes(data)
+            clients.append((session, ws))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        for n in range(25):
+            datagram = RtpPacket(0, False, n, 160 * n, 7, rtp_audio[n * 160 : (n + 1) * 160])
+            udp.sendto(datagram.serialize(), ("127.0.0.1", server.rtp_port))
+        await asyncio.sleep(0.5)  # everything sent has reached the server
+        health = server.health()
+        assert health is not None and health["active_taps"] == 4
+        # the clients keep reading, as a real sender's stack does, to answer the close
+        readers = [asyncio.create_task(ws.receive(timeout=5)) for _, ws in clients]
+        started = time.monotonic()
+        code = await asyncio.get_running_loop().run_in_executor(None, server.stop, sig)
+        elapsed = time.monotonic() - started
+        assert elapsed < 5.0, f"shutdown took {elapsed:.2f} s"
+        for reader, (session, ws) in zip(readers, clients, strict=True):
+            msg = await reader
+            assert msg.type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 1001  # going away
+            await session.close()
+        udp.close()
+        return code
+
+    assert asyncio.run(run()) == 0
+    for tap_id, data in ws_audio.items():
+        sidecar = wait_for_sidecar(server.recordings, tap_id, timeout=1)
+        assert sidecar["end_reason"] == "closed"
+        samples, _ = read_wav(server.recordings / f"{tap_id}.wav")
+        assert np.array_equal(samples, reference.decode("PCMU", data))
+        assert assert_header_matches_data(server.recordings / f"{tap_id}.wav") == len(data)
+    (rtp_json,) = server.recordings.glob("rtp-*.json")
+    sidecar = json.loads(rtp_json.read_text())
+    assert sidecar["state"] == "finished" and sidecar["end_reason"] == "shutdown"
+    samples, _ = read_wav(server.recordings / sidecar["file"])
+    assert np.array_equal(samples, reference.decode("PCMU", rtp_audio))
+    assert "stopped after" in server.log()
+
+
+def test_kill_9_leaves_a_wav_whose_header_matches_its_data(make_server: Any) -> None:
+    server = make_server("--no-auth", "--flush-interval", "0.1")
+    sent = noise(8000 * 3, 5)
+
+    async def run() -> None:
+        session, ws = await open_tap(f"{server.ws_url}/tap/crash")
+        for i in range(0, len(sent) // 2, 160):
+            await ws.send_bytes(sent[i : i + 160])
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.5)  # several batches reach the disk
+        server.kill9()
+        await session.close()
+
+    asyncio.run(run())
+    wav = server.recordings / "crash.wav"
+    frames = assert_header_matches_data(wav)
+    assert frames > 0
+    samples, _ = read_wav(wav)
+    # what is on disk is exactly the beginning of what was sent
+    assert np.array_equal(samples, reference.decode("PCMU", sent[:frames]))
+    assert frames == len(sent) // 2  # nothing sent more than a batch before the kill was lost
+    sidecar = json.loads((server.recordings / "crash.json").read_text())
+    assert sidecar["state"] == "recording"  # honest: it never finished
+
+
+def test_token_is_generated_once_and_reused(make_server: Any, tmp_path: Path) -> None:
+    recordings = tmp_path / "rec"
+    first = make_server(recordings=recordings)
+    token_file = recordings / ".receiver-token"
+    token = token_file.read_text().strip()
+    assert len(token) >= 32
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert f"wss://<your-host>:{first.http_port}/t/{token}/tap/{{tap_id}}" in first.log()
+    assert first.stop() == 0
+    second = make_server(recordings=recordings)
+    assert token_file.read_text().strip() == token
+    assert "using the token" in second.log()
+
+    async def attempt(url: str) -> int:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.ws_connect(url) as ws:
+                    await ws.send_bytes(b"\xff" * 160)
+                    await ws.close()
+                    return 101
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status
+
+    assert asyncio.run(attempt(f"{second.ws_url}/tap/secured")) == 401
+    assert asyncio.run(attempt(f"{second.ws_url}/t/{token}/tap/secured")) == 101
+    assert wait_for_sidecar(recordings, "secured")["frames_written"] == 160
+
+
+def test_no_auth_warns_and_accepts(make_server: Any) -> None:
+    server = make_server("--no-auth")
+    assert "authentication is OFF" in server.log()
+    assert not (server.recordings / ".receiver-token").exists()
+
+
+def test_port_in_use_is_one_clear_line(make_server: Any) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        server: ServerProcess = make_server("--no-auth", start=False)
+        server.args[server.args.index("--http-port") + 1] = str(port)
+        result = subprocess.run(server.args, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"tap-receiver: cannot listen on 127.0.0.1:{port}/tcp (http_port)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A really small, really full-able filesystem (tmpfs; needs root, skipped otherwise)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_fails_that_tap_only(make_server: Any, tiny_disk: Path) -> None:
+    recordings = tiny_disk / "rec"
+    server = make_server("--no-auth", "--flush-interval", "0.1", recordings=recordings)
+    big = noise(200_000, 6)  # 400 KB of PCM: cannot fit in 256 KB
+
+    async def send(tap_id: str, data: bytes) -> None:
+        session, ws = await open_tap(f"{server.ws_url}/tap/{tap_id}")
+        for i in range(0, len(data), 8000):
+            await ws.send_bytes(data[i : i + 8000])
+            await asyncio.sleep(0.01)
+        await ws.close()
+        await session.close()
+
+    asyncio.run(send("filler", big))
+    sidecar = wait_for_sidecar(recordings, "filler", state="failed")
+    assert "No space left on device" in sidecar["error"]
+    wav = recordings / "filler.wav"
+    frames = assert_header_matches_data(wav)  # still a valid WAV of what was written
+    assert 0 < frames < len(big) and sidecar["frames_written"] == frames
+    samples, _ = read_wav(wav)
+    assert np.array_equal(samples, reference.decode("PCMU", big[:frames]))
+    assert server.health() is not None  # the server goes on
+    assert "recording failed, keeping what was written" in server.log()
+    # free the space: the next tap records normally
+    wav.unlink()
+    small = noise(4000, 7)
+    asyncio.run(send("after", small))
+    samples, _ = read_wav(recordings / "after.wav")
+    assert wait_for_sidecar(recordings, "after")["state"] == "finished"
+    assert np.array_equal(samples, reference.decode("PCMU", small))
+    with contextlib.suppress(OSError):
+        os.unlink(recordings / "filler.json")

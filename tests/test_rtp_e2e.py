@@ -1,0 +1,291 @@
+"""RTP taps end to end: real senders (ffmpeg, GStreamer, our own sockets) -> real server -> WAV."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench.rtp_load import payload_for
+from receiver.rtp.packet import RtpPacket, TelephoneEvent
+from tests import reference
+from tests.conftest import (
+    ROOT,
+    ServerProcess,
+    assert_header_matches_data,
+    read_wav,
+    require_tool,
+    wait_for_sidecar,
+)
+
+IDLE = "0.5"
+
+
+@pytest.fixture
+def rtp_server(make_server: Any) -> ServerProcess:
+    server: ServerProcess = make_server("--no-auth", "--rtp-idle-timeout", IDLE)
+    return server
+
+
+def noise(n: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def tap_name(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"rtp-{host}-{port}"
+
+
+def sender() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def packet(seq: int, ts: int, payload: bytes, pt: int = 0, ssrc: int = 0xABCD, **kw: Any) -> bytes:
+    return RtpPacket(pt, kw.pop("marker", False), seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc, payload,
+                     **kw).serialize()  # fmt: skip
+
+
+def finished_recording(server: ServerProcess, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+    sidecar = wait_for_sidecar(server.recordings, name, timeout=15)
+    wav = server.recordings / f"{name}.wav"
+    samples, rate = read_wav(wav)
+    assert rate == 8000
+    assert assert_header_matches_data(wav) == len(samples) == sidecar["frames_written"]
+    return samples, sidecar
+
+
+def only_rtp_recording(server: ServerProcess) -> str:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        names = [p.stem for p in server.recordings.glob("rtp-*.json")]
+        if names:
+            assert len(names) == 1, names
+            return names[0]
+        time.sleep(0.05)
+    raise AssertionError("no RTP recording appeared")
+
+
+@pytest.mark.parametrize(("codec", "ffmpeg_format"), [("PCMU", "mulaw"), ("PCMA", "alaw")])
+def test_ffmpeg_sender_is_recorded_exactly(
+    rtp_server: ServerProcess, tmp_path: Path, codec: str, ffmpeg_format: str
+) -> None:
+    ffmpeg = require_tool("ffmpeg")
+    sent = noise(8000 * 2 + 123, seed=1)  # 2 s and a partial packet
+    source = tmp_path / "in.raw"
+    source.write_bytes(sent)
+    subprocess.run(
+        [ffmpeg, "-v", "error", "-re", "-f", ffmpeg_format, "-ar", "8000", "-ac", "1",
+         "-i", str(source), "-c:a", "copy", "-f", "rtp",
+         f"rtp://127.0.0.1:{rtp_server.rtp_port}"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    samples, sidecar = finished_recording(rtp_server, only_rtp_recording(rtp_server))
+    expected = reference.decode(codec, sent)
+    assert len(samples) == len(expected)
+    assert np.array_equal(samples, expected)
+    assert sidecar["transport"] == "rtp" and sidecar["codec"] == codec
+    rtp = sidecar["rtp"]
+    assert rtp["lost"] == rtp["late"] == rtp["duplicate"] == rtp["malformed"] == 0
+    assert rtp["payload_types"] == [0 if codec == "PCMU" else 8]
+    assert len(rtp["ssrcs"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("codec", "payloader", "ptime_ns"),
+    [
+        ("PCMU", "rtppcmupay", None),
+        ("PCMA", "rtppcmapay", 20_000_000),
+        ("PCMU", "rtppcmupay", 10_000_000),
+    ],
+)
+def test_gstreamer_sender_is_recorded_exactly(
+    rtp_server: ServerProcess, tmp_path: Path, codec: str, payloader: str, ptime_ns: int | None
+) -> None:
+    gst = require_tool("gst-launch-1.0")
+    sent = noise(8000 * 2, seed=2)
+    source = tmp_path / "in.raw"
+    source.write_bytes(sent)
+    pay = [payloader] + ([f"min-ptime={ptime_ns}", f"max-ptime={ptime_ns}"] if ptime_ns else [])
+    fmt = "mulaw" if codec == "PCMU" else "alaw"
+    subprocess.run(
+        [gst, "-q", "filesrc", f"location={source}", "!", "rawaudioparse", f"format={fmt}",
+         "sample-rate=8000", "num-channels=1", "!", *pay, "!", "udpsink", "host=127.0.0.1",
+         f"port={rtp_server.rtp_port}"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    samples, sidecar = finished_recording(rtp_server, only_rtp_recording(rtp_server))
+    assert np.array_equal(samples, reference.decode(codec, sent))
+    assert sidecar["rtp"]["lost"] == 0
+    if ptime_ns:
+        assert sidecar["rtp"]["received"] == len(sent) // (ptime_ns // 125_000)
+
+
+def test_loss_reorder_duplicates_over_real_udp(rtp_server: ServerProcess) -> None:
+    """Sample n of the WAV is sample n of the sender's timeline, whatever the network did."""
+    sock = sender()
+    audio = noise(160 * 20, seed=3)
+    chunks = [audio[i * 160 : (i + 1) * 160] for i in range(20)]
+    base_seq, base_ts = 65530, 0xFFFFFF00  # both wrap during the call
+    order = [0, 1, 2, 4, 3, 5, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]  # 7 lost
+    for n in order:
+        sock.sendto(
+            packet(base_seq + n, base_ts + 160 * n, chunks[n]), ("127.0.0.1", rtp_server.rtp_port)
+        )
+        time.sleep(0.005)
+    name = tap_name(sock)
+    samples, sidecar = finished_recording(rtp_server, name)
+    expected = reference.decode("PCMU", audio).copy()
+    expected[7 * 160 : 8 * 160] = 0  # the lost packet is silence of exactly its length
+    assert len(samples) == 20 * 160
+    assert np.array_equal(samples, expected)
+    rtp = sidecar["rtp"]
+    assert (rtp["lost"], rtp["duplicate"], rtp["reordered"]) == (1, 1, 1)
+    assert rtp["first_timestamp"] == base_ts
+    assert rtp["last_timestamp"] == (base_ts + 160 * 19) & 0xFFFFFFFF
+
+
+def test_dtmf_cn_and_ssrc_change_on_one_source(rtp_server: ServerProcess) -> None:
+    sock = sender()
+    dest = ("127.0.0.1", rtp_server.rtp_port)
+    a, b = noise(160 * 5, 4), noise(160 * 5, 5)
+    seq, ts = 100, 8000
+    for n in range(5):  # 100 ms of PCMU
+        sock.sendto(packet(seq + n, ts + 160 * n, a[n * 160 : (n + 1) * 160]), dest)
+    seq += 5
+    # digit 5 starting at ts+800, 3 updates then 3 end packets (RFC 4733 retransmission)
+    for i, (end, duration) in enumerate([(False, 160), (False, 320), (False, 480),
+                                         (True, 640), (True, 640), (True, 640)]):  # fmt: skip
+        event = TelephoneEvent(5, end, 10, duration).serialize()
+        sock.sendto(packet(seq + i, ts + 800, event, pt=101, marker=i == 0), dest)
+    seq += 6
+    # comfort noise, then 100 ms later audio again: the gap is silence, not loss
+    sock.sendto(packet(seq, ts + 800 + 640, b"\x40", pt=13), dest)
+    seq += 1
+    time.sleep(0.05)
+    resume = ts + 800 + 640 + 800
+    for n in range(5):
+        sock.sendto(packet(seq + n, resume + 160 * n, b[n * 160 : (n + 1) * 160], pt=8), dest)
+    time.sleep(0.05)
+    # the sender restarts with a new SSRC and new numbering: same file, right after
+    c = noise(160 * 3, 6)
+    for n in range(3):
+        sock.sendto(packet(7 + n, 999 + 160 * n, c[n * 160 : (n + 1) * 160], ssrc=0x5555), dest)
+    samples, sidecar = finished_recording(rtp_server, tap_name(sock))
+    expected = np.concatenate(
+        [
+            reference.decode("PCMU", a),
+            np.zeros(640 + 800, dtype=np.int16),  # DTMF time + CN time: silence
+            reference.decode("PCMA", b),
+            reference.decode("PCMU", c),
+        ]
+    )
+    assert len(samples) == len(expected)
+    assert np.array_equal(samples, expected)
+    rtp = sidecar["rtp"]
+    assert rtp["lost"] == 0
+    assert rtp["comfort_noise"] == 1
+    assert rtp["ssrcs"] == ["0x0000abcd", "0x00005555"]
+    assert sorted(rtp["payload_types"]) == [0, 8, 13, 101]
+    (dtmf,) = rtp["dtmf"]
+    assert dtmf["digit"] == "5"
+    assert dtmf["start"] == pytest.approx(0.1)
+    assert dtmf["duration"] == pytest.approx(0.08)
+    kinds = [e["type"] for e in sidecar["events"]]
+    assert kinds.count("dtmf") == 1 and kinds.count("ssrc_change") == 1
+
+
+def test_bad_datagrams_are_counted_and_hurt_nobody(rtp_server: ServerProcess) -> None:
+    good = sender()
+    bad = sender()
+    dest = ("127.0.0.1", rtp_server.rtp_port)
+    audio = noise(160 * 10, 7)
+    garbage = [
+        b"",
+        b"\x80",
+        b"\x00" * 12,  # version 0
+        b"\x8f\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x01",  # 15 CSRCs announced, none present
+        b"\x90\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\x09",  # extension past end
+        b"\xa0\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x01\xff",  # padding past end
+        b"\x81\xc8\x00\x06" + b"\x00" * 24,  # RTCP sender report (muxed)
+        b"\x81\xc9\x00\x01" + b"\x00" * 4,  # RTCP receiver report
+    ]
+    for n in range(10):
+        good.sendto(packet(n, 160 * n, audio[n * 160 : (n + 1) * 160]), dest)
+        for g in garbage:
+            bad.sendto(g, dest)
+            good.sendto(g, dest)  # also mixed into the good stream
+    samples, sidecar = finished_recording(rtp_server, tap_name(good))
+    assert np.array_equal(samples, reference.decode("PCMU", audio))
+    assert sidecar["rtp"]["rtcp"] == 20
+    assert sidecar["rtp"]["malformed"] == 60
+    health = rtp_server.health()
+    assert health is not None
+    assert health["rtp"]["rtcp"] == 40
+    assert health["rtp"]["malformed"] == 120
+    for reason in ("too_short", "bad_version", "csrc_past_end", "extension_past_end"):
+        assert health["rtp"][f"malformed_{reason}"] > 0
+    assert not list(rtp_server.recordings.glob(f"{tap_name(bad)}*"))  # garbage makes no tap
+    assert "Traceback" not in rtp_server.log()
+
+
+def test_stream_cap_refuses_new_sources(make_server: Any) -> None:
+    server = make_server("--no-auth", "--rtp-idle-timeout", "1", "--rtp-max-streams", "2")
+    socks = [sender() for _ in range(3)]
+    dest = ("127.0.0.1", server.rtp_port)
+    for n in range(5):
+        for sock in socks:
+            sock.sendto(packet(n, 160 * n, b"\xff" * 160), dest)
+        time.sleep(0.02)
+    for sock in socks[:2]:
+        finished_recording(server, tap_name(sock))
+    assert not list(server.recordings.glob(f"{tap_name(socks[2])}*"))
+    health = server.health()
+    assert health is not None and health["rtp"]["streams_refused"] == 5
+    assert server.log().count("refused RTP stream") == 1  # logged once per source
+
+
+def test_load_smoke_300_streams_real_time(make_server: Any) -> None:
+    """300 concurrent 20 ms streams for 10 s from a separate process: nothing lost."""
+    server = make_server("--no-auth", "--rtp-idle-timeout", "1", "--flush-interval", "1")
+    streams, seconds = 300, 10
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.rtp_load", "--port", str(server.rtp_port),
+         "--streams", str(streams), "--seconds", str(seconds), "--seed", "9"],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    summary = json.loads(result.stdout)
+    assert summary["packets_sent"] == streams * seconds * 50
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done = [p for p in server.recordings.glob("rtp-*.json") if '"finished"' in p.read_text()]
+        if len(done) == streams:
+            break
+        time.sleep(0.2)
+    sidecars = [json.loads(p.read_text()) for p in server.recordings.glob("rtp-*.json")]
+    assert len(sidecars) == streams
+    received = sum(s["rtp"]["received"] for s in sidecars)
+    assert received == summary["packets_sent"], (
+        f"receiver lost {summary['packets_sent'] - received}"
+    )
+    expected_frames = seconds * 8000
+    for sidecar in sidecars:
+        assert sidecar["state"] == "finished"
+        assert sidecar["frames_written"] == expected_frames
+        assert sidecar["rtp"]["lost"] == sidecar["rtp"]["late"] == 0
+    # every sample of a few streams, chosen across the range, equals what was sent
+    by_ssrc = {s["rtp"]["ssrcs"][0]: s for s in sidecars}
+    for index in (0, 149, 299):
+        sidecar = by_ssrc[f"0x{0x10000000 + index:08x}"]
+        samples, _ = read_wav(server.recordings / sidecar["file"])
+        assert np.array_equal(
+            samples, reference.decode("PCMU", payload_for(index, expected_frames, 9))
+        )
