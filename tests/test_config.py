@@ -234,3 +234,9 @@ def test_text_that_is_not_a_format_header(text: str) -> None:
 def test_unsupported_formats(value: str) -> None:
     with pytest.raises(FormatError):
         parse_content_type(value)
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for s in config.SETTINGS:
+        assert f"| `{s.key}` | `{s.env}` | `{s.flag}` |" in readme, s.key
