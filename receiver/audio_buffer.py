@@ -1,7 +1,9 @@
 """A tap's not-yet-written audio, kept as cheap runs of raw bytes until a batch is written.
 
-Appending is a list append (no numpy per packet); `render` turns a whole batch into int16 frames
-with one vectorised decode per run, in the writer thread.
+Appending is a list append (no numpy per packet); rendering turns a whole batch into int16 samples
+with one vectorised decode per run, in the writer thread. `AudioBuffer` holds one stream (mono, or
+interleaved L16 channels); `ChannelBuffer` holds one mono buffer per channel, for sources whose
+channels arrive separately (Media Streams inbound/outbound tracks).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from receiver import g711
 
 SILENCE = "silence"
 PCM16 = "L16"  # 16-bit little-endian linear PCM, interleaved channels
+PCM16_BE = "L16BE"  # the same in network byte order (RFC 3551 L16)
 
 # A run is [kind, payload]: for G.711 and L16 a list of byte chunks, for silence a frame count.
 Run = list[object]
@@ -38,7 +41,7 @@ class AudioBuffer:
         else:
             self._last = [kind, [data]]
             self._runs.append(self._last)
-        if kind == PCM16:
+        if kind in (PCM16, PCM16_BE):
             self.frames += len(data) // (2 * self.channels)
         else:
             self.frames += len(data)
@@ -58,10 +61,51 @@ class AudioBuffer:
     def pending(self) -> bool:
         return bool(self._runs)
 
-    def take(self) -> list[Run]:
-        """Hand over everything pending (the caller renders it off the event loop)."""
+    def take(self) -> Pending:
+        """Hand over everything pending (the writer renders it off the event loop)."""
         runs, self._runs, self._last = self._runs, [], None
-        return runs
+        return Pending([runs], self.channels)
+
+
+class ChannelBuffer:
+    """One mono AudioBuffer per channel; the channels are interleaved when written."""
+
+    __slots__ = ("channel_buffers", "channels")
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+        self.channel_buffers = [AudioBuffer(1) for _ in range(channels)]
+
+    @property
+    def frames(self) -> int:
+        return max(b.frames for b in self.channel_buffers)
+
+    @property
+    def pending(self) -> bool:
+        return any(b.pending for b in self.channel_buffers)
+
+    def take(self) -> Pending:
+        return Pending([b.take().runs[0] for b in self.channel_buffers], 1)
+
+
+class Pending:
+    """A batch taken from a buffer: runs of one interleaved stream, or of one stream per channel."""
+
+    __slots__ = ("interleaved_channels", "runs")
+
+    def __init__(self, runs: list[list[Run]], interleaved_channels: int) -> None:
+        self.runs = runs
+        self.interleaved_channels = interleaved_channels
+
+    def __bool__(self) -> bool:
+        return any(self.runs)
+
+    def render(self) -> list[np.ndarray]:
+        """One int16 array per channel (the channels may differ in length)."""
+        if len(self.runs) > 1:
+            return [render(runs, 1)[:, 0] for runs in self.runs]
+        frames = render(self.runs[0], self.interleaved_channels)
+        return [frames[:, c] for c in range(self.interleaved_channels)]
 
 
 def render(runs: list[Run], channels: int = 1) -> np.ndarray:
@@ -72,6 +116,8 @@ def render(runs: list[Run], channels: int = 1) -> np.ndarray:
             parts.append(np.zeros(int(payload) * channels, dtype=np.int16))  # type: ignore[call-overload]
         elif kind == PCM16:
             parts.append(np.frombuffer(b"".join(payload), dtype="<i2"))  # type: ignore[arg-type]
+        elif kind == PCM16_BE:
+            parts.append(np.frombuffer(b"".join(payload), dtype=">i2"))  # type: ignore[arg-type]
         else:
             parts.append(g711.decode(str(kind), b"".join(payload)))  # type: ignore[arg-type]
     if not parts:

@@ -34,6 +34,7 @@ class Setting:
     default: Any
     help: str
     check: Callable[[Any], str | None] | None = None  # returns a problem, or None when fine
+    choices: tuple[str, ...] = ()  # for string settings with a fixed set of (lower-case) values
 
     @property
     def flag(self) -> str:
@@ -59,10 +60,6 @@ def _between(low: float, high: float) -> Callable[[float], str | None]:
     return check
 
 
-def _log_level(value: str) -> str | None:
-    return None if value in LOG_LEVELS else "must be one of " + ", ".join(LOG_LEVELS)
-
-
 def _token(value: str) -> str | None:
     if value == "" or _TOKEN_RE.match(value):
         return None
@@ -74,7 +71,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_port", "int", 8080, "TCP port for HTTP, WebSocket taps and /healthz.", _port),
     Setting("rtp_port", "int", 5004, "UDP port for RTP taps.", _port),
     Setting("recordings", "path", "./recordings", "Directory for WAV files and sidecars."),
-    Setting("log_level", "str", "info", "debug, info, warning or error.", _log_level),
+    Setting("log_level", "str", "info", "debug, info, warning or error.", choices=LOG_LEVELS),
     Setting(
         "token",
         "str",
@@ -111,6 +108,27 @@ SETTINGS: tuple[Setting, ...] = (
         30.0,
         "Seconds between WebSocket pings; a peer that stops answering is closed (0: off).",
         _between(0, 3600),
+    ),
+    Setting(
+        "stream_jitter_ms",
+        "int",
+        1000,
+        "Media Streams JSON: milliseconds of later audio a missing or out-of-order chunk is "
+        "waited for before its place becomes silence.",
+        _between(0, 10000),
+    ),
+    Setting(
+        "stream_split_tracks",
+        "bool",
+        False,
+        "Media Streams with both tracks: also write one mono WAV per track next to the stereo one.",
+    ),
+    Setting(
+        "stream_l16_byte_order",
+        "str",
+        "little",
+        "Byte order of audio/x-L16 payloads in Media Streams JSON: little or big.",
+        choices=("little", "big"),
     ),
     Setting(
         "shutdown_timeout",
@@ -182,6 +200,9 @@ class Config:
     flush_interval: float
     ws_max_message_size: int
     ws_heartbeat: float
+    stream_jitter_ms: int
+    stream_split_tracks: bool
+    stream_l16_byte_order: str
     shutdown_timeout: float
     rtp_idle_timeout: float
     rtp_jitter_ms: int
@@ -237,7 +258,9 @@ def _convert(setting: Setting, raw: Any, source: str) -> Any:
         else:
             if not isinstance(raw, str):
                 raise ValueError("must be a string")
-            value = raw.strip().lower() if setting.key == "log_level" else raw
+            value = raw.strip().lower() if setting.choices else raw
+            if setting.choices and value not in setting.choices:
+                raise ValueError(f"{value!r} must be one of " + ", ".join(setting.choices))
     except ValueError as exc:
         problem = str(exc) if "must" in str(exc) else f"{raw!r} is not a valid {setting.kind}"
         raise ConfigError(f"{where}: {problem}") from None

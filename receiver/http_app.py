@@ -44,4 +44,6 @@ def build_app(ws_endpoint: WsTapEndpoint, health: Callable[[], dict[str, Any]]) 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/tap/{tap_id:.*}", ws_endpoint.handle)
     app.router.add_get("/t/{token}/tap/{tap_id:.*}", ws_endpoint.handle)
+    app.router.add_get("/stream/{tap_id:.*}", ws_endpoint.handle)
+    app.router.add_get("/t/{token}/stream/{tap_id:.*}", ws_endpoint.handle)
     return app

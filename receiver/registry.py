@@ -33,7 +33,9 @@ class TapRegistry:
 
     def start(self, tap: Tap) -> None:
         """Make the tap live; its files are created by the writer thread."""
-        tap.sink = WavSink(self.recordings, tap.tap_id, tap.sample_rate, tap.channels)
+        tap.sink = WavSink(
+            self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files
+        )
         self._active[tap.serial] = tap
         self.started += 1
         self.writer.open(tap.sink, tap.describe())

@@ -73,7 +73,14 @@ def reserve_name(directory: Path, tap_id: str) -> str:
 class WavSink:
     """The WAV file of one tap. Every method may raise OSError / soundfile.LibsndfileError."""
 
-    def __init__(self, directory: Path, tap_id: str, sample_rate: int, channels: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        tap_id: str,
+        sample_rate: int,
+        channels: int,
+        track_names: list[str] | None = None,
+    ) -> None:
         self.directory = directory
         self.tap_id = tap_id
         self.sample_rate = sample_rate
@@ -83,6 +90,11 @@ class WavSink:
         self.error: str | None = None
         self._file: soundfile.SoundFile | None = None
         self._data_offset = 0
+        # Channels that arrive separately are interleaved only as far as all have data; the
+        # rest waits here for the next batch (bounded by the caller's alignment of the tracks).
+        self._carry: list[np.ndarray] = [np.zeros(0, np.int16) for _ in range(channels)]
+        self._track_names = track_names or []
+        self.track_sinks: dict[str, WavSink] = {}
 
     @property
     def wav_path(self) -> Path:
@@ -105,6 +117,38 @@ class WavSink:
         _command(self._file, SFC_RF64_AUTO_DOWNGRADE, 1)
         _command(self._file, SFC_UPDATE_HEADER_NOW, 0)
         self._data_offset = os.path.getsize(self.wav_path)  # the header, before any audio
+        for track in self._track_names:
+            track_sink = WavSink(self.directory, f"{self.name}.{track}", self.sample_rate, 1)
+            track_sink.open()
+            self.track_sinks[track] = track_sink
+
+    def write_channels(self, parts: list[np.ndarray]) -> None:
+        """Write one int16 array per channel; channels of unequal length are evened out over
+        batches (what one channel has beyond the others waits for the next call)."""
+        for track_sink, part in zip(self.track_sinks.values(), parts, strict=False):
+            track_sink.write(part.reshape(-1, 1))
+        if self.channels == 1:
+            self.write(parts[0].reshape(-1, 1))
+            return
+        carry = [
+            np.concatenate((c, p)) if len(c) else p for c, p in zip(self._carry, parts, strict=True)
+        ]
+        ready = min(len(c) for c in carry)
+        self._carry = [c[ready:] for c in carry]
+        if ready:
+            self.write(np.column_stack([c[:ready] for c in carry]))
+
+    def drain_carry(self) -> None:
+        """At the end: pad the shorter channels with silence and write what is left."""
+        longest = max((len(c) for c in self._carry), default=0)
+        if longest:
+            padded = [np.pad(c, (0, longest - len(c))) for c in self._carry]
+            self._carry = [np.zeros(0, np.int16) for _ in self._carry]
+            self.write(np.column_stack(padded))
+        for track_sink in self.track_sinks.values():
+            missing = self.frames_written - track_sink.frames_written
+            if missing > 0:
+                track_sink.write(np.zeros((missing, 1), np.int16))
 
     def write(self, frames: np.ndarray) -> None:
         if self._file is None or len(frames) == 0:
@@ -122,6 +166,8 @@ class WavSink:
         handle, self._file = self._file, None
         if handle is not None:
             handle.close()
+        for track_sink in self.track_sinks.values():
+            track_sink.close()
 
     def fail(self, error: str) -> None:
         """After a write error: keep the header true to what reached the disk, then close."""

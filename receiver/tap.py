@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from receiver.audio_buffer import AudioBuffer
+from receiver.audio_buffer import AudioBuffer, ChannelBuffer
 from receiver.sink import WavSink
 
 _serial = itertools.count(1)
@@ -44,7 +44,8 @@ class Tap:
         self.started_at = utc_now_iso()
         self.ended_at: str | None = None
         self.started_monotonic = time.monotonic()
-        self.buffer = AudioBuffer(channels)
+        self.buffer: AudioBuffer | ChannelBuffer = AudioBuffer(channels)
+        self.track_files: list[str] | None = None  # also one mono WAV per named track
         self.sink: WavSink | None = None  # set by the registry; its files are the writer's
         self.counters: dict[str, int] = {}
         self.events: list[dict[str, Any]] = []
@@ -74,5 +75,5 @@ class Tap:
             "end_reason": self.end_reason,
             "counters": dict(self.counters),
             "events": list(self.events),
-            **{k: v for k, v in self.extra.items()},
+            **self.extra,
         }

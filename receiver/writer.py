@@ -12,7 +12,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from receiver.audio_buffer import Run, render
+from receiver.audio_buffer import Pending
 from receiver.sink import WavSink, write_json_atomic
 from receiver.tap import FAILED, FINISHED
 
@@ -32,11 +32,11 @@ class DiskWriter:
     def open(self, sink: WavSink, sidecar: dict[str, Any]) -> Future[None]:
         return self._executor.submit(self._open, sink, sidecar)
 
-    def write(self, batch: list[tuple[WavSink, list[Run]]]) -> Future[None]:
+    def write(self, batch: list[tuple[WavSink, Pending]]) -> Future[None]:
         return self._executor.submit(self._write, batch)
 
-    def finish(self, sink: WavSink, runs: list[Run], sidecar: dict[str, Any]) -> Future[None]:
-        return self._executor.submit(self._finish, sink, runs, sidecar)
+    def finish(self, sink: WavSink, pending: Pending, sidecar: dict[str, Any]) -> Future[None]:
+        return self._executor.submit(self._finish, sink, pending, sidecar)
 
     def shutdown(self) -> None:
         """Run every queued job, then stop the thread (blocking: call it from a thread)."""
@@ -60,25 +60,28 @@ class DiskWriter:
         except Exception as exc:
             self._fail(sink, exc)
 
-    def _append(self, sink: WavSink, runs: list[Run]) -> None:
-        if sink.error is not None or not runs:
+    def _append(self, sink: WavSink, pending: Pending, last: bool = False) -> None:
+        if sink.error is not None or not (pending or last):
             return
         try:
-            frames = render(runs, sink.channels)
-            sink.write(frames)
-            self.bytes_written += frames.nbytes
+            before = sink.frames_written
+            if pending:
+                sink.write_channels(pending.render())
+            if last:
+                sink.drain_carry()
+            self.bytes_written += (sink.frames_written - before) * 2 * sink.channels
         except Exception as exc:
             self._fail(sink, exc)
 
-    def _write(self, batch: list[tuple[WavSink, list[Run]]]) -> None:
+    def _write(self, batch: list[tuple[WavSink, Pending]]) -> None:
         started = time.perf_counter()
-        for sink, runs in batch:
-            self._append(sink, runs)
+        for sink, pending in batch:
+            self._append(sink, pending)
         self.batches += 1
         self.last_batch_seconds = time.perf_counter() - started
 
-    def _finish(self, sink: WavSink, runs: list[Run], sidecar: dict[str, Any]) -> None:
-        self._append(sink, runs)
+    def _finish(self, sink: WavSink, pending: Pending, sidecar: dict[str, Any]) -> None:
+        self._append(sink, pending, last=True)
         if sink.error is None:
             try:
                 sink.close()
@@ -96,6 +99,8 @@ class DiskWriter:
     def _sidecar(sink: WavSink, sidecar: dict[str, Any]) -> dict[str, Any]:
         data = dict(sidecar)
         data["file"] = sink.wav_path.name
+        if sink.track_sinks:
+            data["track_files"] = {t: ts.wav_path.name for t, ts in sink.track_sinks.items()}
         data["frames_written"] = sink.frames_written
         data["duration_seconds"] = round(sink.frames_written / sink.sample_rate, 6)
         if sink.error is not None:

@@ -1,8 +1,9 @@
-"""The WebSocket tap endpoint: `GET /tap/{tap_id}` (and `/t/{token}/tap/{tap_id}`).
+"""The WebSocket endpoint for every call-audio dialect: `GET /tap/{tap_id}` and
+`/stream/{tap_id}` (also under `/t/{token}/`).
 
-What a SignalWire tap sends (protocols.md §2): binary frames of raw G.711, any length, appended
-in arrival order; optionally one text frame first that declares the format. Later text frames
-are ignored and counted. The tap ends when the socket closes, cleanly or not.
+Checks the tap id, the token and the codec before the upgrade; then the dialect is chosen from
+the offered subprotocol and the first frame (`receiver.dialects`), and the session records it.
+The tap ends when the socket closes, cleanly or not.
 """
 
 from __future__ import annotations
@@ -13,17 +14,11 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from receiver.audio_buffer import PCM16
-from receiver.audio_format import (
-    AudioFormat,
-    FormatError,
-    codec_from_query,
-    parse_format_header,
-)
+from receiver.audio_format import AudioFormat, FormatError, codec_from_query
 from receiver.auth import Auth
 from receiver.config import Config
+from receiver.dialects import FORK_SUBPROTOCOLS, Session, SessionContext, choose_session
 from receiver.registry import TapRegistry
-from receiver.tap import Tap
 from receiver.tap_id import TAP_ID_RULE, is_valid_tap_id
 
 log = logging.getLogger("receiver.ws")
@@ -66,6 +61,7 @@ class WsTapEndpoint:
             max_msg_size=self.config.ws_max_message_size,
             heartbeat=self.config.ws_heartbeat or None,
             timeout=CLOSE_HANDSHAKE_TIMEOUT,
+            protocols=FORK_SUBPROTOCOLS,  # echoed only when the client offers one
         )
         if not ws.can_prepare(request).ok:
             return json_error(426, "expected a WebSocket upgrade request")
@@ -80,48 +76,28 @@ class WsTapEndpoint:
     async def _record(
         self, ws: web.WebSocketResponse, tap_id: str, fmt: AudioFormat, remote: str | None
     ) -> None:
-        tap: Tap | None = None
-        odd_byte = b""  # L16 frames may split a sample across messages
+        ctx = SessionContext(tap_id, remote, self.registry, self.config, ws.ws_protocol)
+        session: Session | None = None
         reason = "closed"
         close_code: int | None = None  # what we closed with, when it was us
-
-        def start(fmt: AudioFormat) -> Tap:
-            new = Tap(tap_id, "websocket", fmt.encoding, fmt.sample_rate, fmt.channels, remote)
-            new.extra["content_type"] = fmt.mime
-            self.registry.start(new)
-            return new
-
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.BINARY:
-                    if tap is None:
-                        tap = start(fmt)
-                    data: bytes = msg.data
-                    tap.count("frames_received")
-                    tap.count("bytes_received", len(data))
-                    if fmt.encoding == PCM16:
-                        data = odd_byte + data
-                        whole = len(data) - len(data) % (2 * fmt.channels)
-                        data, odd_byte = data[:whole], data[whole:]
-                    tap.buffer.append(fmt.encoding, data)
+                    if session is None:
+                        session = choose_session(ctx, None, fmt)
+                    session.binary(msg.data)
                 elif msg.type == WSMsgType.TEXT:
-                    if tap is None:
-                        try:
-                            declared = parse_format_header(msg.data)
-                        except FormatError as exc:
-                            self._count("rejected_bad_format")
-                            log.warning("tap %s: %s; closing with 1003", tap_id, exc)
-                            await ws.close(code=UNSUPPORTED_DATA, message=str(exc)[:120].encode())
-                            reason = f"unsupported format: {exc}"
-                            break
-                        if declared is not None:
-                            fmt = declared
-                            tap = start(fmt)
-                            tap.count("format_frames")
-                            continue
-                        tap = start(fmt)
-                    tap.count("text_frames_ignored")
-                    log.debug("tap %s: ignoring text frame %r", tap_id, msg.data[:80])
+                    if session is None:
+                        session = choose_session(ctx, msg.data, fmt)
+                    try:
+                        session.text(msg.data)
+                    except FormatError as exc:
+                        self._count("rejected_bad_format")
+                        log.warning("tap %s: %s; closing with 1003", tap_id, exc)
+                        reason = f"unsupported format: {exc}"
+                        close_code = UNSUPPORTED_DATA
+                        await ws.close(code=UNSUPPORTED_DATA, message=str(exc)[:120].encode())
+                        break
                 elif msg.type == WSMsgType.ERROR:
                     error = ws.exception()
                     reason = f"error: {error}"
@@ -135,22 +111,30 @@ class WsTapEndpoint:
                             tap_id,
                             self.config.ws_max_message_size,
                         )
-                    if tap is not None:
-                        tap.count("errors")
+                    if session is not None:
+                        session.count("errors")
                     break
         except Exception as exc:
             reason = f"connection error: {type(exc).__name__}"
             log.info("tap %s: %s", tap_id, reason)
         finally:
-            if tap is None and not reason.startswith("unsupported format"):
-                tap = start(fmt)  # a tap that sent nothing still leaves an (empty) recording
-            if tap is not None:
-                if odd_byte:
-                    tap.count("bytes_discarded", len(odd_byte))
-                close_code = close_code or ws.close_code
-                if close_code is not None:
-                    tap.extra["close_code"] = int(close_code)
-                self.registry.finish(tap, reason)
+            if session is None:
+                session = choose_session(ctx, None, fmt)  # nothing came: an empty recording
+            if session.tap is not None or close_code != UNSUPPORTED_DATA:
+                self._end(session, reason, close_code or ws.close_code)
+
+    def _end(self, session: Session, reason: str, close_code: int | None) -> None:
+        try:
+            tap = session.end()
+        except Exception:
+            log.exception("tap %s: error while ending the session", session.ctx.tap_id)
+            if session.tap is None:
+                return
+            tap = session.tap
+            tap.count("errors")
+        if close_code is not None:
+            tap.extra["close_code"] = int(close_code)
+        self.registry.finish(tap, reason)
 
     async def close_all(self, code: int = WSCloseCode.GOING_AWAY) -> None:
         """Send every peer a close frame at once; each handler then finishes its own tap."""

@@ -212,8 +212,8 @@ def test_disk_full_fails_that_tap_only(make_server: Any, tiny_disk: Path) -> Non
     wav.unlink()
     small = noise(4000, 7)
     asyncio.run(send("after", small))
-    samples, _ = read_wav(recordings / "after.wav")
     assert wait_for_sidecar(recordings, "after")["state"] == "finished"
+    samples, _ = read_wav(recordings / "after.wav")
     assert np.array_equal(samples, reference.decode("PCMU", small))
     with contextlib.suppress(OSError):
         os.unlink(recordings / "filler.json")

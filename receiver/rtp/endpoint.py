@@ -13,6 +13,7 @@ import socket
 import time
 from typing import Any
 
+from receiver.audio_buffer import AudioBuffer
 from receiver.config import Config
 from receiver.registry import TapRegistry
 from receiver.rtp.packet import RtpPacket, RtpParseError, is_rtcp
@@ -34,8 +35,10 @@ class _TapOutput:
     __slots__ = ("audio", "event", "silence")
 
     def __init__(self, tap: Tap) -> None:
-        self.audio = tap.buffer.append
-        self.silence = tap.buffer.append_silence
+        buffer = tap.buffer
+        assert isinstance(buffer, AudioBuffer)
+        self.audio = buffer.append
+        self.silence = buffer.append_silence
         self.event = tap.events.append
 
 

@@ -1,0 +1,121 @@
+"""What every WebSocket dialect shares: starting its tap once the format is known, counting and
+logging bad input (once per tap and kind), and ending cleanly."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from receiver.audio_buffer import AudioBuffer, ChannelBuffer
+from receiver.audio_format import AudioFormat
+from receiver.config import Config
+from receiver.registry import TapRegistry
+from receiver.tap import Tap
+
+log = logging.getLogger("receiver.ws")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    tap_id: str
+    remote: str | None
+    registry: TapRegistry
+    config: Config
+    subprotocol: str | None = None
+
+
+class Session:
+    """One WebSocket connection's recording. Subclasses parse their dialect's frames."""
+
+    dialect = "raw"
+
+    def __init__(self, ctx: SessionContext) -> None:
+        self.ctx = ctx
+        self.tap: Tap | None = None
+        self._early_counters: dict[str, int] = {}
+        self._early_events: list[dict[str, Any]] = []
+        self._warned: set[str] = set()
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def text(self, data: str) -> None:
+        self.count("text_frames_ignored")
+
+    def binary(self, data: bytes) -> None:
+        self.bad_input("unexpected_binary", "binary frame in a text-only dialect")
+
+    def flush(self) -> None:
+        """End of stream: release anything held back (timelines)."""
+
+    def default_format(self) -> AudioFormat:
+        return AudioFormat("PCMU")
+
+    # -- shared -------------------------------------------------------------------------------
+
+    def start_tap(
+        self,
+        fmt: AudioFormat,
+        *,
+        buffer: AudioBuffer | ChannelBuffer | None = None,
+        track_files: list[str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Tap:
+        tap = Tap(
+            self.ctx.tap_id,
+            "websocket",
+            fmt.encoding,
+            fmt.sample_rate,
+            fmt.channels,
+            self.ctx.remote,
+        )
+        if buffer is not None:
+            tap.buffer = buffer
+        tap.track_files = track_files
+        tap.extra["dialect"] = self.dialect
+        tap.extra["content_type"] = fmt.mime
+        if self.ctx.subprotocol:
+            tap.extra["subprotocol"] = self.ctx.subprotocol
+        tap.extra.update(extra or {})
+        for name, n in self._early_counters.items():
+            tap.count(name, n)
+        tap.events.extend(self._early_events)
+        self._early_counters.clear()
+        self._early_events.clear()
+        self.tap = tap
+        self.ctx.registry.start(tap)
+        return tap
+
+    def stream_buffer(self) -> AudioBuffer:
+        """The tap's single buffer (every dialect but two-track Media Streams has one)."""
+        assert self.tap is not None and isinstance(self.tap.buffer, AudioBuffer)
+        return self.tap.buffer
+
+    def count(self, name: str, n: int = 1) -> None:
+        if self.tap is not None:
+            self.tap.count(name, n)
+        else:
+            self._early_counters[name] = self._early_counters.get(name, 0) + n
+
+    def event(self, event: dict[str, Any]) -> None:
+        if self.tap is not None:
+            self.tap.events.append(event)
+        else:
+            self._early_events.append(event)
+
+    def bad_input(self, name: str, detail: str) -> None:
+        """Count it; log the first of each kind per tap; carry on with the rest of the tap."""
+        self.count(name)
+        self.count("errors")
+        if name not in self._warned:
+            self._warned.add(name)
+            log.warning("tap %s: %s (%s); further ones are only counted", self.ctx.tap_id,
+                        detail, name)  # fmt: skip
+
+    def end(self) -> Tap:
+        """The connection closed: flush, and make sure there is a recording (maybe empty)."""
+        self.flush()
+        if self.tap is None:
+            self.start_tap(self.default_format())
+        assert self.tap is not None
+        return self.tap

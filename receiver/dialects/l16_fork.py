@@ -1,0 +1,116 @@
+"""Binary L16 forks (protocols.md §5): FreeSWITCH mod_audio_fork (`audio.drachtio.org`), jambonz
+`listen` (`audio.jambonz.org`) and Vonage.
+
+One JSON text frame first: fork metadata with `sampleRate` and `mixType` (mono, mixed, or stereo
+= two interleaved channels), or Vonage's `{"event": "websocket:connected", "content-type":
+"audio/l16;rate=16000"}`. Then binary 16-bit little-endian PCM, appended in arrival order (these
+senders put no timestamps on the wire). Later text frames may carry DTMF; others are counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from receiver.audio_buffer import PCM16
+from receiver.audio_format import SUPPORTED_RATES, AudioFormat, FormatError, parse_content_type
+from receiver.dialects.base import Session
+
+FORK_SUBPROTOCOLS = ("audio.drachtio.org", "audio.jambonz.org")
+_METADATA_KEYS = ("sampleRate", "mixType", "sample_rate", "mix_type")
+
+
+def looks_like_fork_metadata(message: object) -> bool:
+    return isinstance(message, dict) and any(key in message for key in _METADATA_KEYS)
+
+
+def looks_like_vonage(message: object) -> bool:
+    return isinstance(message, dict) and message.get("event") == "websocket:connected"
+
+
+def parse_fork_metadata(message: dict[str, Any]) -> AudioFormat:
+    rate_value = message.get("sampleRate", message.get("sample_rate", 8000))
+    try:
+        rate = int(rate_value)
+    except (TypeError, ValueError):
+        raise FormatError(f"bad sampleRate {rate_value!r}") from None
+    if rate not in SUPPORTED_RATES:
+        raise FormatError(f"unsupported sample rate {rate}")
+    mix = str(message.get("mixType", message.get("mix_type", "mono"))).lower()
+    return AudioFormat(PCM16, rate, 2 if mix == "stereo" else 1)
+
+
+class L16ForkSession(Session):
+    dialect = "l16-fork"
+
+    def __init__(self, *args: Any, vonage: bool = False) -> None:
+        super().__init__(*args)
+        if vonage:
+            self.dialect = "vonage"
+        self.fmt = AudioFormat(PCM16, 8000, 1)
+        self._partial = b""  # a sample or frame split across messages
+
+    def default_format(self) -> AudioFormat:
+        return self.fmt
+
+    def text(self, data: str) -> None:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            message = None
+        if self.tap is None:
+            if looks_like_vonage(message):
+                assert isinstance(message, dict)
+                content_type = str(message.get("content-type") or "audio/l16;rate=16000")
+                self.fmt = parse_content_type(content_type)
+                metadata = {k: v for k, v in message.items() if k not in ("event",)}
+                self.start_tap(self.fmt, extra={"metadata": metadata})
+                return
+            if isinstance(message, dict):
+                self.fmt = parse_fork_metadata(message)
+                self.start_tap(self.fmt, extra={"metadata": message})
+                return
+            self.bad_input("bad_metadata", "the first text frame is not JSON metadata")
+            self.start_tap(self.fmt)
+            return
+        if isinstance(message, dict):
+            self._event(message)
+        else:
+            self.count("text_frames_ignored")
+
+    def _event(self, message: dict[str, Any]) -> None:
+        """DTMF as jambonz (`{"event": "dtmf", "dtmf": "5"}`) or Vonage (`websocket:dtmf`)."""
+        event = str(message.get("event", ""))
+        if event in ("dtmf", "websocket:dtmf"):
+            digit = message.get("digit", message.get("dtmf"))
+            if isinstance(digit, dict):
+                digit = digit.get("digit")
+            assert self.tap is not None
+            record: dict[str, Any] = {
+                "type": "dtmf",
+                "digit": str(digit),
+                "at": self.tap.buffer.frames / self.fmt.sample_rate,
+            }
+            if "duration" in message:
+                record["duration_ms"] = message["duration"]
+            self.event(record)
+        else:
+            self.count("text_frames_ignored")
+
+    def binary(self, data: bytes) -> None:
+        if self.tap is None:
+            self.bad_input("no_metadata", "binary audio before the metadata frame; assuming 8 kHz")
+            self.start_tap(self.fmt)
+        assert self.tap is not None
+        self.tap.count("frames_received")
+        self.tap.count("bytes_received", len(data))
+        data = self._partial + data
+        whole = len(data) - len(data) % (2 * self.fmt.channels)
+        data, self._partial = data[:whole], data[whole:]
+        self.stream_buffer().append(PCM16, data)
+
+    def flush(self) -> None:
+        if self._partial:
+            self.count("bytes_discarded", len(self._partial))
+            self._partial = b""
