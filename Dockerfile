@@ -14,35 +14,6 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 RUN python3 -m venv /opt/tap-receiver
-# The HEALTHCHECK: GET /healthz with the standard library, on the host, port and scheme that the
-# RECEIVER_* variables (or the RECEIVER_CONFIG file) configure; https first when a certificate is
-# configured, then the other scheme. The certificate is for the public name, so it is not verified
-# against the loopback address; proxies from the environment are ignored.
-RUN printf '%s\n' \
-        'import os, ssl, sys, urllib.request as u' \
-        'file = {}' \
-        'if os.environ.get("RECEIVER_CONFIG"):' \
-        '    import tomllib' \
-        '    with open(os.environ["RECEIVER_CONFIG"], "rb") as fh:' \
-        '        file = tomllib.load(fh)' \
-        'def setting(key, default):' \
-        '    return os.environ.get("RECEIVER_" + key.upper()) or str(file.get(key) or default)' \
-        'host = setting("host", "0.0.0.0")' \
-        'host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)' \
-        'host = f"[{host}]" if ":" in host else host' \
-        'port = setting("http_port", "8080")' \
-        'schemes = ["https", "http"] if setting("tls_cert", "") else ["http", "https"]' \
-        'tls = ssl._create_unverified_context()' \
-        'opener = u.build_opener(u.ProxyHandler({}), u.HTTPSHandler(context=tls))' \
-        'for scheme in schemes:' \
-        '    try:' \
-        '        with opener.open(f"{scheme}://{host}:{port}/healthz", timeout=4) as response:' \
-        '            sys.exit(0 if response.status == 200 else 1)' \
-        '    except Exception as exc:' \
-        '        print(f"{scheme}://{host}:{port}/healthz: {exc}")' \
-        'sys.exit(1)' \
-        > /opt/tap-receiver/healthcheck.py \
-    && python3 -c 'import ast; ast.parse(open("/opt/tap-receiver/healthcheck.py").read())'
 WORKDIR /src
 # Build requirements and dependencies first, read from pyproject.toml itself: a code change
 # reuses this layer, and the package then builds without a fresh isolated build environment.
@@ -77,5 +48,5 @@ USER ${UID}:${UID}
 VOLUME ["/recordings"]
 EXPOSE 8080/tcp 5004/udp
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python3", "/opt/tap-receiver/healthcheck.py"]
+    CMD ["python3", "-m", "receiver.healthcheck"]
 ENTRYPOINT ["tap-receiver"]

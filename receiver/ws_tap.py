@@ -19,6 +19,7 @@ from receiver.auth import Auth
 from receiver.config import Config
 from receiver.dialects import FORK_SUBPROTOCOLS, Session, SessionContext, choose_session
 from receiver.registry import TapRegistry
+from receiver.tap import Tap
 from receiver.tap_id import TAP_ID_RULE, is_valid_tap_id
 
 log = logging.getLogger("receiver.ws")
@@ -37,6 +38,8 @@ class WsTapEndpoint:
         self.auth = auth
         self.registry = registry
         self.sockets: set[web.WebSocketResponse] = set()
+        self.sessions: dict[web.WebSocketResponse, Session] = {}
+        self.shutting_down = False
         self.counters: dict[str, int] = {}
 
     def _count(self, name: str) -> None:
@@ -84,11 +87,11 @@ class WsTapEndpoint:
             async for msg in ws:
                 if msg.type == WSMsgType.BINARY:
                     if session is None:
-                        session = choose_session(ctx, None, fmt)
+                        session = self.sessions[ws] = choose_session(ctx, None, fmt)
                     session.binary(msg.data)
                 elif msg.type == WSMsgType.TEXT:
                     if session is None:
-                        session = choose_session(ctx, msg.data, fmt)
+                        session = self.sessions[ws] = choose_session(ctx, msg.data, fmt)
                     try:
                         session.text(msg.data)
                     except FormatError as exc:
@@ -118,6 +121,9 @@ class WsTapEndpoint:
             reason = f"connection error: {type(exc).__name__}"
             log.info("tap %s: %s", tap_id, reason)
         finally:
+            self.sessions.pop(ws, None)
+            if self.shutting_down and reason == "closed":
+                reason, close_code = "shutdown", WSCloseCode.GOING_AWAY
             if session is None:
                 session = choose_session(ctx, None, fmt)  # nothing came: an empty recording
             if session.tap is not None or close_code != UNSUPPORTED_DATA:
@@ -136,8 +142,17 @@ class WsTapEndpoint:
             tap.extra["close_code"] = int(close_code)
         self.registry.finish(tap, reason)
 
+    async def close_tap(self, tap: Tap, message: str) -> bool:
+        """Close the connection that feeds `tap` (e.g. SignalWire said the tap finished)."""
+        for ws, session in list(self.sessions.items()):
+            if session.tap is tap:
+                await ws.close(code=WSCloseCode.OK, message=message.encode()[:120])
+                return True
+        return False
+
     async def close_all(self, code: int = WSCloseCode.GOING_AWAY) -> None:
         """Send every peer a close frame at once; each handler then finishes its own tap."""
+        self.shutting_down = True
         await asyncio.gather(
             *(ws.close(code=code, message=b"server shutting down") for ws in list(self.sockets)),
             return_exceptions=True,

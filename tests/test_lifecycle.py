@@ -10,6 +10,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,7 +85,7 @@ def test_signal_finalizes_every_open_tap(make_server: Any, sig: int) -> None:
     assert asyncio.run(run()) == 0
     for tap_id, data in ws_audio.items():
         sidecar = wait_for_sidecar(server.recordings, tap_id, timeout=1)
-        assert sidecar["end_reason"] == "closed"
+        assert sidecar["end_reason"] == "shutdown" and sidecar["close_code"] == 1001
         samples, _ = read_wav(server.recordings / f"{tap_id}.wav")
         assert np.array_equal(samples, reference.decode("PCMU", data))
         assert assert_header_matches_data(server.recordings / f"{tap_id}.wav") == len(data)
@@ -147,6 +148,17 @@ def test_token_is_generated_once_and_reused(make_server: Any, tmp_path: Path) ->
     assert asyncio.run(attempt(f"{second.ws_url}/tap/secured")) == 401
     assert asyncio.run(attempt(f"{second.ws_url}/t/{token}/tap/secured")) == 101
     assert wait_for_sidecar(recordings, "secured")["frames_written"] == 160
+
+
+def test_healthcheck_command_follows_the_settings(make_server: Any) -> None:
+    server = make_server("--no-auth")
+    env = {**os.environ, "RECEIVER_HTTP_PORT": str(server.http_port), "RECEIVER_HOST": "127.0.0.1"}
+    ok = subprocess.run([sys.executable, "-m", "receiver.healthcheck"], env=env, timeout=30)
+    assert ok.returncode == 0
+    env["RECEIVER_HTTP_PORT"] = str(server.http_port + 1 if server.http_port < 65535 else 1)
+    bad = subprocess.run([sys.executable, "-m", "receiver.healthcheck"], env=env, timeout=30,
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 1 and "healthcheck:" in bad.stderr
 
 
 def test_no_auth_warns_and_accepts(make_server: Any) -> None:
