@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from receiver import __version__, config
+from receiver import __version__, commands, config
 from receiver.auth import TOKEN_FILE, load_or_create_token
 from receiver.loop import run
 from receiver.server import Server, StartupError
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tap-receiver",
         description="Receive live call-audio taps (WebSocket and RTP) into per-tap WAV files.",
+        epilog="Inspect recordings: tap-receiver ls | inspect FILE.wav|TAP_ID | repair DIR "
+        "(each with --help).",
     )
     parser.add_argument("--version", action="version", version=f"tap-receiver {__version__}")
     config.add_arguments(parser)
@@ -57,6 +59,9 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in commands.COMMANDS:
+        return commands.main(argv)  # ls, inspect, repair: no server
     args = build_parser().parse_args(argv)
     try:
         cfg, warnings = config.load(args, os.environ)

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from receiver import __version__
+from receiver.api import RecordingsApi
 from receiver.ws_tap import WsTapEndpoint, json_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -25,7 +26,11 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return json_error(exc.status, exc.reason)
 
 
-def build_app(ws_endpoint: WsTapEndpoint, health: Callable[[], dict[str, Any]]) -> web.Application:
+def build_app(
+    ws_endpoint: WsTapEndpoint,
+    health: Callable[[], dict[str, Any]],
+    recordings_api: RecordingsApi | None = None,
+) -> web.Application:
     app = web.Application(middlewares=[json_errors])
     started = time.monotonic()
 
@@ -46,4 +51,6 @@ def build_app(ws_endpoint: WsTapEndpoint, health: Callable[[], dict[str, Any]]) 
     app.router.add_get("/t/{token}/tap/{tap_id:.*}", ws_endpoint.handle)
     app.router.add_get("/stream/{tap_id:.*}", ws_endpoint.handle)
     app.router.add_get("/t/{token}/stream/{tap_id:.*}", ws_endpoint.handle)
+    if recordings_api is not None:
+        recordings_api.add_routes(app)  # /api/taps..., the page at / and /t/{token}/
     return app

@@ -12,12 +12,14 @@ from typing import Any
 
 from aiohttp import web
 
+from receiver.api import RecordingsApi
 from receiver.auth import Auth
 from receiver.config import Config
 from receiver.http_app import build_app
 from receiver.loop import loop_name
 from receiver.registry import TapRegistry
 from receiver.rtp.endpoint import RtpEndpoint, open_udp_socket
+from receiver.tap import Tap
 from receiver.writer import DiskWriter
 from receiver.ws_tap import WsTapEndpoint
 
@@ -48,6 +50,9 @@ class Server:
         self.registry = TapRegistry(config.recordings, self.writer, config.flush_interval)
         self.ws = WsTapEndpoint(config, self.auth, self.registry)
         self.rtp = RtpEndpoint(config, self.registry)
+        self.recordings_api = RecordingsApi(
+            config.recordings, self.auth, self.registry, self.live_rtp
+        )
         self.http_port = config.http_port
         self.rtp_port = config.rtp_port
         self._runner: web.AppRunner | None = None
@@ -58,6 +63,18 @@ class Server:
     @property
     def scheme(self) -> str:
         return "https" if self.ssl_context is not None else "http"
+
+    def live_rtp(self, tap: Tap) -> dict[str, Any] | None:
+        """The running timeline stats of an active RTP tap (read-only), for the API."""
+        host, _, port = (tap.remote or "").rpartition(":")
+        stream = self.rtp.streams.get((host, int(port))) if port.isdigit() else None
+        if stream is None or stream.tap is not tap:
+            return None
+        return {
+            **stream.timeline.stats.to_dict(),
+            "malformed": tap.counters.get("malformed", 0),
+            "rtcp": tap.counters.get("rtcp_packets", 0),
+        }
 
     def health(self) -> dict[str, Any]:
         return {
@@ -95,7 +112,7 @@ class Server:
             cfg.rtp_recv_buffer,
             granted,
         )
-        app = build_app(self.ws, self.health)
+        app = build_app(self.ws, self.health, self.recordings_api)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.shutdown_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.http_port, ssl_context=self.ssl_context)

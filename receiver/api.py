@@ -1,0 +1,357 @@
+"""Inspecting recordings over HTTP: the JSON API under `/api/taps` and the page at `/`.
+
+Same token as the taps (`Authorization: Bearer`, `?token=` or a `/t/{token}/` prefix); every
+route also exists under that prefix, so a page opened at `/t/{token}/` reaches its API with
+relative URLs. Directory scans, header reads and the numpy work run in a small thread pool,
+never on the event loop; waveforms, spectrograms and levels are cached by file size and mtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from receiver import analysis
+from receiver.auth import Auth
+from receiver.recordings import RECORDING, STATES, Catalog, Recording, loss_percent, markers
+from receiver.registry import TapRegistry
+from receiver.tap import Tap, utc_now_iso
+from receiver.tap_id import TAP_ID_RULE, is_valid_tap_id
+from receiver.wav_header import WavError, check_wav
+from receiver.ws_tap import json_error
+
+WEB_DIR = Path(__file__).parent / "web"
+STATIC_FILES = {"app.js", "style.css", "favicon.svg"}
+ACTIONS = ("audio", "waveform", "spectrogram", "levels")
+CACHE_ENTRIES = 64
+MAX_PAGE = 1000
+
+T = TypeVar("T")
+LiveRtp = Callable[[Tap], dict[str, Any] | None]
+
+
+class BadRequest(ValueError):
+    """A query parameter out of range: a 400 with this message."""
+
+
+def int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}")
+    return value
+
+
+class ResultCache:
+    """Bounded LRU of computed response bodies, shared by the worker threads."""
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self._items: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_compute(self, key: tuple[object, ...], compute: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return found
+            self.misses += 1
+        value = compute()  # outside the lock: two threads may compute the same thing once
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+        return value
+
+
+class RecordingsApi:
+    def __init__(
+        self,
+        recordings: Path,
+        auth: Auth,
+        registry: TapRegistry,
+        live_rtp: LiveRtp | None = None,
+    ) -> None:
+        self.auth = auth
+        self.registry = registry
+        self.live_rtp = live_rtp
+        self.catalog = Catalog(recordings, run_started_at=utc_now_iso())
+        self.cache = ResultCache(CACHE_ENTRIES)
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect")
+
+    def add_routes(self, app: web.Application) -> None:
+        for prefix in ("", "/t/{token}"):
+            app.router.add_get(prefix + "/api/taps", self.list_taps)
+            # `{rest:.*}` so that bad ids (dots, encoded slashes) get a clear 400, not a 404
+            app.router.add_get(prefix + "/api/taps/{rest:.*}", self.get_tap)
+            app.router.add_delete(prefix + "/api/taps/{rest:.*}", self.delete_tap)
+            app.router.add_get(prefix + "/static/{file}", self.static)
+        app.router.add_get("/", self.page)
+        app.router.add_get("/t/{token}/", self.page)
+        app.router.add_get("/t/{token}", self.page_with_slash)
+        app.on_cleanup.append(self._close)
+
+    async def _close(self, _: web.Application) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    # -- the page -------------------------------------------------------------------------------
+
+    async def page(self, _: web.Request) -> web.StreamResponse:
+        return web.FileResponse(WEB_DIR / "index.html", headers=_page_headers("text/html"))
+
+    async def page_with_slash(self, request: web.Request) -> web.StreamResponse:
+        query = f"?{request.query_string}" if request.query_string else ""
+        raise web.HTTPPermanentRedirect(f"{request.path}/{query}")
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["file"]
+        if name not in STATIC_FILES:
+            return json_error(404, "not found")
+        kinds = {"js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
+        kind = kinds[name.rpartition(".")[2]]
+        return web.FileResponse(WEB_DIR / name, headers=_page_headers(kind))
+
+    # -- the API --------------------------------------------------------------------------------
+
+    def _active(self) -> dict[str, Tap]:
+        return {tap.name: tap for tap in self.registry.active if tap.name}
+
+    def _live(self, tap: Tap) -> dict[str, Any]:
+        frames = tap.buffer.frames
+        sink = tap.sink
+        return {
+            "frames": frames,
+            "frames_written": sink.frames_written if sink is not None else 0,
+            "duration_seconds": round(frames / tap.sample_rate, 3),
+            "elapsed_seconds": round(time.monotonic() - tap.started_monotonic, 3),
+            "rtp": self.live_rtp(tap) if self.live_rtp and tap.transport == "rtp" else None,
+        }
+
+    def _summary(self, recording: Recording, tap: Tap | None) -> dict[str, Any]:
+        summary = recording.summary()
+        if tap is not None:
+            live = self._live(tap)
+            summary["state"] = RECORDING
+            summary["duration_seconds"] = live["duration_seconds"]
+            summary["loss_percent"] = loss_percent(live["rtp"])
+        return summary
+
+    async def list_taps(self, request: web.Request) -> web.StreamResponse:
+        """`?state=&transport=&q=&limit=&offset=`: newest first."""
+        if not self.auth.allows(request):
+            return json_error(401, "missing or wrong token")
+        try:
+            limit = int_param(request, "limit", 100, 1, MAX_PAGE)
+            offset = int_param(request, "offset", 0, 0, 10**9)
+            states = _list_param(request, "state", STATES)
+            transports = _list_param(request, "transport", None)
+        except BadRequest as exc:
+            return json_error(400, str(exc))
+        text = request.query.get("q", "").strip().lower()
+        recordings = await self._run(self.catalog.scan)
+        active = self._active()
+        selected = []
+        for recording in recordings:
+            summary = self._summary(recording, active.get(recording.name))
+            if states and summary["state"] not in states:
+                continue
+            if transports and summary["transport"] not in transports:
+                continue
+            if text and not recording.matches(text):
+                continue
+            selected.append(summary)
+        return web.json_response(
+            {
+                "taps": selected[offset : offset + limit],
+                "total": len(selected),
+                "offset": offset,
+                "limit": limit,
+                "active": len(active),
+                "auth": self.auth.enabled,
+            }
+        )
+
+    async def get_tap(self, request: web.Request) -> web.StreamResponse:
+        if not self.auth.allows(request):
+            return json_error(401, "missing or wrong token")
+        name, action = _split(request.match_info["rest"])
+        if not is_valid_tap_id(name):
+            return json_error(400, TAP_ID_RULE)
+        try:
+            if action == "audio":
+                return await self._audio(request, name)
+            if action == "waveform":
+                width = int_param(request, "width", 1000, 1, 10_000)
+                return await self._computed(name, "waveform", (width,), "application/json")
+            if action == "spectrogram":
+                width = int_param(request, "width", 800, 16, 4000)
+                height = int_param(request, "height", 200, 16, 1024)
+                return await self._computed(name, "spectrogram", (width, height), "image/png")
+            if action == "levels":
+                silence = int_param(request, "silence_db", -60, -120, 0)
+                return await self._computed(name, "levels", (silence,), "application/json")
+        except BadRequest as exc:
+            return json_error(400, str(exc))
+        return await self._detail(name)
+
+    async def _detail(self, name: str) -> web.StreamResponse:
+        recording = await self._run(self.catalog.load, name)
+        tap = self._active().get(name)
+        if recording is None and tap is None:
+            return json_error(404, f"no recording {name!r}")
+        if recording is None:  # an active tap whose files are being created right now
+            recording = Recording(name, None, RECORDING, 0.0, None, tap.started_at if tap else None)
+        body = self._summary(recording, tap)
+        sidecar = dict(recording.sidecar or {})
+        live = None
+        if tap is not None:
+            live = self._live(tap)
+            sidecar.update(tap.describe())
+            if live["rtp"] is not None:
+                sidecar["rtp"] = live["rtp"]
+        body["sidecar"] = sidecar or None
+        body["live"] = live
+        body["markers"] = markers(sidecar)
+        body["wav"] = await self._run(_wav_info, self.catalog.wav_path(name))
+        return web.json_response(body)
+
+    async def _audio(self, request: web.Request, name: str) -> web.StreamResponse:
+        path = self.catalog.wav_path(name)
+        exists = await self._run(path.is_file)
+        if not exists:
+            return json_error(404, f"no recording {name!r}")
+        headers = {"Content-Type": "audio/wav", "Cache-Control": "no-cache"}
+        if request.query.get("download"):
+            headers["Content-Disposition"] = f'attachment; filename="{name}.wav"'
+        # FileResponse does Range (206), If-Range, ETag and sendfile without blocking the loop.
+        return web.FileResponse(path, headers=headers)
+
+    async def _computed(
+        self, name: str, kind: str, params: tuple[int, ...], content_type: str
+    ) -> web.StreamResponse:
+        path = self.catalog.wav_path(name)
+        try:
+            body = await self._run(self._compute, path, kind, params)
+        except FileNotFoundError:
+            return json_error(404, f"no recording {name!r}")
+        except (OSError, WavError) as exc:
+            return json_error(422, f"cannot read {path.name}: {exc}")
+        return web.Response(
+            body=body, content_type=content_type, headers={"Cache-Control": "no-cache"}
+        )
+
+    def _compute(self, path: Path, kind: str, params: tuple[int, ...]) -> bytes:
+        """In a worker thread: the cached body, or compute it from the file as it is now."""
+        st = path.stat()
+        key = (path.name, st.st_size, st.st_mtime_ns, kind, *params)
+        return self.cache.get_or_compute(key, lambda: _render(path, kind, params))
+
+    async def delete_tap(self, request: web.Request) -> web.StreamResponse:
+        if not self.auth.allows(request):
+            return json_error(401, "missing or wrong token")
+        name, action = _split(request.match_info["rest"])
+        if not is_valid_tap_id(name):
+            return json_error(400, TAP_ID_RULE)
+        if action:
+            return json_error(405, "only a recording itself can be deleted")
+        if name in self._active():
+            return json_error(409, f"{name!r} is being recorded; delete it when it has finished")
+        recording = await self._run(self.catalog.load, name)
+        if recording is None:
+            return json_error(404, f"no recording {name!r}")
+        if recording.state == RECORDING:  # finished a moment ago; its sidecar is on its way
+            return json_error(409, f"{name!r} is being finalized; try again in a moment")
+        removed = await self._run(self.catalog.delete, name)
+        return web.json_response({"deleted": name, "files": removed})
+
+
+def _render(path: Path, kind: str, params: tuple[int, ...]) -> bytes:
+    audio = analysis.open_audio(path)
+    if kind == "spectrogram":
+        return analysis.spectrogram_png(audio, params[0], params[1])
+    if kind == "levels":
+        levels = analysis.measure_levels(audio, float(params[0]))
+        return json.dumps({"name": path.stem, **levels.to_dict()}).encode()
+    lows, highs = analysis.waveform_peaks(audio, params[0])
+    return json.dumps(
+        {
+            "name": path.stem,
+            "frames": audio.frames,
+            "sample_rate": audio.sample_rate,
+            "channels": audio.channels,
+            "duration_seconds": round(audio.duration, 6),
+            "columns": int(lows.shape[1]),
+            "min": lows.tolist(),
+            "max": highs.tolist(),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _wav_info(path: Path) -> dict[str, Any] | None:
+    try:
+        plan = check_wav(path)
+    except OSError:
+        return None
+    layout = plan.layout
+    return {
+        "file": path.name,
+        "size_bytes": plan.file_size,
+        "format": layout.format_name if layout else None,
+        "frames": plan.frames,
+        "data_offset": layout.data_offset if layout else None,
+        "header_matches_data": plan.problem is None and not plan.needed,
+        "problem": plan.problem,
+    }
+
+
+def _split(rest: str) -> tuple[str, str | None]:
+    """`call-1/waveform` -> ("call-1", "waveform"); `call-1` -> ("call-1", None)."""
+    head, _, tail = rest.rpartition("/")
+    if head and tail in ACTIONS:
+        return head, tail
+    return rest, None
+
+
+def _list_param(request: web.Request, name: str, allowed: tuple[str, ...] | None) -> set[str]:
+    """A comma-separated filter (`state=finished,failed`); empty means no filter."""
+    values = {v.strip() for v in request.query.get(name, "").split(",") if v.strip()}
+    for value in values:
+        if allowed is not None and value not in allowed:
+            raise BadRequest(f"{name} must be one of {', '.join(allowed)}")
+        if not value.replace("_", "").isalnum() or len(value) > 32:
+            raise BadRequest(f"bad {name} {value[:40]!r}")
+    return values
+
+
+def _page_headers(content_type: str) -> dict[str, str]:
+    return {
+        "Content-Type": f"{content_type}; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",  # the page URL may carry the token
+    }

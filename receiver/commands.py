@@ -1,0 +1,316 @@
+"""`tap-receiver ls | inspect | repair`: look at recordings without a running server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from receiver.analysis import DEFAULT_SILENCE_DBFS, Levels, measure_levels, open_audio
+from receiver.recordings import STATES, Catalog, markers, read_sidecar
+from receiver.tap_id import is_valid_tap_id
+from receiver.wav_header import RepairPlan, WavError, apply_repair, check_wav
+
+COMMANDS = ("ls", "inspect", "repair")
+RECENT_SECONDS = 5.0  # a WAV written this recently may belong to a running server
+
+
+def _recordings_default() -> Path:
+    return Path(os.environ.get("RECEIVER_RECORDINGS") or "./recordings")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tap-receiver", description="Inspect recordings.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def recordings_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--recordings",
+            type=Path,
+            default=_recordings_default(),
+            metavar="DIR",
+            help="the recordings directory (default: $RECEIVER_RECORDINGS or ./recordings)",
+        )
+
+    ls = sub.add_parser("ls", help="list recordings, newest first")
+    recordings_option(ls)
+    ls.add_argument("--state", choices=STATES, help="only recordings in this state")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    inspect = sub.add_parser("inspect", help="levels, silence, format and sidecar of one recording")
+    recordings_option(inspect)
+    inspect.add_argument("target", metavar="FILE.wav|TAP_ID")
+    inspect.add_argument(
+        "--silence-db",
+        type=float,
+        default=DEFAULT_SILENCE_DBFS,
+        metavar="DBFS",
+        help=f"silence is at or below this level (default {DEFAULT_SILENCE_DBFS:g})",
+    )
+    inspect.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+    repair = sub.add_parser(
+        "repair", help="fix WAV headers that do not match their data (e.g. after kill -9)"
+    )
+    recordings_option(repair)
+    repair.add_argument("paths", nargs="*", type=Path, metavar="DIR|FILE.wav")
+    repair.add_argument("--dry-run", "-n", action="store_true", help="report, change nothing")
+    repair.add_argument(
+        "--force",
+        action="store_true",
+        help=f"also touch WAVs modified in the last {RECENT_SECONDS:g} s (a server may be "
+        "writing them)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str], out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stream = out or sys.stdout
+    if args.command == "ls":
+        return list_recordings(args.recordings, args.state, args.json, stream)
+    if args.command == "inspect":
+        return inspect(args.recordings, args.target, args.silence_db, args.json, stream)
+    return repair(args.paths or [args.recordings], args.dry_run, args.force, stream)
+
+
+# -- ls ---------------------------------------------------------------------------------------
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{secs:06.3f}" if hours else f"{minutes}:{secs:06.3f}"
+
+
+def list_recordings(directory: Path, state: str | None, as_json: bool, out: TextIO) -> int:
+    if not directory.is_dir():
+        print(f"tap-receiver: no directory {str(directory)!r}", file=sys.stderr)
+        return 1
+    rows = [r.summary() for r in Catalog(directory).scan()]
+    rows = [r for r in rows if state is None or r["state"] == state]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row), file=out)
+        return 0
+    table = [("NAME", "STATE", "TRANSPORT", "CODEC", "STARTED", "DURATION", "LOSS")]
+    for r in rows:
+        loss = r["loss_percent"]
+        table.append(
+            (
+                r["name"],
+                r["state"],
+                r["transport"] or "-",
+                f"{r['codec'] or '-'}/{r['sample_rate'] or '?'}",
+                (r["started_at"] or "-").replace("T", " ").removesuffix("Z"),
+                _duration(r["duration_seconds"]),
+                "-" if loss is None else f"{loss:.2f}%",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    right = {5, 6}
+    for line in table:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip(), file=out)
+    print(f"{len(rows)} recording(s) in {directory}", file=out)
+    return 0
+
+
+# -- inspect ----------------------------------------------------------------------------------
+
+
+def resolve_target(directory: Path, target: str) -> Path | None:
+    """A WAV path as given, or `<recordings>/<TAP_ID>.wav`."""
+    path = Path(target)
+    if path.suffix == ".wav" and path.is_file():
+        return path
+    if is_valid_tap_id(target) and (directory / f"{target}.wav").is_file():
+        return directory / f"{target}.wav"
+    return None
+
+
+def _db(value: float) -> str:
+    return f"{value:.2f} dBFS" if math.isfinite(value) else "-inf dBFS"
+
+
+def _levels_lines(levels: Levels) -> list[tuple[str, str]]:
+    rate = levels.sample_rate
+    lines = []
+    for n, c in enumerate(levels.channels, 1):
+        label = "level" if len(levels.channels) == 1 else f"channel {n}"
+        lines.append(
+            (
+                label,
+                f"peak {_db(c.peak_dbfs)} ({c.peak}), RMS {_db(c.rms_dbfs)}, clipped {c.clipped}",
+            )
+        )
+    clipped = sum(c.clipped for c in levels.channels)
+    lines.append(("clipping", f"{clipped} samples at full scale" if clipped else "none"))
+    if levels.longest_silence_frames:
+        start = levels.longest_silence_start / rate
+        length = levels.longest_silence_frames / rate
+        lines.append(
+            (
+                "silence",
+                f"longest {length:.3f} s at {start:.3f} s "
+                f"(below {levels.silence_threshold_dbfs:g} dBFS)",
+            )
+        )
+    else:
+        lines.append(("silence", f"none below {levels.silence_threshold_dbfs:g} dBFS"))
+    return lines
+
+
+def _sidecar_lines(sidecar: dict[str, Any]) -> list[tuple[str, str]]:
+    lines = [("tap id", str(sidecar.get("tap_id")))]
+    fmt = f"{sidecar.get('codec')} {sidecar.get('sample_rate')} Hz x{sidecar.get('channels')}"
+    lines.append(("transport", f"{sidecar.get('transport')}, {fmt}, from {sidecar.get('remote')}"))
+    state = str(sidecar.get("state"))
+    if sidecar.get("end_reason"):
+        state += f" ({sidecar['end_reason']})"
+    if sidecar.get("error"):
+        state += f": {sidecar['error']}"
+    lines.append(("state", state))
+    lines.append(("started", str(sidecar.get("started_at"))))
+    lines.append(("ended", str(sidecar.get("ended_at") or "-")))
+    if "frames_written" in sidecar:
+        lines.append(
+            ("written", f"{sidecar['frames_written']} frames, {sidecar.get('duration_seconds')} s")
+        )
+    counters = sidecar.get("counters") or {}
+    if counters:
+        lines.append(("counters", " ".join(f"{k}={v}" for k, v in counters.items())))
+    rtp = sidecar.get("rtp")
+    if rtp:
+        received, lost = rtp.get("received", 0), rtp.get("lost", 0)
+        share = 100.0 * lost / (received + lost) if received + lost else 0.0
+        lines.append(
+            (
+                "rtp",
+                f"received={received} lost={lost} ({share:.2f}%) late={rtp.get('late', 0)} "
+                f"duplicate={rtp.get('duplicate', 0)} reordered={rtp.get('reordered', 0)} "
+                f"jitter={rtp.get('jitter_ms', 0)} ms",
+            )
+        )
+        lines.append(("ssrcs", ", ".join(rtp.get("ssrcs") or []) or "-"))
+    for m in markers(sidecar):
+        extra = f" ({m['duration'] * 1000:.0f} ms)" if m.get("duration") else ""
+        lines.append((m["type"], f"{m['label']} at {m['at']:.3f} s{extra}"))
+    return lines
+
+
+def inspect(directory: Path, target: str, silence_db: float, as_json: bool, out: TextIO) -> int:
+    path = resolve_target(directory, target)
+    if path is None:
+        print(
+            f"tap-receiver: no WAV file or recording {target!r} (in {directory})", file=sys.stderr
+        )
+        return 1
+    try:
+        plan = check_wav(path)
+        audio = open_audio(path)
+        levels = measure_levels(audio, silence_db)
+    except (OSError, WavError) as exc:
+        print(f"tap-receiver: {path}: {exc}", file=sys.stderr)
+        return 1
+    sidecar = read_sidecar(path.with_suffix(".json"))
+    if as_json:
+        report = {
+            "file": str(path),
+            "format": audio.layout.format_name,
+            "header_matches_data": plan.problem is None and not plan.needed,
+            "header_problems": plan.describe() + ([plan.problem] if plan.problem else []),
+            **levels.to_dict(),
+            "sidecar": sidecar,
+        }
+        print(json.dumps(report, indent=2), file=out)
+        return 0
+    lines: list[tuple[str, str]] = [
+        ("format", audio.layout.format_name),
+        (
+            "duration",
+            f"{audio.duration:.3f} s ({audio.frames} frames, {path.stat().st_size} bytes)",
+        ),
+    ]
+    if plan.problem:
+        lines.append(("header", f"PROBLEM: {plan.problem}"))
+    elif plan.needed:
+        lines.append(("header", "DOES NOT MATCH THE DATA: " + "; ".join(plan.describe())))
+        lines.append(("", "(`tap-receiver repair` fixes it)"))
+    else:
+        lines.append(("header", "matches the data"))
+    lines += _levels_lines(levels)
+    print(str(path), file=out)
+    _print_block(lines, out)
+    if sidecar is not None:
+        print(f"sidecar {path.with_suffix('.json').name}", file=out)
+        _print_block(_sidecar_lines(sidecar), out)
+    else:
+        print("no sidecar", file=out)
+    return 0
+
+
+def _print_block(lines: list[tuple[str, str]], out: TextIO) -> None:
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"  {key:<{width}}  {value}", file=out)
+
+
+# -- repair -----------------------------------------------------------------------------------
+
+
+def repair(paths: Sequence[Path], dry_run: bool, force: bool, out: TextIO) -> int:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix == ".wav" and p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            print(f"tap-receiver: no such file or directory: {path}", file=sys.stderr)
+            return 1
+    verb = "would fix" if dry_run else "fixed"
+    counts = {"ok": 0, verb: 0, "unrepairable": 0, "skipped": 0}
+    now = time.time()
+    for path in files:
+        try:
+            if not force and now - path.stat().st_mtime < RECENT_SECONDS:
+                counts["skipped"] += 1
+                print(
+                    f"skipped {path.name}: modified in the last {RECENT_SECONDS:g} s "
+                    "(a running server may be writing it; --force to repair anyway)",
+                    file=out,
+                )
+                continue
+            plan: RepairPlan = check_wav(path)
+            if plan.problem is not None:
+                counts["unrepairable"] += 1
+                print(f"cannot repair {path.name}: {plan.problem}", file=out)
+                continue
+            if not plan.needed:
+                counts["ok"] += 1
+                continue
+            if not dry_run:
+                apply_repair(path, plan)
+        except (OSError, WavError) as exc:
+            counts["unrepairable"] += 1
+            print(f"cannot repair {path.name}: {exc}", file=out)
+            continue
+        counts[verb] += 1
+        print(f"{verb} {path.name} ({plan.frames} frames):", file=out)
+        for line in plan.describe():
+            print(f"  {line}", file=out)
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n or k == "ok")
+    print(f"{len(files)} WAV file(s) checked: {summary}", file=out)
+    return 1 if counts["unrepairable"] else 0

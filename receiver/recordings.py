@@ -1,0 +1,249 @@
+"""The recordings directory as a catalog: one entry per sidecar (or stray WAV), summarised for
+listing, with the sidecar's events turned into markers on the file's timeline.
+
+Synchronous file reads: on the event loop, call `Catalog.scan` and friends in an executor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from receiver.tap_id import is_valid_tap_id
+from receiver.wav_header import U32_MAX, WavError, read_layout_of
+
+RECORDING = "recording"
+FINISHED = "finished"
+FAILED = "failed"
+INTERRUPTED = "interrupted"  # the sidecar says recording, but the server that wrote it is gone
+UNKNOWN = "unknown"  # a WAV without a sidecar
+STATES = (RECORDING, FINISHED, FAILED, INTERRUPTED, UNKNOWN)
+
+
+@dataclass(slots=True)
+class Recording:
+    name: str  # file base name: `<name>.wav`, `<name>.json`
+    sidecar: dict[str, Any] | None
+    state: str
+    duration_seconds: float | None
+    size_bytes: int | None  # of the WAV; None when it is gone
+    started_at: str | None
+
+    @property
+    def loss_percent(self) -> float | None:
+        return loss_percent((self.sidecar or {}).get("rtp"))
+
+    def summary(self) -> dict[str, Any]:
+        side = self.sidecar or {}
+        return {
+            "name": self.name,
+            "tap_id": side.get("tap_id", self.name),
+            "transport": side.get("transport"),
+            "codec": side.get("codec"),
+            "sample_rate": side.get("sample_rate"),
+            "channels": side.get("channels"),
+            "remote": side.get("remote"),
+            "state": self.state,
+            "started_at": self.started_at,
+            "ended_at": side.get("ended_at"),
+            "duration_seconds": self.duration_seconds,
+            "size_bytes": self.size_bytes,
+            "loss_percent": self.loss_percent,
+        }
+
+    def matches(self, text: str) -> bool:
+        side = self.sidecar or {}
+        fields = (self.name, side.get("tap_id"), side.get("remote"), side.get("codec"))
+        return any(text in str(f).lower() for f in fields if f)
+
+
+def loss_percent(rtp: dict[str, Any] | None) -> float | None:
+    """Packets lost as a share of packets expected (received + lost); None without RTP stats."""
+    if not rtp:
+        return None
+    lost, received = int(rtp.get("lost", 0)), int(rtp.get("received", 0))
+    expected = lost + received
+    return round(100.0 * lost / expected, 2) if expected else 0.0
+
+
+def wav_duration(path: Path) -> float | None:
+    """Seconds of audio actually in the file (the header may lag behind a file being written)."""
+    try:
+        layout = read_layout_of(path)
+        available = path.stat().st_size - layout.data_offset
+    except (OSError, WavError):
+        return None
+    declared = available if layout.data_size in (0, U32_MAX) else layout.data_size
+    frames = max(0, min(declared, available)) // layout.block_align
+    return round(frames / layout.sample_rate, 6) if layout.sample_rate else None
+
+
+def read_sidecar(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def markers(sidecar: dict[str, Any]) -> list[dict[str, Any]]:
+    """Points (and DTMF spans) on the file's timeline, in seconds, sorted by time: DTMF digits,
+    discontinuities, SSRC changes, timestamp jumps. From `events`, completed by `rtp.dtmf` and
+    `rtp.discontinuities` (the same records, when both are there)."""
+    found: dict[tuple[str, float], dict[str, Any]] = {}
+    rtp = sidecar.get("rtp") or {}
+    sources = [
+        *(sidecar.get("events") or []),
+        *({"type": "dtmf", **e} for e in rtp.get("dtmf") or []),
+        *({"type": "discontinuity", **e} for e in rtp.get("discontinuities") or []),
+    ]
+    for event in sources:
+        if not isinstance(event, dict):
+            continue
+        kind = str(event.get("type", "event"))
+        at = event.get("start", event.get("at"))
+        if not isinstance(at, int | float):
+            continue
+        marker: dict[str, Any] = {"type": kind, "at": round(float(at), 6)}
+        if kind == "dtmf":
+            marker["label"] = str(event.get("digit", "?"))
+            marker["duration"] = event.get("duration", 0)
+        elif kind == "discontinuity":
+            marker["label"] = f"gap {float(event.get('skipped', 0)):.1f} s"
+        elif kind == "ssrc_change":
+            marker["label"] = f"SSRC {event.get('to', '')}".strip()
+        elif kind == "timestamp_jump":
+            marker["label"] = f"jump {float(event.get('jump', 0)):+.2f} s"
+        else:
+            marker["label"] = kind.replace("_", " ")
+        found.setdefault((kind, marker["at"]), marker)
+    return sorted(found.values(), key=lambda m: (m["at"], m["type"]))
+
+
+def _mtime_iso(path: Path) -> str | None:
+    try:
+        stamp = path.stat().st_mtime
+    except OSError:
+        return None
+    moment = datetime.fromtimestamp(stamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+class Catalog:
+    """Recordings in one directory. `scan` re-reads only entries whose files changed."""
+
+    def __init__(self, directory: Path, run_started_at: str | None = None) -> None:
+        self.directory = directory
+        # sidecars that say "recording" and started before this run are interrupted recordings
+        self.run_started_at = run_started_at
+        self._cache: dict[str, tuple[object, Recording]] = {}
+        self._lock = threading.Lock()  # scans may run in several executor threads
+
+    def wav_path(self, name: str) -> Path:
+        return self.directory / f"{name}.wav"
+
+    def sidecar_path(self, name: str) -> Path:
+        return self.directory / f"{name}.json"
+
+    def _names(self) -> tuple[set[str], set[str]]:
+        sidecars: set[str] = set()
+        wavs: set[str] = set()
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError:
+            return sidecars, wavs
+        for entry in entries:
+            stem, dot, ext = entry.name.rpartition(".")
+            if dot and is_valid_tap_id(stem):
+                if ext == "json":
+                    sidecars.add(stem)
+                elif ext == "wav":
+                    wavs.add(stem)
+        return sidecars, wavs
+
+    def load(self, name: str) -> Recording | None:
+        """One entry, read now (None if neither file exists)."""
+        wav, side = self.wav_path(name), self.sidecar_path(name)
+        key = (_stat_key(side), _stat_key(wav))
+        if key == (None, None):
+            return None
+        with self._lock:
+            cached = self._cache.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        sidecar = read_sidecar(side) if key[0] is not None else None
+        state = str(sidecar.get("state", UNKNOWN)) if sidecar else UNKNOWN
+        started = sidecar.get("started_at") if sidecar else None
+        if state == RECORDING and self.run_started_at and (started or "") < self.run_started_at:
+            state = INTERRUPTED
+        duration = sidecar.get("duration_seconds") if sidecar else None
+        if not isinstance(duration, int | float) or state in (RECORDING, INTERRUPTED):
+            duration = wav_duration(wav) if key[1] is not None else None
+        recording = Recording(
+            name=name,
+            sidecar=sidecar,
+            state=state,
+            duration_seconds=duration,
+            size_bytes=key[1][1] if key[1] is not None else None,
+            started_at=started or _mtime_iso(wav),
+        )
+        with self._lock:
+            self._cache[name] = (key, recording)
+        return recording
+
+    def scan(self) -> list[Recording]:
+        """Every recording, newest first. WAVs named in a sidecar's `track_files` belong to
+        that recording and are not listed on their own."""
+        sidecars, wavs = self._names()
+        found = [r for r in (self.load(name) for name in sidecars) if r is not None]
+        owned: set[str] = set()
+        for recording in found:
+            tracks = (recording.sidecar or {}).get("track_files") or {}
+            if isinstance(tracks, dict):
+                owned.update(str(f).removesuffix(".wav") for f in tracks.values())
+        for name in wavs - sidecars - owned:
+            stray = self.load(name)
+            if stray is not None:
+                found.append(stray)
+        with self._lock:
+            for gone in set(self._cache) - sidecars - wavs:
+                del self._cache[gone]
+        found.sort(key=lambda r: (r.started_at or "", r.name), reverse=True)
+        return found
+
+    def delete(self, name: str) -> list[str]:
+        """Remove a recording's files (WAV, sidecar, per-track WAVs); returns the names removed.
+        The WAV goes first: while its sidecar exists, a new tap cannot take the name."""
+        sidecar = read_sidecar(self.sidecar_path(name)) or {}
+        tracks = sidecar.get("track_files") or {}
+        paths = [self.wav_path(name)]
+        if isinstance(tracks, dict):
+            paths += [
+                self.directory / str(f)
+                for f in tracks.values()
+                if str(f).endswith(".wav") and is_valid_tap_id(str(f)[:-4])
+            ]
+        paths.append(self.sidecar_path(name))
+        removed = []
+        for path in paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path.name)
+        with self._lock:
+            self._cache.pop(name, None)
+        return removed
