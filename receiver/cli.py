@@ -12,8 +12,9 @@ from pathlib import Path
 
 from receiver import __version__, commands, config
 from receiver.auth import TOKEN_FILE, load_or_create_token
+from receiver.logs import setup_logging
 from receiver.loop import run
-from receiver.server import Server, StartupError
+from receiver.server import Server, StartupError, tls_context
 
 log = logging.getLogger("receiver")
 
@@ -49,15 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiohttp").setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in commands.COMMANDS:
@@ -69,7 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"tap-receiver: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(cfg.log_level)
+    try:
+        ssl_context = tls_context(cfg)  # before anything is created: a bad pair changes nothing
+    except StartupError as exc:
+        print(f"tap-receiver: {exc}", file=sys.stderr)
+        return 1
+    setup_logging(cfg.log_level, cfg.log_format)
     for warning in warnings:
         log.warning("%s", warning)
     token: str | None
@@ -87,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = cfg.recordings / TOKEN_FILE
         log.info("%s token in %s", "generated a new" if created else "using the", where)
     try:
-        server = Server(cfg, token)
+        server = Server(cfg, token, ssl_context)
         path = f"/t/{token}/tap/{{tap_id}}" if token is not None else "/tap/{tap_id}"
         log.info(
             "tap URI (paste into device.params.uri): wss://<your-host>:%d%s%s",
@@ -97,7 +94,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return run(server.run())
     except StartupError as exc:
-        log.error("%s", exc)
         print(f"tap-receiver: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

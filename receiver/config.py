@@ -60,6 +60,28 @@ def _between(low: float, high: float) -> Callable[[float], str | None]:
     return check
 
 
+def parse_port_range(text: str) -> range | None:
+    """'20000-20999' -> range(20000, 21000); '' -> None. Raises ValueError."""
+    if not text.strip():
+        return None
+    low, sep, high = text.partition("-")
+    try:
+        first, last = int(low), int(high if sep else low)
+    except ValueError:
+        raise ValueError("must be FIRST-LAST, e.g. 20000-20999") from None
+    if not 1 <= first <= last <= 65535:
+        raise ValueError("must be FIRST-LAST with 1 <= FIRST <= LAST <= 65535")
+    return range(first, last + 1)
+
+
+def _port_range_problem(value: str) -> str | None:
+    try:
+        parse_port_range(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _token(value: str) -> str | None:
     if value == "" or _TOKEN_RE.match(value):
         return None
@@ -173,6 +195,46 @@ SETTINGS: tuple[Setting, ...] = (
         _positive,
     ),
     Setting(
+        "rtp_port_range",
+        "str",
+        "",
+        "Per-tap RTP ports (e.g. 20000-20999) handed out by POST /api/taps; empty: off.",
+        lambda v: _port_range_problem(v),
+    ),
+    Setting(
+        "rtp_registration_timeout",
+        "float",
+        120.0,
+        "Seconds a registered RTP tap waits for its first packet before its port is released.",
+        _between(1, 86400),
+    ),
+    Setting(
+        "public_address",
+        "str",
+        "",
+        "Address put into the SignalWire device objects this server hands out (SignalWire needs "
+        "a public IPv4); empty: the Host of the request.",
+    ),
+    Setting(
+        "webhook_url",
+        "str",
+        "",
+        "POST each finalized tap's sidecar JSON here (signed, retried); empty: off.",
+    ),
+    Setting(
+        "webhook_secret",
+        "str",
+        "",
+        "Key of the HMAC-SHA256 signature in the X-Tap-Receiver-Signature header.",
+    ),
+    Setting(
+        "log_format",
+        "str",
+        "text",
+        "Log lines as text or json (one object per line).",
+        choices=("text", "json"),
+    ),
+    Setting(
         "rtp_dtmf_payload_type",
         "int",
         101,
@@ -209,6 +271,12 @@ class Config:
     rtp_max_gap: float
     rtp_max_streams: int
     rtp_recv_buffer: int
+    rtp_port_range: str
+    rtp_registration_timeout: float
+    public_address: str
+    webhook_url: str
+    webhook_secret: str
+    log_format: str
     rtp_dtmf_payload_type: int
     config_file: Path | None = None
 
@@ -323,6 +391,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Config, 
             values[s.key] = _convert(s, file_values[s.key], str(config_path))
         else:
             values[s.key] = _convert(s, s.default, "default")
+    if values["webhook_url"] and not values["webhook_secret"]:
+        raise ConfigError("webhook_secret: required when webhook_url is set (it signs the body)")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("tls_cert, tls_key: give both (certificate and private key) or neither")
     config = Config(**values, config_file=Path(config_path) if config_path else None)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from receiver import __version__
-from receiver.api import RecordingsApi
 from receiver.ws_tap import WsTapEndpoint, json_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -26,10 +25,14 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return json_error(exc.status, exc.reason)
 
 
+class RouteProvider(Protocol):
+    def add_routes(self, app: web.Application) -> None: ...
+
+
 def build_app(
     ws_endpoint: WsTapEndpoint,
     health: Callable[[], dict[str, Any]],
-    recordings_api: RecordingsApi | None = None,
+    *providers: RouteProvider,
 ) -> web.Application:
     app = web.Application(middlewares=[json_errors])
     started = time.monotonic()
@@ -51,6 +54,6 @@ def build_app(
     app.router.add_get("/t/{token}/tap/{tap_id:.*}", ws_endpoint.handle)
     app.router.add_get("/stream/{tap_id:.*}", ws_endpoint.handle)
     app.router.add_get("/t/{token}/stream/{tap_id:.*}", ws_endpoint.handle)
-    if recordings_api is not None:
-        recordings_api.add_routes(app)  # /api/taps..., the page at / and /t/{token}/
+    for provider in providers:  # the recordings API and page, the control plane, metrics
+        provider.add_routes(app)
     return app

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from receiver.sink import WavSink
 from receiver.tap import FAILED, Tap, utc_now_iso
 from receiver.writer import DiskWriter
 
 log = logging.getLogger("receiver.taps")
+LINK_LIFETIME = 600.0  # seconds a name given before the tap started is kept
 
 
 class TapRegistry:
@@ -23,6 +27,17 @@ class TapRegistry:
         self._active: dict[int, Tap] = {}
         self.started = 0
         self.finished = 0
+        self.counts: dict[str, Counter[str]] = {
+            "started": Counter(),
+            "finished": Counter(),
+            "failed": Counter(),
+        }
+        # Called on the event loop with each final sidecar, once its files are complete.
+        self.on_finalized: Callable[[dict[str, Any]], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # (transport, tap id) -> (the name it should have, sidecar fields): a status callback
+        # that named a tap before it connected.
+        self._links: dict[tuple[str, str], tuple[str, dict[str, Any], float]] = {}
 
     @property
     def active(self) -> Iterable[Tap]:
@@ -31,13 +46,49 @@ class TapRegistry:
     def __len__(self) -> int:
         return len(self._active)
 
+    def active_by_transport(self) -> Counter[str]:
+        return Counter(tap.transport for tap in self._active.values())
+
+    def find(self, tap_id: str, transport: str | None = None) -> Tap | None:
+        """The newest active tap with this id (and transport)."""
+        found = None
+        for tap in self._active.values():
+            if tap.tap_id == tap_id and (transport is None or tap.transport == transport):
+                found = tap
+        return found
+
+    def link(self, transport: str, tap_id: str, new_id: str, extra: dict[str, Any]) -> None:
+        """Name a tap that has not started yet: when `tap_id` starts, it becomes `new_id`."""
+        now = time.monotonic()
+        self._links = {k: v for k, v in self._links.items() if v[2] > now}  # drop expired
+        self._links[(transport, tap_id)] = (new_id, extra, now + LINK_LIFETIME)
+
+    def rename(self, tap: Tap, new_id: str) -> None:
+        """Give an active tap a new id: its files are renamed atomically by the writer thread
+        (never over an existing recording) and the sidecar says what it was called before."""
+        if new_id == tap.tap_id:
+            return
+        tap.extra.setdefault("provisional_id", tap.tap_id)
+        log.info("tap %s is now called %s", tap.tap_id, new_id)
+        tap.tap_id = new_id
+        assert tap.sink is not None
+        self.writer.rename(tap.sink, new_id, tap.describe())
+
     def start(self, tap: Tap) -> None:
         """Make the tap live; its files are created by the writer thread."""
+        link = self._links.pop((tap.transport, tap.tap_id), None)
+        if link is not None and link[2] > time.monotonic():
+            tap.extra.setdefault("provisional_id", tap.tap_id)
+            tap.tap_id = link[0]
+            tap.extra.update(link[1])
         tap.sink = WavSink(
             self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files
         )
         self._active[tap.serial] = tap
         self.started += 1
+        self.counts["started"][tap.transport] += 1
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         self.writer.open(tap.sink, tap.describe())
         log.info(
             "tap %s started: %s from %s, %s %d Hz x%d",
@@ -47,7 +98,16 @@ class TapRegistry:
             tap.codec,
             tap.sample_rate,
             tap.channels,
-        )
+            extra={"fields": {
+                "event": "tap_started",
+                "tap_id": tap.tap_id,
+                "transport": tap.transport,
+                "remote": tap.remote,
+                "codec": tap.codec,
+                "sample_rate": tap.sample_rate,
+                "channels": tap.channels,
+            }},
+        )  # fmt: skip
 
     def finish(self, tap: Tap, reason: str) -> Future[None] | None:
         """End the tap: its last audio, the WAV close and the final sidecar go to the writer."""
@@ -55,27 +115,52 @@ class TapRegistry:
             return None
         assert tap.sink is not None
         self.finished += 1
+        self.counts["finished"][tap.transport] += 1
         tap.ended_at = utc_now_iso()
         tap.end_reason = reason
         if tap.sink.error is not None:
             tap.state = FAILED
         sink = tap.sink
         future = self.writer.finish(sink, tap.buffer.take(), tap.describe())
-
-        def done(_: Future[None]) -> None:
-            state = "FAILED" if sink.error else "finished"
-            log.info(
-                "tap %s %s (%s): %s, %d frames, %.3f s",
-                tap.tap_id,
-                state,
-                reason,
-                sink.wav_path.name if sink.name else "no file",
-                sink.frames_written,
-                sink.frames_written / sink.sample_rate,
-            )
-
-        future.add_done_callback(done)
+        future.add_done_callback(lambda _: self._finalized(tap, sink))
         return future
+
+    def _finalized(self, tap: Tap, sink: WavSink) -> None:
+        """On the writer thread, once the tap's files are complete."""
+        sidecar = sink.final_sidecar or {}
+        failed = sidecar.get("state") == FAILED or sink.error is not None
+        log.info(
+            "tap %s %s (%s): %s, %d frames, %.3f s",
+            tap.tap_id,
+            "FAILED" if failed else "finished",
+            tap.end_reason,
+            sink.wav_path.name if sink.name else "no file",
+            sink.frames_written,
+            sink.frames_written / sink.sample_rate,
+            extra={"fields": {
+                "event": "tap_finished",
+                "tap_id": tap.tap_id,
+                "file": sink.wav_path.name if sink.name else None,
+                "transport": tap.transport,
+                "state": sidecar.get("state"),
+                "reason": tap.end_reason,
+                "frames": sink.frames_written,
+                "duration_seconds": round(sink.frames_written / sink.sample_rate, 3),
+                "counters": sidecar.get("counters", {}),
+                "rtp": sidecar.get("rtp"),
+                "error": sink.error,
+            }},
+        )  # fmt: skip
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._count_and_notify, tap.transport, failed, sidecar)
+
+    def _count_and_notify(self, transport: str, failed: bool, sidecar: dict[str, Any]) -> None:
+        if failed:
+            self.counts["failed"][transport] += 1
+        if self.on_finalized is not None and sidecar:
+            self.on_finalized(sidecar)
 
     def flush(self) -> None:
         """Hand every tap's pending audio to the writer as one batch."""

@@ -15,11 +15,13 @@ from aiohttp import web
 from receiver.api import RecordingsApi
 from receiver.auth import Auth
 from receiver.config import Config
+from receiver.control import ControlApi
 from receiver.http_app import build_app
 from receiver.loop import loop_name
+from receiver.metrics import Metrics
 from receiver.registry import TapRegistry
-from receiver.rtp.endpoint import RtpEndpoint, open_udp_socket
-from receiver.tap import Tap
+from receiver.rtp.receiver import RtpReceiver
+from receiver.webhooks import WebhookSender
 from receiver.writer import DiskWriter
 from receiver.ws_tap import WsTapEndpoint
 
@@ -38,42 +40,57 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key or None)
     except (OSError, ssl.SSLError) as exc:
-        raise StartupError(f"tls_cert/tls_key: cannot load {config.tls_cert!r}: {exc}") from None
+        raise StartupError(
+            f"tls_cert/tls_key: cannot load the certificate {config.tls_cert!r} with the key "
+            f"{config.tls_key!r}: {exc}"
+        ) from None
     return context
 
 
 class Server:
-    def __init__(self, config: Config, token: str | None) -> None:
+    def __init__(
+        self, config: Config, token: str | None, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.config = config
         self.auth = Auth(token)
         self.writer = DiskWriter()
         self.registry = TapRegistry(config.recordings, self.writer, config.flush_interval)
         self.ws = WsTapEndpoint(config, self.auth, self.registry)
-        self.rtp = RtpEndpoint(config, self.registry)
+        self.rtp = RtpReceiver(config, self.registry)
         self.recordings_api = RecordingsApi(
-            config.recordings, self.auth, self.registry, self.live_rtp
+            config.recordings, self.auth, self.registry, self.rtp.live_stats
         )
+        self.webhooks: WebhookSender | None = None
+        self.metrics = Metrics(self.metrics_snapshot, self.auth)
+        self.writer.observe_batch = self.metrics.write_batch_seconds.observe
         self.http_port = config.http_port
         self.rtp_port = config.rtp_port
         self._runner: web.AppRunner | None = None
-        self._udp: asyncio.DatagramTransport | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self.ssl_context = tls_context(config)
+        self.ssl_context = ssl_context
 
     @property
     def scheme(self) -> str:
         return "https" if self.ssl_context is not None else "http"
 
-    def live_rtp(self, tap: Tap) -> dict[str, Any] | None:
-        """The running timeline stats of an active RTP tap (read-only), for the API."""
-        host, _, port = (tap.remote or "").rpartition(":")
-        stream = self.rtp.streams.get((host, int(port))) if port.isdigit() else None
-        if stream is None or stream.tap is not tap:
-            return None
+    def metrics_snapshot(self) -> dict[str, Any]:
+        counts = self.registry.counts
+        transports = ("websocket", "rtp")
+        ws = self.ws.counters
         return {
-            **stream.timeline.stats.to_dict(),
-            "malformed": tap.counters.get("malformed", 0),
-            "rtcp": tap.counters.get("rtcp_packets", 0),
+            "active_taps": {t: self.registry.active_by_transport()[t] for t in transports},
+            "taps_started": {t: counts["started"][t] for t in transports},
+            "taps_finished": {t: counts["finished"][t] for t in transports},
+            "taps_failed": {t: counts["failed"][t] for t in transports},
+            "rtp_packets": self.rtp.packet_totals(),
+            "rtp_streams_refused": self.rtp.counters["streams_refused"],
+            "ws_messages": self.ws.messages,
+            "ws_rejected": {
+                k.removeprefix("rejected_"): v for k, v in ws.items() if k.startswith("rejected_")
+            },
+            "bytes_written": self.writer.bytes_written,
+            "write_errors": self.writer.errors,
+            "webhooks": dict(self.webhooks.counters) if self.webhooks else {},
         }
 
     def health(self) -> dict[str, Any]:
@@ -85,6 +102,7 @@ class Server:
             "auth": self.auth.enabled,
             "websocket": self.ws.stats(),
             "rtp": self.rtp.stats(),
+            "webhooks": dict(self.webhooks.counters) if self.webhooks else None,
             "writer": {
                 "batches": self.writer.batches,
                 "bytes_written": self.writer.bytes_written,
@@ -93,26 +111,27 @@ class Server:
         }
 
     async def startup(self) -> None:
-        loop = asyncio.get_running_loop()
         cfg = self.config
         # UDP first: once /healthz answers, both listeners are up.
         try:
-            sock, granted = open_udp_socket(cfg.host, cfg.rtp_port, cfg.rtp_recv_buffer)
+            self.rtp_port, granted = await self.rtp.open_shared(cfg.host, cfg.rtp_port)
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {cfg.host}:{cfg.rtp_port}/udp (rtp_port): {exc.strerror or exc}"
             ) from None
-        self.rtp_port = sock.getsockname()[1]
-        transport, _ = await loop.create_datagram_endpoint(lambda: self.rtp, sock=sock)
-        self._udp = transport
         log.info(
-            "RTP on %s:%d/udp, SO_RCVBUF requested %d, kernel granted %d",
+            "RTP on %s:%d/udp, SO_RCVBUF requested %d, kernel granted %d%s",
             cfg.host,
             self.rtp_port,
             cfg.rtp_recv_buffer,
             granted,
+            f"; per-tap ports {cfg.rtp_port_range}" if cfg.rtp_port_range else "",
         )
-        app = build_app(self.ws, self.health, self.recordings_api)
+        if cfg.webhook_url:
+            self.webhooks = WebhookSender(cfg.webhook_url, cfg.webhook_secret)
+            self.registry.on_finalized = self.webhooks.submit
+        control = ControlApi(cfg, self.auth, self.registry, self.rtp, self.ws, self.rtp_port)
+        app = build_app(self.ws, self.health, self.recordings_api, control, self.metrics)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.shutdown_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.http_port, ssl_context=self.ssl_context)
@@ -130,6 +149,7 @@ class Server:
         self._tasks = [
             asyncio.create_task(self.registry.run_flusher(), name="flusher"),
             asyncio.create_task(self.rtp.run_housekeeping(), name="rtp-housekeeping"),
+            asyncio.create_task(self.metrics.watch_loop_lag(), name="loop-lag"),
         ]
         log.info(
             "tap-receiver ready on %s://%s:%d (%s), recordings in %s",
@@ -143,8 +163,7 @@ class Server:
     async def shutdown(self) -> None:
         started = time.monotonic()
         log.info("shutting down: finalizing %d open taps", len(self.registry))
-        if self._udp is not None:
-            self._udp.close()
+        self.rtp.close()
         self.rtp.end_all("shutdown")
         # Closing the sockets makes each handler finish its own tap.
         with contextlib.suppress(Exception):
@@ -161,6 +180,10 @@ class Server:
             await asyncio.wait_for(loop.run_in_executor(None, self.writer.shutdown), remaining)
         except TimeoutError:
             log.error("disk writer still busy after %.1f s; exiting anyway", remaining)
+        if self.webhooks is not None:  # the last finalized taps' notifications get what is left
+            await asyncio.sleep(0)  # let the writer's last completions reach the loop
+            remaining = max(0.2, self.config.shutdown_timeout - (time.monotonic() - started))
+            await self.webhooks.close(remaining)
         log.info("stopped after %.2f s", time.monotonic() - started)
 
     async def run(self) -> int:

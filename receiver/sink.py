@@ -95,6 +95,7 @@ class WavSink:
         self._carry: list[np.ndarray] = [np.zeros(0, np.int16) for _ in range(channels)]
         self._track_names = track_names or []
         self.track_sinks: dict[str, WavSink] = {}
+        self.final_sidecar: dict[str, Any] | None = None  # set by the writer when finalized
 
     @property
     def wav_path(self) -> Path:
@@ -121,6 +122,22 @@ class WavSink:
             track_sink = WavSink(self.directory, f"{self.name}.{track}", self.sample_rate, 1)
             track_sink.open()
             self.track_sinks[track] = track_sink
+
+    def rename(self, new_id: str) -> None:
+        """Move this tap's files to `new_id` (or `new_id.N`): the open file keeps being written
+        under its new name. A name is claimed first (O_EXCL), then each file is renamed over its
+        placeholder, so no other recording is ever replaced."""
+        self.tap_id = new_id
+        if self.name is None:
+            return
+        old_wav, old_json = self.wav_path, self.sidecar_path
+        new_name = reserve_name(self.directory, new_id)
+        os.replace(old_wav, self.directory / f"{new_name}.wav")
+        if old_json.exists():
+            os.replace(old_json, self.directory / f"{new_name}.json")
+        self.name = new_name
+        for track, track_sink in self.track_sinks.items():
+            track_sink.rename(f"{new_name}.{track}")
 
     def write_channels(self, parts: list[np.ndarray]) -> None:
         """Write one int16 array per channel; channels of unequal length are evened out over

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -26,6 +27,7 @@ class DiskWriter:
         self.bytes_written = 0
         self.errors = 0
         self.last_batch_seconds = 0.0
+        self.observe_batch: Callable[[float], None] | None = None  # metrics, on this thread
 
     # -- called on the event loop -------------------------------------------------------------
 
@@ -37,6 +39,9 @@ class DiskWriter:
 
     def finish(self, sink: WavSink, pending: Pending, sidecar: dict[str, Any]) -> Future[None]:
         return self._executor.submit(self._finish, sink, pending, sidecar)
+
+    def rename(self, sink: WavSink, new_id: str, sidecar: dict[str, Any]) -> Future[None]:
+        return self._executor.submit(self._rename, sink, new_id, sidecar)
 
     def shutdown(self) -> None:
         """Run every queued job, then stop the thread (blocking: call it from a thread)."""
@@ -60,6 +65,15 @@ class DiskWriter:
         except Exception as exc:
             self._fail(sink, exc)
 
+    def _rename(self, sink: WavSink, new_id: str, sidecar: dict[str, Any]) -> None:
+        try:
+            sink.rename(new_id)
+            if sink.name is not None:
+                write_json_atomic(sink.sidecar_path, self._sidecar(sink, sidecar))
+        except Exception as exc:
+            self.errors += 1
+            log.error("tap %s: could not rename to %s: %s", sink.tap_id, new_id, exc)
+
     def _append(self, sink: WavSink, pending: Pending, last: bool = False) -> None:
         if sink.error is not None or not (pending or last):
             return
@@ -79,6 +93,8 @@ class DiskWriter:
             self._append(sink, pending)
         self.batches += 1
         self.last_batch_seconds = time.perf_counter() - started
+        if self.observe_batch is not None:
+            self.observe_batch(self.last_batch_seconds)
 
     def _finish(self, sink: WavSink, pending: Pending, sidecar: dict[str, Any]) -> None:
         self._append(sink, pending, last=True)
@@ -89,8 +105,10 @@ class DiskWriter:
                 self._fail(sink, exc)
         if sink.name is None:
             return  # never got a file (the open failed and was logged)
+        final = self._sidecar(sink, sidecar)
+        sink.final_sidecar = final
         try:
-            write_json_atomic(sink.sidecar_path, self._sidecar(sink, sidecar))
+            write_json_atomic(sink.sidecar_path, final)
         except Exception as exc:
             self.errors += 1
             log.error("tap %s: could not write sidecar: %s", sink.tap_id, exc)

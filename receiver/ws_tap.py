@@ -40,6 +40,8 @@ class WsTapEndpoint:
         self.sockets: set[web.WebSocketResponse] = set()
         self.sessions: dict[web.WebSocketResponse, Session] = {}
         self.shutting_down = False
+        self.messages = 0
+        self._closing: dict[web.WebSocketResponse, asyncio.Task[bool]] = {}
         self.counters: dict[str, int] = {}
 
     def _count(self, name: str) -> None:
@@ -74,6 +76,9 @@ class WsTapEndpoint:
             await self._record(ws, tap_id, fmt, request.remote)
         finally:
             self.sockets.discard(ws)
+            closing = self._closing.pop(ws, None)
+            if closing is not None:
+                await asyncio.wait([closing])
         return ws
 
     async def _record(
@@ -85,6 +90,7 @@ class WsTapEndpoint:
         close_code: int | None = None  # what we closed with, when it was us
         try:
             async for msg in ws:
+                self.messages += 1
                 if msg.type == WSMsgType.BINARY:
                     if session is None:
                         session = self.sessions[ws] = choose_session(ctx, None, fmt)
@@ -142,21 +148,29 @@ class WsTapEndpoint:
             tap.extra["close_code"] = int(close_code)
         self.registry.finish(tap, reason)
 
-    async def close_tap(self, tap: Tap, message: str) -> bool:
-        """Close the connection that feeds `tap` (e.g. SignalWire said the tap finished)."""
+    def close_tap(self, tap: Tap, message: str) -> bool:
+        """Close the connection that feeds `tap` (e.g. SignalWire said the tap finished). The
+        close handshake runs in the background: nobody waits on the peer."""
         for ws, session in list(self.sessions.items()):
             if session.tap is tap:
-                await ws.close(code=WSCloseCode.OK, message=message.encode()[:120])
+                self._start_close(ws, WSCloseCode.OK, message)
                 return True
         return False
+
+    def _start_close(self, ws: web.WebSocketResponse, code: int, message: str) -> None:
+        # The handler waits for this task before it returns (see `handle`): returning while
+        # the close handshake is under way would drop the connection before the peer answers.
+        if ws not in self._closing:
+            close = ws.close(code=code, message=message.encode()[:120])
+            self._closing[ws] = asyncio.create_task(close)
 
     async def close_all(self, code: int = WSCloseCode.GOING_AWAY) -> None:
         """Send every peer a close frame at once; each handler then finishes its own tap."""
         self.shutting_down = True
-        await asyncio.gather(
-            *(ws.close(code=code, message=b"server shutting down") for ws in list(self.sockets)),
-            return_exceptions=True,
-        )
+        for ws in list(self.sockets):
+            self._start_close(ws, code, "server shutting down")
+        if self._closing:
+            await asyncio.wait(list(self._closing.values()))
 
     def stats(self) -> dict[str, Any]:
         return {"open_sockets": len(self.sockets), **self.counters}

@@ -197,7 +197,9 @@ def test_unusable_certificate_exits_1_with_one_line(
     assert "Traceback" not in output
     final = [line for line in output.splitlines() if line.startswith("tap-receiver:")]
     assert len(final) == 1, output
-    assert final[0].startswith(f"tap-receiver: tls_cert/tls_key: cannot load {str(cert)!r}: ")
+    assert final[0].startswith(
+        f"tap-receiver: tls_cert/tls_key: cannot load the certificate {str(cert)!r} with the key "
+    )
     # the rest is the log (timestamped lines), no multi-line error
     others = [line for line in output.splitlines() if not line.startswith("tap-receiver:")]
     assert all(line[:4].isdigit() for line in others), output

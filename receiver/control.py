@@ -1,0 +1,224 @@
+"""The SignalWire control plane: naming taps before (registration) and after (status callbacks)
+their audio arrives.
+
+- `POST /api/taps` `{"tap_id", "codec"?, "ptime"?, "source"?}`: without `source`, allocates a
+  port from `rtp_port_range` whose packets are recorded as that tap; with `source` ("ip:port", the
+  tap reply's `source_device`), names the stream from that sender on the shared RTP port. Answers
+  with a ready-made SignalWire `device` object.
+- `POST /signalwire/tap-status`: consumes `calling.call.tap` events (protocols.md §1.3; values may
+  be strings or numbers). `tapping` links the event's `control_id` to the tap at `device.params`
+  (a pool port, or the tap id in a WebSocket URI), renaming its files if it started under another
+  name; `finished` ends that tap at once. The event's ids go into the sidecar under `signalwire`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from aiohttp import web
+
+from receiver.auth import Auth
+from receiver.config import Config
+from receiver.registry import TapRegistry
+from receiver.rtp.receiver import NoFreePort, Registration, RtpReceiver
+from receiver.tap_id import TAP_ID_RULE, is_valid_tap_id
+from receiver.ws_tap import WsTapEndpoint, json_error
+
+log = logging.getLogger("receiver.control")
+_CODECS = {"PCMU", "PCMA"}
+
+
+def _int(value: Any) -> int | None:
+    """Event fields come as numbers or numeric strings ("1234")."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+def tap_id_from_uri(uri: str) -> str | None:
+    """The tap id in a WebSocket URI this server handed out (…/tap/{id} or …/stream/{id})."""
+    parts = [unquote(p) for p in urlsplit(uri).path.split("/") if p]
+    if len(parts) >= 2 and parts[-2] in ("tap", "stream"):
+        return parts[-1]
+    return None
+
+
+def _source(text: Any) -> tuple[str, int] | None:
+    host, sep, port = str(text or "").strip().rpartition(":")
+    number = _int(port)
+    if not sep or not host or number is None or not 0 < number < 65536:
+        return None
+    return host.strip("[]"), number
+
+
+class ControlApi:
+    def __init__(
+        self,
+        config: Config,
+        auth: Auth,
+        registry: TapRegistry,
+        rtp: RtpReceiver,
+        ws: WsTapEndpoint,
+        rtp_port: int,
+    ) -> None:
+        self.config = config
+        self.auth = auth
+        self.registry = registry
+        self.rtp = rtp
+        self.ws = ws
+        self.rtp_port = rtp_port
+        self.counters: dict[str, int] = {}
+
+    def add_routes(self, app: web.Application) -> None:
+        for prefix in ("", "/t/{token}"):
+            app.router.add_post(prefix + "/api/taps", self.register)
+            app.router.add_post(prefix + "/signalwire/tap-status", self.tap_status)
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any] | web.Response:
+        if not self.auth.allows(request):
+            return json_error(401, "missing or wrong token")
+        try:
+            body = await request.json()
+        except ValueError:
+            return json_error(400, "the body must be JSON")
+        if not isinstance(body, dict):
+            return json_error(400, "the body must be a JSON object")
+        return body
+
+    def _public_address(self, request: web.Request) -> str:
+        return self.config.public_address or (request.host.rpartition(":")[0] or request.host)
+
+    # -- registration -------------------------------------------------------------------------
+
+    async def register(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        tap_id = body.get("tap_id")
+        if not isinstance(tap_id, str) or not is_valid_tap_id(tap_id):
+            return json_error(400, TAP_ID_RULE)
+        codec = str(body.get("codec") or "PCMU").upper()
+        if codec not in _CODECS:
+            return json_error(400, "codec must be PCMU or PCMA")
+        ptime = _int(body.get("ptime", 20))
+        if ptime is None or not 10 <= ptime <= 120 or ptime % 10:
+            return json_error(400, "ptime must be a multiple of 10 from 10 to 120")
+        registration = Registration(tap_id, codec)
+        if body.get("source") is not None:
+            source = _source(body["source"])
+            if source is None:
+                return json_error(400, "source must be ip:port")
+            registration.source = source
+            self.rtp.register_source(registration)
+            port = self.rtp_port
+        else:
+            try:
+                port = await self.rtp.allocate(registration)
+            except NoFreePort as exc:
+                return json_error(503 if self.rtp.pool_range else 409, str(exc))
+        self._count("registrations")
+        log.info("registered RTP tap %s on port %d%s", tap_id, port,
+                 f" from {body['source']}" if registration.source else "")  # fmt: skip
+        address = self._public_address(request)
+        answer: dict[str, Any] = {
+            "tap_id": tap_id,
+            "rtp": {"address": address, "port": port},
+            "device": {
+                "type": "rtp",
+                "params": {"addr": address, "port": port, "codec": codec, "ptime": ptime},
+            },
+        }
+        if registration.source:
+            answer["source"] = f"{registration.source[0]}:{registration.source[1]}"
+        return web.json_response(answer, status=201)
+
+    # -- status callbacks ---------------------------------------------------------------------
+
+    async def tap_status(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        params = body.get("params") if isinstance(body.get("params"), dict) else body
+        assert isinstance(params, dict)
+        control_id = params.get("control_id")
+        state = str(params.get("state", "")).lower()
+        device = params.get("device") if isinstance(params.get("device"), dict) else {}
+        assert isinstance(device, dict)
+        device_params = device.get("params") if isinstance(device.get("params"), dict) else {}
+        assert isinstance(device_params, dict)
+        if not isinstance(control_id, str) or not is_valid_tap_id(control_id):
+            self._count("status_bad")
+            return json_error(400, "params.control_id must be a valid tap id")
+        if state not in ("tapping", "finished"):
+            self._count("status_bad")
+            return json_error(400, "params.state must be tapping or finished")
+        tap_params = (
+            params.get("tap", {}).get("params", {}) if isinstance(params.get("tap"), dict) else {}
+        )
+        info = {
+            "signalwire": {
+                "control_id": control_id,
+                "call_id": params.get("call_id"),
+                "node_id": params.get("node_id"),
+                "segment_id": params.get("segment_id"),
+                "direction": tap_params.get("direction") if isinstance(tap_params, dict) else None,
+                "device": device,
+            }
+        }
+        kind = str(device.get("type", "")).lower()
+        if kind == "rtp":
+            result = self._rtp_status(control_id, state, _int(device_params.get("port")), info)
+        elif kind == "ws":
+            uri_id = tap_id_from_uri(str(device_params.get("uri", "")))
+            result = await self._ws_status(control_id, state, uri_id, info)
+        else:
+            result = "unknown device type"
+        self._count(f"status_{state}")
+        log.info("SignalWire tap %s %s: %s", control_id, state, result)
+        return web.json_response({"control_id": control_id, "state": state, "result": result})
+
+    def _rtp_status(
+        self, control_id: str, state: str, port: int | None, info: dict[str, Any]
+    ) -> str:
+        sock = self.rtp.pool_sockets.get(port) if port is not None else None
+        if sock is None or sock.registration is None:
+            if port == self.rtp_port:
+                return "shared port: register the tap's source_device to name its stream"
+            return "no registered port matches"
+        registration = sock.registration
+        registration.tap_id = control_id
+        registration.extra.update(info)
+        stream = registration.stream
+        if stream is None:
+            return "linked; waiting for the first packet"
+        self.rtp.rename(stream, control_id, info)
+        if state == "finished":
+            self.rtp.end_stream(stream, "signalwire finished")
+            return "ended"
+        return "linked"
+
+    async def _ws_status(
+        self, control_id: str, state: str, uri_id: str | None, info: dict[str, Any]
+    ) -> str:
+        if uri_id is None:
+            return "the device uri names no tap"
+        tap = self.registry.find(uri_id, "websocket") or self.registry.find(control_id, "websocket")
+        if tap is None:
+            if state == "tapping":
+                self.registry.link("websocket", uri_id, control_id, info)
+                return "linked; waiting for the connection"
+            return "no active tap matches"
+        tap.extra.update(info)
+        self.registry.rename(tap, control_id)
+        if state == "finished":
+            self.ws.close_tap(tap, "tap finished")
+            return "ended"
+        return "linked"

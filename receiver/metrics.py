@@ -1,0 +1,123 @@
+"""`GET /metrics`: Prometheus text format, through the maintained `prometheus_client` library.
+
+Counters live where the work happens (registry, RTP receiver, writer, webhooks) as plain ints;
+a collector reads them at scrape time, so the packet path pays nothing for metrics. The two
+latencies (disk write batches and event-loop lag) are histograms observed as they happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from receiver.auth import Auth
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+Snapshot = Callable[[], dict[str, Any]]
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot()
+        active = GaugeMetricFamily(
+            "tap_receiver_active_taps", "Taps being recorded now.", labels=["transport"]
+        )
+        for transport, n in sorted(s["active_taps"].items()):
+            active.add_metric([transport], n)
+        yield active
+        for name, key, text in (
+            ("tap_receiver_taps_started", "taps_started", "Taps started."),
+            ("tap_receiver_taps_finished", "taps_finished", "Taps finalized (any outcome)."),
+            ("tap_receiver_taps_failed", "taps_failed", "Taps finalized as failed."),
+        ):
+            family = CounterMetricFamily(name, text, labels=["transport"])
+            for transport, n in sorted(s[key].items()):
+                family.add_metric([transport], n)
+            yield family
+        packets = CounterMetricFamily(
+            "tap_receiver_rtp_packets", "RTP datagrams by outcome.", labels=["outcome"]
+        )
+        for outcome, n in sorted(s["rtp_packets"].items()):
+            packets.add_metric([outcome], n)
+        yield packets
+        yield CounterMetricFamily(
+            "tap_receiver_rtp_streams_refused",
+            "New RTP sources refused (stream cap or limits).",
+            value=s["rtp_streams_refused"],
+        )
+        yield CounterMetricFamily(
+            "tap_receiver_websocket_messages",
+            "WebSocket messages received.",
+            value=s["ws_messages"],
+        )
+        rejected = CounterMetricFamily(
+            "tap_receiver_websocket_rejected", "WebSocket taps refused.", labels=["reason"]
+        )
+        for reason, n in sorted(s["ws_rejected"].items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield CounterMetricFamily(
+            "tap_receiver_bytes_written",
+            "PCM bytes written to WAV files.",
+            value=s["bytes_written"],
+        )
+        yield CounterMetricFamily(
+            "tap_receiver_write_errors",
+            "Disk errors (each fails one tap).",
+            value=s["write_errors"],
+        )
+        webhooks = CounterMetricFamily(
+            "tap_receiver_webhooks", "Completion webhook deliveries.", labels=["result"]
+        )
+        for result, n in sorted(s["webhooks"].items()):
+            webhooks.add_metric([result], n)
+        yield webhooks
+
+
+class Metrics:
+    """The registry of metrics and the `GET /metrics` route (token-protected like the rest)."""
+
+    def __init__(self, snapshot: Snapshot, auth: Auth) -> None:
+        self.auth = auth
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_SnapshotCollector(snapshot))
+        self.write_batch_seconds = Histogram(
+            "tap_receiver_write_batch_seconds",
+            "Time to render and write one batch of all taps' audio.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+        self.loop_lag_seconds = Histogram(
+            "tap_receiver_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled every 0.25 s).",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/metrics", self.handle)
+        app.router.add_get("/t/{token}/metrics", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if not self.auth.allows(request):
+            return web.json_response({"error": "missing or wrong token", "status": 401}, status=401)
+        return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def watch_loop_lag(self, interval: float = 0.25) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(interval)
+            self.loop_lag_seconds.observe(max(0.0, time.perf_counter() - before - interval))

@@ -1,0 +1,414 @@
+"""The UDP side: datagrams -> one timeline and one tap per source (ip, port), on the shared
+`rtp_port` and on per-tap ports from `rtp_port_range`.
+
+A datagram handler never blocks and never raises: it parses, looks the stream up and pushes the
+packet into that stream's timeline, whose output is appended to the tap's buffer (no numpy per
+packet). A periodic task releases packets held for reordering, ends idle streams and expires
+registrations nobody used.
+
+Naming: a stream that nothing names becomes `rtp-<ip>-<port>`. A registration (POST /api/taps)
+names it in advance, either by a port allocated from the pool (every packet to that port belongs
+to the tap) or by the expected source address on the shared port; a SignalWire status callback
+can also name it after the fact (the files are renamed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from receiver.audio_buffer import AudioBuffer
+from receiver.config import Config, parse_port_range
+from receiver.registry import TapRegistry
+from receiver.rtp.packet import RtpPacket, RtpParseError, is_rtcp
+from receiver.rtp.timeline import RtpTimeline
+from receiver.tap import Tap
+from receiver.tap_id import file_safe_id
+
+log = logging.getLogger("receiver.rtp")
+
+POLL_INTERVAL = 0.02  # how often held packets are checked against the jitter window
+IDLE_CHECK_INTERVAL = 0.25
+_REFUSED_MEMORY = 10_000  # sources remembered so a refusal is logged once per source
+_CODECS = {0: "PCMU", 8: "PCMA"}
+_TOTALS = ("received", "lost", "late", "duplicate", "reordered")
+
+
+class NoFreePort(Exception):
+    """Every port of rtp_port_range is in use."""
+
+
+@dataclass
+class Registration:
+    """A tap named before its first packet: by a pool port, or by its expected source."""
+
+    tap_id: str
+    codec: str = "PCMU"
+    port: int | None = None  # a pool port that belongs to this tap
+    source: tuple[str, int] | None = None  # or: the expected sender on the shared port
+    created: float = field(default_factory=time.monotonic)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the SignalWire event's ids
+    stream: RtpStream | None = None
+
+
+class _TapOutput:
+    """Connects a timeline's output to a tap: audio and silence go to its buffer."""
+
+    __slots__ = ("audio", "event", "silence")
+
+    def __init__(self, tap: Tap) -> None:
+        buffer = tap.buffer
+        assert isinstance(buffer, AudioBuffer)
+        self.audio = buffer.append
+        self.silence = buffer.append_silence
+        self.event = tap.events.append
+
+
+class RtpStream:
+    __slots__ = ("key", "last_arrival", "registration", "socket", "tap", "timeline")
+
+    def __init__(
+        self,
+        sock: RtpSocket,
+        key: Any,
+        tap: Tap,
+        timeline: RtpTimeline,
+        now: float,
+        registration: Registration | None,
+    ) -> None:
+        self.socket = sock
+        self.key = key
+        self.tap = tap
+        self.timeline = timeline
+        self.last_arrival = now
+        self.registration = registration
+
+    def stats(self) -> dict[str, Any]:
+        tap = self.tap
+        return {
+            **self.timeline.stats.to_dict(),
+            "malformed": tap.counters.get("malformed", 0),
+            "rtcp": tap.counters.get("rtcp_packets", 0),
+        }
+
+
+class RtpSocket(asyncio.DatagramProtocol):
+    """One bound UDP socket: the shared port, or a pool port owned by a registration."""
+
+    def __init__(self, receiver: RtpReceiver, port: int, registration: Registration | None):
+        self.receiver = receiver
+        self.port = port
+        self.registration = registration
+        self.streams: dict[Any, RtpStream] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.receiver.handle(data, addr, self)
+
+    def error_received(self, exc: Exception) -> None:
+        self.receiver.counters["socket_errors"] += 1
+        log.debug("UDP socket error on port %d: %s", self.port, exc)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def open_udp_socket(host: str, port: int, recv_buffer: int) -> tuple[socket.socket, int]:
+    """A bound UDP socket with SO_RCVBUF raised; returns it and what the kernel granted."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if granted < recv_buffer and hasattr(socket, "SO_RCVBUFFORCE"):
+            try:  # root (e.g. in a container) may go past net.core.rmem_max
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, recv_buffer)
+                granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            except OSError:
+                pass
+        sock.bind(address)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, granted
+
+
+class RtpReceiver:
+    def __init__(self, config: Config, registry: TapRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self.shared: RtpSocket | None = None
+        self.pool_range = parse_port_range(config.rtp_port_range)
+        self.pool_sockets: dict[int, RtpSocket] = {}  # port -> socket, allocated ports only
+        self.by_source: dict[tuple[str, int], Registration] = {}
+        self.stream_count = 0
+        self._waiting: set[RtpStream] = set()
+        self._refused: set[tuple[str, int]] = set()
+        self._next_pool_index = 0
+        self.counters: dict[str, int] = {
+            "datagrams": 0,
+            "rtcp": 0,
+            "malformed": 0,
+            "streams_refused": 0,
+            "internal_errors": 0,
+            "socket_errors": 0,
+            "registrations_expired": 0,
+        }
+        self.totals: dict[str, int] = dict.fromkeys(_TOTALS, 0)  # of ended streams
+
+    # -- sockets ------------------------------------------------------------------------------
+
+    async def open_shared(self, host: str, port: int) -> tuple[int, int]:
+        """Bind the shared port; returns (port, SO_RCVBUF granted). Raises OSError."""
+        sock, granted = open_udp_socket(host, port, self.config.rtp_recv_buffer)
+        bound = int(sock.getsockname()[1])
+        shared = RtpSocket(self, bound, None)
+        self.shared = shared
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: shared, sock=sock)
+        return bound, granted
+
+    async def allocate(self, registration: Registration) -> int:
+        """Open a free port of the pool for this registration. Raises NoFreePort."""
+        if self.pool_range is None:
+            raise NoFreePort("no rtp_port_range is configured")
+        loop = asyncio.get_running_loop()
+        size = len(self.pool_range)
+        for _ in range(size):
+            port = self.pool_range[self._next_pool_index % size]
+            self._next_pool_index += 1
+            if port in self.pool_sockets:
+                continue
+            try:
+                sock, _ = open_udp_socket(self.config.host, port, self.config.rtp_recv_buffer)
+            except OSError:
+                continue  # taken by someone else
+            endpoint = RtpSocket(self, port, registration)
+            await loop.create_datagram_endpoint(lambda e=endpoint: e, sock=sock)  # type: ignore[misc]
+            self.pool_sockets[port] = endpoint
+            registration.port = port
+            return port
+        raise NoFreePort(f"all {size} ports of rtp_port_range are in use")
+
+    def register_source(self, registration: Registration) -> None:
+        """Name the stream from `registration.source` on the shared port (now, or when it comes)."""
+        assert registration.source is not None
+        self.by_source[registration.source] = registration
+        if self.shared is not None:
+            stream = self.shared.streams.get(registration.source)
+            if stream is not None:
+                registration.stream = stream
+                stream.registration = registration
+                self.rename(stream, registration.tap_id, registration.extra)
+
+    def release(self, registration: Registration) -> None:
+        if registration.port is not None:
+            sock = self.pool_sockets.pop(registration.port, None)
+            if sock is not None:
+                sock.close()
+        if (
+            registration.source is not None
+            and self.by_source.get(registration.source) is registration
+        ):
+            del self.by_source[registration.source]
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    def handle(self, data: bytes, addr: Any, sock: RtpSocket) -> None:
+        counters = self.counters
+        counters["datagrams"] += 1
+        try:
+            stream = sock.streams.get(addr)
+            if is_rtcp(data):
+                counters["rtcp"] += 1
+                if stream is not None:
+                    stream.tap.count("rtcp_packets")
+                return
+            try:
+                packet = RtpPacket.parse(data)
+            except RtpParseError as exc:
+                counters["malformed"] += 1
+                counters["malformed_" + exc.reason] = counters.get("malformed_" + exc.reason, 0) + 1
+                if stream is not None:
+                    stream.tap.count("malformed")
+                    stream.tap.count("malformed_" + exc.reason)
+                return
+            now = time.monotonic()
+            if stream is None:
+                stream = self._new_stream(sock, addr, packet, now)
+                if stream is None:
+                    return
+            stream.last_arrival = now
+            timeline = stream.timeline
+            timeline.push(packet, now)
+            if timeline.waiting:
+                self._waiting.add(stream)
+        except Exception:
+            counters["internal_errors"] += 1
+            if counters["internal_errors"] <= 10:
+                log.exception("error handling a datagram from %s", addr)
+
+    def _new_stream(
+        self, sock: RtpSocket, addr: Any, packet: RtpPacket, now: float
+    ) -> RtpStream | None:
+        source = (addr[0], addr[1])
+        if self.stream_count >= self.config.rtp_max_streams:
+            self.counters["streams_refused"] += 1
+            if source not in self._refused:
+                if len(self._refused) >= _REFUSED_MEMORY:
+                    self._refused.clear()
+                self._refused.add(source)
+                log.warning(
+                    "refused RTP stream from %s:%d: %d streams is the limit (rtp_max_streams)",
+                    source[0],
+                    source[1],
+                    self.config.rtp_max_streams,
+                )
+            return None
+        registration = sock.registration or (
+            self.by_source.get(source) if sock is self.shared else None
+        )
+        if registration is not None and registration.stream is not None:
+            registration = None  # a second sender to a pool port: recorded, but not by name
+        tap_id = registration.tap_id if registration else file_safe_id(f"rtp-{addr[0]}-{addr[1]}")
+        codec = _CODECS.get(packet.payload_type, registration.codec if registration else "PCMU")
+        tap = Tap(tap_id, "rtp", codec, remote=f"{addr[0]}:{addr[1]}")
+        tap.extra["local_port"] = sock.port
+        if registration is not None:
+            tap.extra.update(registration.extra)
+        timeline = RtpTimeline(
+            _TapOutput(tap),
+            clock_rate=8000,
+            jitter=self.config.rtp_jitter_ms / 1000,
+            max_gap=self.config.rtp_max_gap,
+            dtmf_payload_type=self.config.rtp_dtmf_payload_type,
+        )
+        stream = RtpStream(sock, addr, tap, timeline, now, registration)
+        if registration is not None:
+            registration.stream = stream
+        sock.streams[addr] = stream
+        self.stream_count += 1
+        self.registry.start(tap)
+        return stream
+
+    # -- naming and ending --------------------------------------------------------------------
+
+    def rename(self, stream: RtpStream, tap_id: str, extra: dict[str, Any]) -> None:
+        stream.tap.extra.update(extra)
+        if stream.tap.tap_id != tap_id:
+            self.registry.rename(stream.tap, tap_id)
+
+    def end_stream(self, stream: RtpStream, reason: str) -> None:
+        if stream.socket.streams.pop(stream.key, None) is None:
+            return
+        self.stream_count -= 1
+        self._waiting.discard(stream)
+        try:
+            stream.timeline.flush()
+        except Exception:
+            self.counters["internal_errors"] += 1
+            log.exception("tap %s: error flushing its timeline", stream.tap.tap_id)
+        stats = stream.stats()
+        for key in _TOTALS:
+            self.totals[key] += int(stats.get(key, 0))
+        stream.tap.extra["rtp"] = stats
+        if stream.registration is not None:
+            self.release(stream.registration)
+        self.registry.finish(stream.tap, reason)
+
+    def streams(self) -> Iterator[RtpStream]:
+        sockets = [self.shared, *self.pool_sockets.values()]
+        for sock in sockets:
+            if sock is not None:
+                yield from list(sock.streams.values())
+
+    def stream_of(self, tap: Tap) -> RtpStream | None:
+        for stream in self.streams():
+            if stream.tap is tap:
+                return stream
+        return None
+
+    def live_stats(self, tap: Tap) -> dict[str, Any] | None:
+        stream = self.stream_of(tap)
+        return stream.stats() if stream is not None else None
+
+    def poll(self, now: float) -> None:
+        """Release packets whose gap has waited out the jitter window."""
+        for stream in list(self._waiting):
+            stream.timeline.poll(now)
+            if not stream.timeline.waiting:
+                self._waiting.discard(stream)
+
+    def end_idle(self, now: float) -> None:
+        limit = self.config.rtp_idle_timeout
+        for stream in [s for s in self.streams() if now - s.last_arrival > limit]:
+            self.end_stream(stream, "idle timeout")
+        expiry = self.config.rtp_registration_timeout
+        registrations = [s.registration for s in self.pool_sockets.values() if s.registration]
+        registrations += list(self.by_source.values())
+        for registration in registrations:
+            if registration.stream is None and now - registration.created > expiry:
+                self.counters["registrations_expired"] += 1
+                log.warning(
+                    "registration of tap %s expired: no RTP within %.0f s",
+                    registration.tap_id,
+                    expiry,
+                )
+                self.release(registration)
+
+    async def run_housekeeping(self) -> None:
+        next_idle_check = 0.0
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            now = time.monotonic()
+            try:
+                if self._waiting:
+                    self.poll(now)
+                if now >= next_idle_check:
+                    next_idle_check = now + IDLE_CHECK_INTERVAL
+                    self.end_idle(now)
+            except Exception:
+                self.counters["internal_errors"] += 1
+                log.exception("RTP housekeeping error")
+
+    def end_all(self, reason: str) -> None:
+        for stream in list(self.streams()):
+            self.end_stream(stream, reason)
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+        for sock in list(self.pool_sockets.values()):
+            sock.close()
+        self.pool_sockets.clear()
+
+    def packet_totals(self) -> dict[str, int]:
+        """For metrics: ended streams' totals plus the live ones."""
+        totals = dict(self.totals)
+        for stream in self.streams():
+            stats = stream.timeline.stats
+            for key in _TOTALS:
+                totals[key] += int(getattr(stats, key, 0))
+        totals["malformed"] = self.counters["malformed"]
+        totals["rtcp"] = self.counters["rtcp"]
+        totals["datagrams"] = self.counters["datagrams"]
+        return totals
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "active_streams": self.stream_count,
+            "pool_ports_in_use": len(self.pool_sockets),
+            "registrations_by_source": len(self.by_source),
+            **self.counters,
+        }
