@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -82,6 +83,44 @@ def _port_range_problem(value: str) -> str | None:
     return None
 
 
+def parse_cidrs(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """'10.0.0.0/8, 2001:db8::/32' -> networks. Raises ValueError."""
+    return [
+        ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()
+    ]
+
+
+def _cidrs_problem(value: str) -> str | None:
+    try:
+        parse_cidrs(value)
+    except ValueError as exc:
+        return f"must be comma-separated CIDR networks ({exc})"
+    return None
+
+
+def worker_count(value: str) -> int:
+    """'auto' -> CPU cores, '3' -> 3. Raises ValueError."""
+    if value.strip().lower() == "auto":
+        return max(
+            1,
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1,
+        )
+    count = int(value)
+    if not 1 <= count <= 256:
+        raise ValueError("must be 1 to 256 or auto")
+    return count
+
+
+def _workers_problem(value: str) -> str | None:
+    try:
+        worker_count(value)
+    except ValueError:
+        return "must be a number from 1 to 256, or auto"
+    return None
+
+
 def _token(value: str) -> str | None:
     if value == "" or _TOKEN_RE.match(value):
         return None
@@ -110,6 +149,71 @@ SETTINGS: tuple[Setting, ...] = (
         "PEM certificate (chain) file: serve https/wss directly. Needs tls_key.",
     ),
     Setting("tls_key", "str", "", "PEM private key file for tls_cert."),
+    Setting(
+        "workers",
+        "str",
+        "1",
+        "Processes sharing the ports (SO_REUSEPORT); 'auto' = one per CPU core.",
+        _workers_problem,
+    ),
+    Setting(
+        "ws_max_taps",
+        "int",
+        10000,
+        "Concurrent WebSocket taps (per worker); more are refused with 503.",
+        _between(1, 1_000_000),
+    ),
+    Setting(
+        "max_tap_duration",
+        "float",
+        0.0,
+        "Longest recording in seconds (0: no limit); then max_tap_duration_action.",
+        _between(0, 10 * 365 * 86400),
+    ),
+    Setting(
+        "max_tap_duration_action",
+        "str",
+        "split",
+        "At max_tap_duration: split (finalize, go on in a .N segment) or stop.",
+        choices=("split", "stop"),
+    ),
+    Setting(
+        "new_tap_rate_limit",
+        "float",
+        0.0,
+        "New taps per second allowed from one source address (0: no limit; a media server "
+        "may legitimately start thousands).",
+        _between(0, 1_000_000),
+    ),
+    Setting(
+        "min_free_space",
+        "size",
+        1024**3,
+        "Free space the recordings directory must keep: below it new taps are refused (503) "
+        "and open taps are finalized.",
+        _between(0, 2**62),
+    ),
+    Setting(
+        "http_allow",
+        "str",
+        "",
+        "CIDR allow-list for HTTP/WebSocket clients, comma-separated (empty: everyone).",
+        lambda v: _cidrs_problem(v),
+    ),
+    Setting(
+        "rtp_allow",
+        "str",
+        "",
+        "CIDR allow-list for RTP senders, comma-separated (empty: everyone).",
+        lambda v: _cidrs_problem(v),
+    ),
+    Setting(
+        "http_request_timeout",
+        "float",
+        10.0,
+        "Seconds a client has to send its request (or WebSocket upgrade) after connecting.",
+        _between(0.1, 3600),
+    ),
     Setting(
         "flush_interval",
         "float",
@@ -259,6 +363,15 @@ class Config:
     no_auth: bool
     tls_cert: str
     tls_key: str
+    workers: str
+    ws_max_taps: int
+    max_tap_duration: float
+    max_tap_duration_action: str
+    new_tap_rate_limit: float
+    min_free_space: int
+    http_allow: str
+    rtp_allow: str
+    http_request_timeout: float
     flush_interval: float
     ws_max_message_size: int
     ws_heartbeat: float
