@@ -64,6 +64,7 @@ class ServerProcess:
             "--rtp-port", str(self.rtp_port),
             "--recordings", str(recordings),
             "--flush-interval", "0.2",
+            "--min-free-space", "1M",  # CI machines may have little disk; tests of it set their own
             *extra,
         ]  # fmt: skip
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
