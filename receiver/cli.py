@@ -14,7 +14,9 @@ from receiver import __version__, commands, config
 from receiver.auth import TOKEN_FILE, load_or_create_token
 from receiver.logs import setup_logging
 from receiver.loop import run
+from receiver.recovery import recover
 from receiver.server import Server, StartupError, tls_context
+from receiver.workers import run_workers
 
 log = logging.getLogger("receiver")
 
@@ -83,8 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         where = cfg.recordings / TOKEN_FILE
         log.info("%s token in %s", "generated a new" if created else "using the", where)
+    recover(cfg.recordings)  # once, before any listener or worker: nothing else writes yet
+    workers = config.worker_count(cfg.workers)
     try:
-        server = Server(cfg, token, ssl_context)
+        server = Server(cfg, token, ssl_context) if workers == 1 else None
         path = f"/t/{token}/tap/{{tap_id}}" if token is not None else "/tap/{tap_id}"
         log.info(
             "tap URI (paste into device.params.uri): wss://<your-host>:%d%s%s",
@@ -92,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             path,
             "" if cfg.tls_cert else "  (TLS terminated by your proxy, or --tls-cert/--tls-key)",
         )
+        if server is None:
+            return run_workers(cfg, token, ssl_context, workers)
         return run(server.run())
     except StartupError as exc:
         print(f"tap-receiver: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from receiver import __version__
+from receiver.limits import AddressFilter
 from receiver.ws_tap import WsTapEndpoint, json_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -29,12 +30,28 @@ class RouteProvider(Protocol):
     def add_routes(self, app: web.Application) -> None: ...
 
 
+def allow_list(allowed: AddressFilter) -> Any:
+    """Refuse clients outside `http_allow` (403); /healthz stays open for health checks."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/healthz" and not allowed.allows(request.remote):
+            return json_error(403, "this address is not allowed (http_allow)")
+        return await handler(request)
+
+    return middleware
+
+
 def build_app(
     ws_endpoint: WsTapEndpoint,
     health: Callable[[], dict[str, Any]],
     *providers: RouteProvider,
+    allowed: AddressFilter | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    middlewares = [json_errors]
+    if allowed is not None and allowed.networks:
+        middlewares.insert(0, allow_list(allowed))
+    app = web.Application(middlewares=middlewares)
     started = time.monotonic()
 
     async def healthz(_: web.Request) -> web.Response:

@@ -35,53 +35,25 @@ class _SnapshotCollector(Collector):
         for transport, n in sorted(s["active_taps"].items()):
             active.add_metric([transport], n)
         yield active
-        for name, key, text in (
-            ("tap_receiver_taps_started", "taps_started", "Taps started."),
-            ("tap_receiver_taps_finished", "taps_finished", "Taps finalized (any outcome)."),
-            ("tap_receiver_taps_failed", "taps_failed", "Taps finalized as failed."),
+        for name, label, key, text in (
+            ("taps_started", "transport", "taps_started", "Taps started."),
+            ("taps_finished", "transport", "taps_finished", "Taps finalized (any outcome)."),
+            ("taps_failed", "transport", "taps_failed", "Taps finalized as failed."),
+            ("rtp_packets", "outcome", "rtp_packets", "RTP datagrams by outcome."),
+            ("websocket_rejected", "reason", "ws_rejected", "WebSocket taps refused."),
+            ("webhooks", "result", "webhooks", "Completion webhook deliveries."),
         ):
-            family = CounterMetricFamily(name, text, labels=["transport"])
-            for transport, n in sorted(s[key].items()):
-                family.add_metric([transport], n)
+            family = CounterMetricFamily(f"tap_receiver_{name}", text, labels=[label])
+            for value, n in sorted(s[key].items()):
+                family.add_metric([value], n)
             yield family
-        packets = CounterMetricFamily(
-            "tap_receiver_rtp_packets", "RTP datagrams by outcome.", labels=["outcome"]
-        )
-        for outcome, n in sorted(s["rtp_packets"].items()):
-            packets.add_metric([outcome], n)
-        yield packets
-        yield CounterMetricFamily(
-            "tap_receiver_rtp_streams_refused",
-            "New RTP sources refused (stream cap or limits).",
-            value=s["rtp_streams_refused"],
-        )
-        yield CounterMetricFamily(
-            "tap_receiver_websocket_messages",
-            "WebSocket messages received.",
-            value=s["ws_messages"],
-        )
-        rejected = CounterMetricFamily(
-            "tap_receiver_websocket_rejected", "WebSocket taps refused.", labels=["reason"]
-        )
-        for reason, n in sorted(s["ws_rejected"].items()):
-            rejected.add_metric([reason], n)
-        yield rejected
-        yield CounterMetricFamily(
-            "tap_receiver_bytes_written",
-            "PCM bytes written to WAV files.",
-            value=s["bytes_written"],
-        )
-        yield CounterMetricFamily(
-            "tap_receiver_write_errors",
-            "Disk errors (each fails one tap).",
-            value=s["write_errors"],
-        )
-        webhooks = CounterMetricFamily(
-            "tap_receiver_webhooks", "Completion webhook deliveries.", labels=["result"]
-        )
-        for result, n in sorted(s["webhooks"].items()):
-            webhooks.add_metric([result], n)
-        yield webhooks
+        for name, key, text in (
+            ("rtp_streams_refused", "rtp_streams_refused", "New RTP sources refused."),
+            ("websocket_messages", "ws_messages", "WebSocket messages received."),
+            ("bytes_written", "bytes_written", "PCM bytes written to WAV files."),
+            ("write_errors", "write_errors", "Disk errors (each fails one tap)."),
+        ):
+            yield CounterMetricFamily(f"tap_receiver_{name}", text, value=s[key])
 
 
 class Metrics:

@@ -122,10 +122,31 @@ class TapRegistry:
             tap.state = FAILED
         sink = tap.sink
         future = self.writer.finish(sink, tap.buffer.take(), tap.describe())
-        future.add_done_callback(lambda _: self._finalized(tap, sink))
+        future.add_done_callback(lambda _: self._finalized(tap, sink, reason))
         return future
 
-    def _finalized(self, tap: Tap, sink: WavSink) -> None:
+    def split(self, tap: Tap) -> None:
+        """max_tap_duration reached: finalize this segment's files and go on recording the same
+        tap into new ones (the never-overwrite rule names them `<tap_id>.N`)."""
+        if tap.serial not in self._active or tap.sink is None:
+            return
+        old = tap.sink
+        reason = "max_tap_duration: continued in the next segment"
+        tap.extra["segment"] = tap.extra.get("segment", 1)
+        sidecar = {**tap.describe(), "ended_at": utc_now_iso(), "end_reason": reason}
+        future = self.writer.finish(old, tap.buffer.take(), sidecar)
+        future.add_done_callback(lambda _: self._finalized(tap, old, reason))
+        tap.extra["segment"] += 1
+        tap.extra["previous_segment"] = old.name
+        tap.segment_start_frames = tap.buffer.frames
+        tap.started_at = utc_now_iso()
+        tap.sink = WavSink(
+            self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files
+        )
+        self.writer.open(tap.sink, tap.describe())
+        log.info("tap %s: segment %d begins (max_tap_duration)", tap.tap_id, tap.extra["segment"])
+
+    def _finalized(self, tap: Tap, sink: WavSink, reason: str) -> None:
         """On the writer thread, once the tap's files are complete."""
         sidecar = sink.final_sidecar or {}
         failed = sidecar.get("state") == FAILED or sink.error is not None
@@ -133,7 +154,7 @@ class TapRegistry:
             "tap %s %s (%s): %s, %d frames, %.3f s",
             tap.tap_id,
             "FAILED" if failed else "finished",
-            tap.end_reason,
+            reason,
             sink.wav_path.name if sink.name else "no file",
             sink.frames_written,
             sink.frames_written / sink.sample_rate,
@@ -143,7 +164,7 @@ class TapRegistry:
                 "file": sink.wav_path.name if sink.name else None,
                 "transport": tap.transport,
                 "state": sidecar.get("state"),
-                "reason": tap.end_reason,
+                "reason": reason,
                 "frames": sink.frames_written,
                 "duration_seconds": round(sink.frames_written / sink.sample_rate, 3),
                 "counters": sidecar.get("counters", {}),

@@ -12,11 +12,13 @@ from typing import Any
 
 from aiohttp import web
 
+from receiver import shared_sockets
 from receiver.api import RecordingsApi
 from receiver.auth import Auth
 from receiver.config import Config
 from receiver.control import ControlApi
 from receiver.http_app import build_app
+from receiver.limits import AddressFilter, free_bytes, raise_open_file_limit
 from receiver.loop import loop_name
 from receiver.metrics import Metrics
 from receiver.registry import TapRegistry
@@ -26,6 +28,8 @@ from receiver.writer import DiskWriter
 from receiver.ws_tap import WsTapEndpoint
 
 log = logging.getLogger("receiver.server")
+GUARD_INTERVAL = 1.0  # seconds between free-space and duration checks
+TRY_AGAIN_LATER = 1013  # WebSocket close code
 
 
 class StartupError(Exception):
@@ -49,11 +53,17 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 class Server:
     def __init__(
-        self, config: Config, token: str | None, ssl_context: ssl.SSLContext | None = None
+        self,
+        config: Config,
+        token: str | None,
+        ssl_context: ssl.SSLContext | None = None,
+        worker: int | None = None,
     ) -> None:
         self.config = config
+        self.worker = worker  # index under --workers N (in sidecars and /healthz), else None
         self.auth = Auth(token)
         self.writer = DiskWriter()
+        self.writer.worker = worker
         self.registry = TapRegistry(config.recordings, self.writer, config.flush_interval)
         self.ws = WsTapEndpoint(config, self.auth, self.registry)
         self.rtp = RtpReceiver(config, self.registry)
@@ -67,6 +77,8 @@ class Server:
         self.rtp_port = config.rtp_port
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.low_disk = False
+        self.open_file_limit = 0
         self.ssl_context = ssl_context
 
     @property
@@ -95,11 +107,19 @@ class Server:
 
     def health(self) -> dict[str, Any]:
         return {
+            **({"worker": self.worker} if self.worker is not None else {}),
             "http_port": self.http_port,
             "rtp_port": self.rtp_port,
             "active_taps": len(self.registry),
             "taps_started": self.registry.started,
             "auth": self.auth.enabled,
+            "low_disk": self.low_disk,
+            "limits": {
+                "ws_max_taps": self.ws.max_taps,
+                "rtp_max_streams": self.rtp.max_streams,
+                "open_files": self.open_file_limit,
+                "min_free_space": self.config.min_free_space,
+            },
             "websocket": self.ws.stats(),
             "rtp": self.rtp.stats(),
             "webhooks": dict(self.webhooks.counters) if self.webhooks else None,
@@ -112,6 +132,16 @@ class Server:
 
     async def startup(self) -> None:
         cfg = self.config
+        budget = raise_open_file_limit(cfg.ws_max_taps, cfg.rtp_max_streams)
+        self.ws.max_taps, self.rtp.max_streams = budget.ws_taps, budget.rtp_streams
+        self.open_file_limit = budget.limit
+        log.info(
+            "open-file limit %d: room for %d WebSocket taps and %d RTP streams",
+            budget.limit,
+            budget.ws_taps,
+            budget.rtp_streams,
+        )
+        await self.check_disk()
         # UDP first: once /healthz answers, both listeners are up.
         try:
             self.rtp_port, granted = await self.rtp.open_shared(cfg.host, cfg.rtp_port)
@@ -131,10 +161,29 @@ class Server:
             self.webhooks = WebhookSender(cfg.webhook_url, cfg.webhook_secret)
             self.registry.on_finalized = self.webhooks.submit
         control = ControlApi(cfg, self.auth, self.registry, self.rtp, self.ws, self.rtp_port)
-        app = build_app(self.ws, self.health, self.recordings_api, control, self.metrics)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.shutdown_timeout)
+        app = build_app(
+            self.ws,
+            self.health,
+            self.recordings_api,
+            control,
+            self.metrics,
+            allowed=AddressFilter(cfg.http_allow),
+        )
+        # keepalive_timeout also bounds how long a new connection may take to send its request
+        # (aiohttp arms it on connect): slow or half-open upgrades are closed.
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=cfg.shutdown_timeout,
+            keepalive_timeout=cfg.http_request_timeout,
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.host, cfg.http_port, ssl_context=self.ssl_context)
+        site: web.BaseSite
+        inherited = shared_sockets.take("tcp", cfg.http_port)  # bound by the --workers parent
+        if inherited is not None:
+            site = web.SockSite(self._runner, inherited, ssl_context=self.ssl_context)
+        else:
+            site = web.TCPSite(self._runner, cfg.host, cfg.http_port, ssl_context=self.ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -150,6 +199,7 @@ class Server:
             asyncio.create_task(self.registry.run_flusher(), name="flusher"),
             asyncio.create_task(self.rtp.run_housekeeping(), name="rtp-housekeeping"),
             asyncio.create_task(self.metrics.watch_loop_lag(), name="loop-lag"),
+            asyncio.create_task(self.run_guards(), name="guards"),
         ]
         log.info(
             "tap-receiver ready on %s://%s:%d (%s), recordings in %s",
@@ -159,6 +209,59 @@ class Server:
             loop_name(),
             cfg.recordings.resolve(),
         )
+
+    async def run_guards(self) -> None:
+        """The longest allowed recording, every flush_interval (that is its precision); the
+        free-space floor, once a second."""
+        interval = min(GUARD_INTERVAL, self.config.flush_interval)
+        next_disk_check = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.check_durations()
+                if time.monotonic() >= next_disk_check:
+                    next_disk_check = time.monotonic() + GUARD_INTERVAL
+                    await self.check_disk()
+            except Exception:
+                log.exception("guard check failed")
+
+    async def check_disk(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            free = await loop.run_in_executor(None, free_bytes, self.config.recordings)
+        except OSError as exc:
+            log.error("cannot read the free space of %s: %s", self.config.recordings, exc)
+            return
+        low = free < self.config.min_free_space
+        if low == self.low_disk:
+            return
+        self.low_disk = self.ws.low_disk = self.rtp.low_disk = low
+        if not low:
+            log.warning("free space is back above min_free_space (%d bytes free): taps accepted",
+                        free)  # fmt: skip
+            return
+        log.error(
+            "only %d bytes free in %s (min_free_space %d): refusing new taps, finalizing %d open",
+            free,
+            self.config.recordings,
+            self.config.min_free_space,
+            len(self.registry),
+        )
+        self.rtp.end_all("low disk space")
+        await self.ws.close_all(TRY_AGAIN_LATER, "recordings disk is full", "low disk space")
+
+    def check_durations(self) -> None:
+        limit = self.config.max_tap_duration
+        if not limit:
+            return
+        for tap in [t for t in self.registry.active if t.segment_seconds >= limit]:
+            if self.config.max_tap_duration_action == "split":
+                self.registry.split(tap)
+            elif tap.transport == "rtp":
+                self.rtp.stop_recording(tap, "max_tap_duration")
+            else:
+                self.ws.close_tap(tap, "max_tap_duration")
+                self.registry.finish(tap, "max_tap_duration")
 
     async def shutdown(self) -> None:
         started = time.monotonic()

@@ -51,6 +51,12 @@ class Tap:
         self.events: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}  # transport-specific sidecar fields
         self.end_reason: str | None = None
+        self.segment_start_frames = 0  # buffer.frames when the current file began
+
+    @property
+    def segment_seconds(self) -> float:
+        """Audio in the current file (written or pending), in seconds."""
+        return (self.buffer.frames - self.segment_start_frames) / self.sample_rate
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n

@@ -18,6 +18,8 @@ from receiver.sink import WavSink, write_json_atomic
 from receiver.tap import FAILED, FINISHED
 
 log = logging.getLogger("receiver.writer")
+WRITER_SLICE = 0.002  # seconds of batch work (holding the GIL) between pauses
+WRITER_PAUSE = 0.001  # seconds the writer sleeps so the event loop can drain its sockets
 
 
 class DiskWriter:
@@ -28,6 +30,7 @@ class DiskWriter:
         self.errors = 0
         self.last_batch_seconds = 0.0
         self.observe_batch: Callable[[float], None] | None = None  # metrics, on this thread
+        self.worker: int | None = None  # under --workers N: written into every sidecar
 
     # -- called on the event loop -------------------------------------------------------------
 
@@ -88,9 +91,16 @@ class DiskWriter:
             self._fail(sink, exc)
 
     def _write(self, batch: list[tuple[WavSink, Pending]]) -> None:
-        started = time.perf_counter()
+        started = slice_start = time.perf_counter()
         for sink, pending in batch:
             self._append(sink, pending)
+            now = time.perf_counter()
+            if now - slice_start > WRITER_SLICE:
+                # Let the event loop have the GIL: each of its callbacks (one per datagram under
+                # uvloop) must take the GIL, and against a busy thread each would wait a whole
+                # switch interval (5 ms): the socket buffer would overflow.
+                time.sleep(WRITER_PAUSE)
+                slice_start = time.perf_counter()
         self.batches += 1
         self.last_batch_seconds = time.perf_counter() - started
         if self.observe_batch is not None:
@@ -113,9 +123,10 @@ class DiskWriter:
             self.errors += 1
             log.error("tap %s: could not write sidecar: %s", sink.tap_id, exc)
 
-    @staticmethod
-    def _sidecar(sink: WavSink, sidecar: dict[str, Any]) -> dict[str, Any]:
+    def _sidecar(self, sink: WavSink, sidecar: dict[str, Any]) -> dict[str, Any]:
         data = dict(sidecar)
+        if self.worker is not None:
+            data["worker"] = self.worker
         data["file"] = sink.wav_path.name
         if sink.track_sinks:
             data["track_files"] = {t: ts.wav_path.name for t, ts in sink.track_sinks.items()}

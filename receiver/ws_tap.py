@@ -18,6 +18,7 @@ from receiver.audio_format import AudioFormat, FormatError, codec_from_query
 from receiver.auth import Auth
 from receiver.config import Config
 from receiver.dialects import FORK_SUBPROTOCOLS, Session, SessionContext, choose_session
+from receiver.limits import RateLimiter
 from receiver.registry import TapRegistry
 from receiver.tap import Tap
 from receiver.tap_id import TAP_ID_RULE, is_valid_tap_id
@@ -39,7 +40,10 @@ class WsTapEndpoint:
         self.registry = registry
         self.sockets: set[web.WebSocketResponse] = set()
         self.sessions: dict[web.WebSocketResponse, Session] = {}
-        self.shutting_down = False
+        self._close_reasons: dict[web.WebSocketResponse, tuple[str, int]] = {}
+        self.max_taps = config.ws_max_taps  # lowered to fit the open-file limit at start
+        self.low_disk = False  # set by the server while the free-space floor is crossed
+        self.rate_limiter = RateLimiter(config.new_tap_rate_limit)
         self.messages = 0
         self._closing: dict[web.WebSocketResponse, asyncio.Task[bool]] = {}
         self.counters: dict[str, int] = {}
@@ -62,6 +66,9 @@ class WsTapEndpoint:
         except FormatError as exc:
             self._count("rejected_bad_codec")
             return json_error(400, str(exc))
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         ws = web.WebSocketResponse(
             max_msg_size=self.config.ws_max_message_size,
             heartbeat=self.config.ws_heartbeat or None,
@@ -76,10 +83,26 @@ class WsTapEndpoint:
             await self._record(ws, tap_id, fmt, request.remote)
         finally:
             self.sockets.discard(ws)
+            self._close_reasons.pop(ws, None)
             closing = self._closing.pop(ws, None)
             if closing is not None:
                 await asyncio.wait([closing])
         return ws
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """Capacity, disk and rate limits, checked before the upgrade so nothing is created."""
+        if len(self.sockets) >= self.max_taps:
+            self._count("rejected_capacity")
+            log.warning("refused tap from %s: %d WebSocket taps is the limit", request.remote,
+                        self.max_taps)  # fmt: skip
+            return json_error(503, f"too many taps ({self.max_taps}); try again later")
+        if self.low_disk:
+            self._count("rejected_low_disk")
+            return json_error(503, "the recordings disk is below min_free_space; try again later")
+        if not self.rate_limiter.allow(request.remote or ""):
+            self._count("rejected_rate_limit")
+            return json_error(429, "too many new taps from this address (new_tap_rate_limit)")
+        return None
 
     async def _record(
         self, ws: web.WebSocketResponse, tap_id: str, fmt: AudioFormat, remote: str | None
@@ -128,8 +151,8 @@ class WsTapEndpoint:
             log.info("tap %s: %s", tap_id, reason)
         finally:
             self.sessions.pop(ws, None)
-            if self.shutting_down and reason == "closed":
-                reason, close_code = "shutdown", WSCloseCode.GOING_AWAY
+            if reason == "closed" and ws in self._close_reasons:  # we closed it, and said why
+                reason, close_code = self._close_reasons.pop(ws)
             if session is None:
                 session = choose_session(ctx, None, fmt)  # nothing came: an empty recording
             if session.tap is not None or close_code != UNSUPPORTED_DATA:
@@ -153,22 +176,27 @@ class WsTapEndpoint:
         close handshake runs in the background: nobody waits on the peer."""
         for ws, session in list(self.sessions.items()):
             if session.tap is tap:
-                self._start_close(ws, WSCloseCode.OK, message)
+                self._start_close(ws, WSCloseCode.OK, message, message)
                 return True
         return False
 
-    def _start_close(self, ws: web.WebSocketResponse, code: int, message: str) -> None:
+    def _start_close(self, ws: web.WebSocketResponse, code: int, message: str, reason: str) -> None:
         # The handler waits for this task before it returns (see `handle`): returning while
         # the close handshake is under way would drop the connection before the peer answers.
         if ws not in self._closing:
+            self._close_reasons[ws] = (reason, code)
             close = ws.close(code=code, message=message.encode()[:120])
             self._closing[ws] = asyncio.create_task(close)
 
-    async def close_all(self, code: int = WSCloseCode.GOING_AWAY) -> None:
+    async def close_all(
+        self,
+        code: int = WSCloseCode.GOING_AWAY,
+        message: str = "server shutting down",
+        reason: str = "shutdown",
+    ) -> None:
         """Send every peer a close frame at once; each handler then finishes its own tap."""
-        self.shutting_down = True
         for ws in list(self.sockets):
-            self._start_close(ws, code, "server shutting down")
+            self._start_close(ws, code, message, reason)
         if self._closing:
             await asyncio.wait(list(self._closing.values()))
 

@@ -69,6 +69,7 @@ class ServerProcess:
         ]  # fmt: skip
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.popen_kwargs: dict[str, Any] = {}  # e.g. preexec_fn to set resource limits
 
     @property
     def base_url(self) -> str:
@@ -81,7 +82,7 @@ class ServerProcess:
     def start(self, timeout: float = 15.0) -> ServerProcess:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)  # fmt: skip
+                                     stderr=subprocess.STDOUT, **self.popen_kwargs)  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -126,6 +127,26 @@ class ServerProcess:
         self.proc.kill()
         self.proc.wait()
         self._log.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Any]:
+    """Factory: a really small tmpfs mounted under tmp_path (needs root; skipped otherwise)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mount_point = tmp_path / f"tmpfs{len(mounted)}"
+        mount_point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                 str(mount_point)], capture_output=True, text=True)  # fmt: skip
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in mounted:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 @pytest.fixture

@@ -414,7 +414,10 @@ def test_interrupted_recording_after_kill_9(make_server: Any, tmp_path: Path) ->
     status, _, body = request(second, "GET", f"/api/taps?q={tap_id}")
     assert status == 200
     (row,) = json.loads(body)["taps"]
-    assert row["state"] == "interrupted"
+    # the second server recovered it at start-up: header repaired, sidecar finalized
+    assert row["state"] == "finished"
     assert row["duration_seconds"] == 0.4
+    sidecar = json.loads((recordings / f"{tap_id}.json").read_text())
+    assert sidecar["recovered"] is True and sidecar["frames_written"] == 3200
     status, _, body = request(second, "DELETE", f"/api/taps/{tap_id}")
     assert status == 200 and not list(recordings.glob(f"{tap_id}*"))

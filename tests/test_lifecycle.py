@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,26 +179,12 @@ def test_port_in_use_is_one_clear_line(make_server: Any) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A really small, really full-able filesystem (tmpfs; needs root, skipped otherwise)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def test_disk_full_fails_that_tap_only(make_server: Any, tiny_disk: Path) -> None:
-    recordings = tiny_disk / "rec"
-    server = make_server("--no-auth", "--flush-interval", "0.1", recordings=recordings)
+def test_disk_full_fails_that_tap_only(make_server: Any, tmpfs: Any) -> None:
+    recordings = tmpfs("256k") / "rec"
+    # no free-space floor: this is about a write failing mid-tap (the floor has its own test)
+    server = make_server(
+        "--no-auth", "--flush-interval", "0.1", "--min-free-space", "0", recordings=recordings
+    )
     big = noise(200_000, 6)  # 400 KB of PCM: cannot fit in 256 KB
 
     async def send(tap_id: str, data: bytes) -> None:

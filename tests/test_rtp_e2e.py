@@ -249,7 +249,8 @@ def test_stream_cap_refuses_new_sources(make_server: Any) -> None:
         finished_recording(server, tap_name(sock))
     assert not list(server.recordings.glob(f"{tap_name(socks[2])}*"))
     health = server.health()
-    assert health is not None and health["rtp"]["streams_refused"] == 5
+    assert health is not None and health["rtp"]["streams_refused"] == 1  # one source
+    assert health["rtp"]["packets_refused"] == 5 and health["rtp"]["refused_capacity"] == 1
     assert server.log().count("refused RTP stream") == 1  # logged once per source
 
 

@@ -22,8 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from receiver import shared_sockets
 from receiver.audio_buffer import AudioBuffer
 from receiver.config import Config, parse_port_range
+from receiver.limits import AddressFilter, RateLimiter
 from receiver.registry import TapRegistry
 from receiver.rtp.packet import RtpPacket, RtpParseError, is_rtcp
 from receiver.rtp.timeline import RtpTimeline
@@ -69,8 +71,24 @@ class _TapOutput:
         self.event = tap.events.append
 
 
+class _Discard:
+    """Timeline output of a stream whose recording was stopped (max_tap_duration_action)."""
+
+    def audio(self, codec: str, payload: bytes) -> None:
+        pass
+
+    def silence(self, samples: int) -> None:
+        pass
+
+    def event(self, event: dict[str, Any]) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
 class RtpStream:
-    __slots__ = ("key", "last_arrival", "registration", "socket", "tap", "timeline")
+    __slots__ = ("key", "last_arrival", "muted", "registration", "socket", "tap", "timeline")
 
     def __init__(
         self,
@@ -87,6 +105,7 @@ class RtpStream:
         self.timeline = timeline
         self.last_arrival = now
         self.registration = registration
+        self.muted = False
 
     def stats(self) -> dict[str, Any]:
         tap = self.tap
@@ -122,8 +141,18 @@ class RtpSocket(asyncio.DatagramProtocol):
             self.transport.close()
 
 
-def open_udp_socket(host: str, port: int, recv_buffer: int) -> tuple[socket.socket, int]:
-    """A bound UDP socket with SO_RCVBUF raised; returns it and what the kernel granted."""
+def open_udp_socket(
+    host: str, port: int, recv_buffer: int, *, reuse_port: bool = False
+) -> tuple[socket.socket, int]:
+    """A bound UDP socket with SO_RCVBUF raised; returns it and what the kernel granted.
+
+    Under `--workers N` the shared port's socket was bound by the parent (SO_REUSEPORT) and is
+    taken from `shared_sockets`; pool ports are always bound here, without SO_REUSEPORT, so two
+    workers can never both own one.
+    """
+    inherited = shared_sockets.take("udp", port)
+    if inherited is not None:
+        return inherited, inherited.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
     )[0]
@@ -137,6 +166,8 @@ def open_udp_socket(host: str, port: int, recv_buffer: int) -> tuple[socket.sock
                 granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             except OSError:
                 pass
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         sock.setblocking(False)
     except BaseException:
@@ -162,11 +193,16 @@ class RtpReceiver:
             "rtcp": 0,
             "malformed": 0,
             "streams_refused": 0,
+            "packets_refused": 0,
             "internal_errors": 0,
             "socket_errors": 0,
             "registrations_expired": 0,
         }
         self.totals: dict[str, int] = dict.fromkeys(_TOTALS, 0)  # of ended streams
+        self.max_streams = config.rtp_max_streams  # lowered to fit the open-file limit at start
+        self.allowed = AddressFilter(config.rtp_allow)
+        self.rate_limiter = RateLimiter(config.new_tap_rate_limit)
+        self.low_disk = False  # set by the server while the free-space floor is crossed
 
     # -- sockets ------------------------------------------------------------------------------
 
@@ -263,18 +299,17 @@ class RtpReceiver:
         self, sock: RtpSocket, addr: Any, packet: RtpPacket, now: float
     ) -> RtpStream | None:
         source = (addr[0], addr[1])
-        if self.stream_count >= self.config.rtp_max_streams:
-            self.counters["streams_refused"] += 1
-            if source not in self._refused:
-                if len(self._refused) >= _REFUSED_MEMORY:
-                    self._refused.clear()
-                self._refused.add(source)
-                log.warning(
-                    "refused RTP stream from %s:%d: %d streams is the limit (rtp_max_streams)",
-                    source[0],
-                    source[1],
-                    self.config.rtp_max_streams,
-                )
+        if self.stream_count >= self.max_streams:
+            self._refuse(source, "capacity", f"{self.max_streams} streams is the limit")
+            return None
+        if not self.allowed.allows(source[0]):
+            self._refuse(source, "not_allowed", "the address is not in rtp_allow")
+            return None
+        if self.low_disk:
+            self._refuse(source, "low_disk", "the disk is below min_free_space")
+            return None
+        if not self.rate_limiter.allow(source[0], now):
+            self._refuse(source, "rate_limit", "new_tap_rate_limit for this address")
             return None
         registration = sock.registration or (
             self.by_source.get(source) if sock is self.shared else None
@@ -302,6 +337,19 @@ class RtpReceiver:
         self.registry.start(tap)
         return stream
 
+    def _refuse(self, source: tuple[str, int], reason: str, why: str) -> None:
+        """Count a packet from a source that may not start a stream; log once per source."""
+        counters = self.counters
+        counters["packets_refused"] += 1
+        if source in self._refused:
+            return
+        if len(self._refused) >= _REFUSED_MEMORY:
+            self._refused.clear()
+        self._refused.add(source)
+        counters["streams_refused"] += 1
+        counters["refused_" + reason] = counters.get("refused_" + reason, 0) + 1
+        log.warning("refused RTP stream from %s:%d: %s", source[0], source[1], why)
+
     # -- naming and ending --------------------------------------------------------------------
 
     def rename(self, stream: RtpStream, tap_id: str, extra: dict[str, Any]) -> None:
@@ -314,6 +362,14 @@ class RtpReceiver:
             return
         self.stream_count -= 1
         self._waiting.discard(stream)
+        self._finalize(stream, reason)
+        if stream.registration is not None:
+            self.release(stream.registration)
+
+    def _finalize(self, stream: RtpStream, reason: str) -> None:
+        """Flush the stream's timeline into its tap and end the tap (once)."""
+        if stream.muted:
+            return
         try:
             stream.timeline.flush()
         except Exception:
@@ -323,9 +379,24 @@ class RtpReceiver:
         for key in _TOTALS:
             self.totals[key] += int(stats.get(key, 0))
         stream.tap.extra["rtp"] = stats
-        if stream.registration is not None:
-            self.release(stream.registration)
         self.registry.finish(stream.tap, reason)
+
+    def stop_recording(self, tap: Tap, reason: str) -> bool:
+        """End the tap but keep the stream: its further packets are dropped until it goes idle
+        (so the sender does not start a new recording)."""
+        stream = self.stream_of(tap)
+        if stream is None:
+            return False
+        self._finalize(stream, reason)
+        stream.muted = True
+        stream.timeline = RtpTimeline(
+            _DISCARD,
+            clock_rate=8000,
+            jitter=self.config.rtp_jitter_ms / 1000,
+            max_gap=self.config.rtp_max_gap,
+            dtmf_payload_type=self.config.rtp_dtmf_payload_type,
+        )
+        return True
 
     def streams(self) -> Iterator[RtpStream]:
         sockets = [self.shared, *self.pool_sockets.values()]

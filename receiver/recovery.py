@@ -1,0 +1,74 @@
+"""Crash recovery at start-up: recordings whose sidecar still says `recording` were left by a
+process that died (kill -9, power loss). Their WAV header is made to match the data on disk and
+the sidecar is finalized as `finished` with `recovered: true`.
+
+Runs once, before any listener (and before any worker) starts, so nothing else is writing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from receiver.sink import write_json_atomic
+from receiver.tap import FINISHED, RECORDING
+from receiver.wav_header import repair_wav
+
+log = logging.getLogger("receiver.recovery")
+
+
+def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
+    """Finalize one interrupted recording; returns its new sidecar (None if not interrupted)."""
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(sidecar, dict) or sidecar.get("state") != RECORDING:
+        return None
+    wav = sidecar_path.with_suffix(".wav")
+    if not wav.exists():
+        sidecar.update(state="failed", error="recovered after a crash: the WAV file is missing")
+        sidecar["recovered"] = True
+        write_json_atomic(sidecar_path, sidecar)
+        return sidecar
+    plan = repair_wav(wav)
+    if plan.problem is not None:
+        sidecar.update(state="failed", error=f"recovered after a crash: {plan.problem}")
+    else:
+        rate = int(sidecar.get("sample_rate") or (plan.layout.sample_rate if plan.layout else 8000))
+        sidecar["state"] = FINISHED
+        sidecar["frames_written"] = plan.frames
+        sidecar["duration_seconds"] = round(plan.frames / rate, 6)
+        sidecar["header_repairs"] = plan.describe()
+    modified = datetime.fromtimestamp(wav.stat().st_mtime, UTC)
+    sidecar["ended_at"] = modified.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    sidecar["end_reason"] = "recovered after a crash"
+    sidecar["recovered"] = True
+    write_json_atomic(sidecar_path, sidecar)
+    return sidecar
+
+
+def recover(recordings: Path) -> list[dict[str, Any]]:
+    """Finalize every interrupted recording in the directory; log what was done."""
+    recovered = []
+    for sidecar_path in sorted(recordings.glob("*.json")):
+        if sidecar_path.name.startswith("."):
+            continue
+        try:
+            result = recover_one(sidecar_path)
+        except OSError as exc:
+            log.error("could not recover %s: %s", sidecar_path.name, exc)
+            continue
+        if result is not None:
+            recovered.append(result)
+            log.warning(
+                "recovered %s after a crash: %s, %s frames%s",
+                result.get("file") or sidecar_path.with_suffix(".wav").name,
+                result["state"],
+                result.get("frames_written"),
+                f" ({'; '.join(result['header_repairs'])})" if result.get("header_repairs") else "",
+            )
+    return recovered

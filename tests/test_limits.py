@@ -1,0 +1,292 @@
+"""Limits and guards: capacity, rate, free space, duration, allow-lists, slow clients, crash
+recovery and the open-file budget, each against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from receiver.limits import AddressFilter, RateLimiter
+from receiver.rtp.packet import RtpPacket
+from tests import reference
+from tests.conftest import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
+
+
+def noise(n: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+async def connect_status(url: str) -> int:
+    """101 when the upgrade succeeds (then closes), else the refusal's status."""
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.ws_connect(url) as ws:
+                await ws.send_bytes(b"\xff" * 160)
+                await ws.close()
+                return 101
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status
+
+
+def rtp_burst(port: int, packets: int = 5, sock: socket.socket | None = None,
+              source: str = "127.0.0.1") -> socket.socket:  # fmt: skip
+    sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if sock.getsockname()[1] == 0:
+        sock.bind((source, 0))
+    for n in range(packets):
+        sock.sendto(
+            RtpPacket(0, False, n, 160 * n, 9, b"\xff" * 160).serialize(), ("127.0.0.1", port)
+        )
+    return sock
+
+
+def test_unit_rate_limiter_and_address_filter() -> None:
+    limiter = RateLimiter(2.0)  # 2 per second, bursts of 2
+    assert [limiter.allow("a", now=0.0) for _ in range(3)] == [True, True, False]
+    assert limiter.allow("b", now=0.0)  # per address
+    assert limiter.allow("a", now=0.5)  # refilled one token
+    assert not limiter.allow("a", now=0.5)
+    assert RateLimiter(0).allow("a")  # off
+    allowed = AddressFilter("10.0.0.0/8, 2001:db8::/32")
+    assert allowed.allows("10.1.2.3") and allowed.allows("::ffff:10.1.2.3")
+    assert allowed.allows("2001:db8::1") and not allowed.allows("127.0.0.1")
+    assert not allowed.allows(None) and not allowed.allows("garbage")
+    assert AddressFilter("").allows("203.0.113.9")
+
+
+def test_websocket_capacity_is_refused_with_503(make_server: Any) -> None:
+    server = make_server("--no-auth", "--ws-max-taps", "2")
+
+    async def run() -> list[int]:
+        session = aiohttp.ClientSession()
+        held = [await session.ws_connect(f"{server.ws_url}/tap/cap{i}") for i in range(2)]
+        third = await connect_status(f"{server.ws_url}/tap/cap2")
+        for ws in held:
+            await ws.close()
+        await session.close()
+        await asyncio.sleep(0.2)
+        return [third, await connect_status(f"{server.ws_url}/tap/cap3")]
+
+    assert asyncio.run(run()) == [503, 101]
+    assert not list(server.recordings.glob("cap2*"))
+    health = server.health()
+    assert health is not None and health["websocket"]["rejected_capacity"] == 1
+    assert health["limits"]["ws_max_taps"] == 2
+
+
+def test_new_tap_rate_limit_per_address(make_server: Any) -> None:
+    server = make_server("--no-auth", "--new-tap-rate-limit", "0.5", "--rtp-idle-timeout", "0.3")
+    statuses = [asyncio.run(connect_status(f"{server.ws_url}/tap/rate{i}")) for i in range(2)]
+    assert statuses == [101, 429]
+    first = rtp_burst(server.rtp_port, source="127.0.0.2")
+    second = rtp_burst(server.rtp_port, source="127.0.0.2")  # same address, new port: refused
+    other = rtp_burst(server.rtp_port, source="127.0.0.3")  # another address: its own budget
+    for sock in (first, other):
+        host, port = sock.getsockname()
+        wait_for_sidecar(server.recordings, f"rtp-{host}-{port}")
+    assert not list(server.recordings.glob(f"rtp-127.0.0.2-{second.getsockname()[1]}*"))
+    health = server.health()
+    assert health is not None
+    assert health["rtp"]["refused_rate_limit"] == 1 and health["rtp"]["packets_refused"] == 5
+
+
+def test_below_min_free_space_taps_are_refused(make_server: Any) -> None:
+    server = make_server("--no-auth", "--min-free-space", "1000000G")  # more than any disk
+    health = server.health()
+    assert health is not None and health["low_disk"] is True
+    assert asyncio.run(connect_status(f"{server.ws_url}/tap/nospace")) == 503
+    rtp_burst(server.rtp_port)
+    time.sleep(0.3)
+    health = server.health()
+    assert health is not None and health["rtp"]["refused_low_disk"] == 1
+    assert not [p for p in server.recordings.iterdir() if not p.name.startswith(".")]
+    assert "refusing new taps" in server.log()
+
+
+def test_crossing_the_floor_finalizes_open_taps_cleanly(make_server: Any, tmpfs: Any) -> None:
+    small_disk = tmpfs("4m")
+    recordings = small_disk / "rec"
+    server = make_server("--no-auth", "--min-free-space", "1M", recordings=recordings)
+    sent = noise(8000, 1)
+
+    async def run() -> tuple[int | None, int]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{server.ws_url}/tap/before-full") as ws,
+        ):
+            await ws.send_bytes(sent)
+            await asyncio.sleep(0.4)
+            (small_disk / "filler").write_bytes(b"\0" * (3 * 1024 * 1024 + 512 * 1024))
+            msg = await ws.receive(timeout=5)  # the server closes: try again later
+            assert msg.type == aiohttp.WSMsgType.CLOSE
+            code = ws.close_code
+        refused = await connect_status(f"{server.ws_url}/tap/while-full")
+        return code, refused
+
+    assert asyncio.run(run()) == (1013, 503)
+    sidecar = wait_for_sidecar(recordings, "before-full")
+    assert sidecar["end_reason"] == "low disk space" and sidecar["close_code"] == 1013
+    samples, _ = read_wav(recordings / "before-full.wav")
+    assert np.array_equal(samples, reference.decode("PCMU", sent))  # finalized, nothing lost
+    (small_disk / "filler").unlink()
+    deadline = time.monotonic() + 5
+    while asyncio.run(connect_status(f"{server.ws_url}/tap/after")) != 101:
+        assert time.monotonic() < deadline, "taps not accepted again after space came back"
+        time.sleep(0.3)
+
+
+def test_max_tap_duration_split_keeps_every_sample(make_server: Any) -> None:
+    server = make_server("--no-auth", "--max-tap-duration", "1", "--flush-interval", "0.1")
+    sent = noise(8000 * 3 + 400, 2)  # 3.05 s, paced at real time
+
+    async def run() -> None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{server.ws_url}/tap/long") as ws,
+        ):
+            for i in range(0, len(sent), 800):
+                await ws.send_bytes(sent[i : i + 800])
+                await asyncio.sleep(0.1)
+
+    asyncio.run(run())
+    names = ["long", "long.1", "long.2", "long.3"]
+    sidecars = [wait_for_sidecar(server.recordings, name) for name in names]
+    parts = [read_wav(server.recordings / f"{name}.wav")[0] for name in names]
+    assert np.array_equal(np.concatenate(parts), reference.decode("PCMU", sent))
+    assert [s["segment"] for s in sidecars] == [1, 2, 3, 4]
+    assert all(s["tap_id"] == "long" for s in sidecars)
+    assert sidecars[1]["previous_segment"] == "long"
+    for part in parts[:3]:  # each full segment: the limit, up to one flush batch more
+        assert 8000 <= len(part) <= 8000 + 2 * 800 + 800
+    assert sidecars[0]["end_reason"].startswith("max_tap_duration")
+
+
+def test_max_tap_duration_stop(make_server: Any) -> None:
+    server = make_server(
+        "--no-auth", "--max-tap-duration", "0.5", "--max-tap-duration-action", "stop",
+        "--rtp-idle-timeout", "0.5",
+    )  # fmt: skip
+
+    async def run() -> int | None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{server.ws_url}/tap/capped") as ws,
+        ):
+            reader = asyncio.create_task(ws.receive(timeout=10))
+            for _ in range(30):
+                if reader.done():
+                    break  # the server closed: a sender stops here
+                await ws.send_bytes(b"\xff" * 800)
+                await asyncio.sleep(0.1)
+            msg = await reader
+            assert msg.type == aiohttp.WSMsgType.CLOSE
+            return ws.close_code
+
+    assert asyncio.run(run()) == 1000
+    sidecar = wait_for_sidecar(server.recordings, "capped")
+    assert sidecar["end_reason"] == "max_tap_duration"
+    assert 4000 <= sidecar["frames_written"] <= 4000 + 3 * 800
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    for n in range(80):  # 1.6 s of RTP: stopped after 0.5 s, the rest dropped, no second file
+        sock.sendto(RtpPacket(0, False, n, 160 * n, 9, b"\xff" * 160).serialize(),
+                    ("127.0.0.1", server.rtp_port))  # fmt: skip
+        time.sleep(0.02)
+    name = f"rtp-127.0.0.1-{sock.getsockname()[1]}"
+    rtp = wait_for_sidecar(server.recordings, name)
+    assert rtp["end_reason"] == "max_tap_duration"
+    time.sleep(1.0)
+    assert sorted(p.name for p in server.recordings.glob(f"{name}*")) == [
+        f"{name}.json",
+        f"{name}.wav",
+    ]
+
+
+def test_allow_lists(make_server: Any) -> None:
+    closed = make_server("--no-auth", "--http-allow", "10.0.0.0/8", "--rtp-allow", "10.0.0.0/8")
+    assert closed.health() is not None  # /healthz stays open (container health checks)
+    assert asyncio.run(connect_status(f"{closed.ws_url}/tap/denied")) == 403
+    rtp_burst(closed.rtp_port)
+    time.sleep(0.3)
+    health = closed.health()
+    assert health is not None and health["rtp"]["refused_not_allowed"] == 1
+    assert not [p for p in closed.recordings.iterdir() if not p.name.startswith(".")]
+    opened = make_server(
+        "--no-auth", "--http-allow", "127.0.0.0/8, ::1/128", "--rtp-allow", "127.0.0.1/32"
+    )
+    assert asyncio.run(connect_status(f"{opened.ws_url}/tap/allowed")) == 101
+
+
+def test_slow_and_half_open_clients_are_closed(make_server: Any) -> None:
+    server = make_server("--no-auth", "--http-request-timeout", "1")
+    idle = socket.create_connection(("127.0.0.1", server.http_port))
+    slow = socket.create_connection(("127.0.0.1", server.http_port))
+    slow.sendall(b"GET /tap/slow HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n")
+    started = time.monotonic()
+    for sock in (idle, slow):
+        sock.settimeout(5)
+        try:
+            while sock.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+    assert time.monotonic() - started < 3
+    assert server.health() is not None
+
+
+def test_crash_recovery_at_start(make_server: Any, tmp_path: Path) -> None:
+    recordings = tmp_path / "crashy"
+    first: ServerProcess = make_server(
+        "--no-auth", "--flush-interval", "0.1", recordings=recordings
+    )
+    sent = noise(8000, 3)
+
+    async def record_then_die() -> None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{first.ws_url}/tap/crashed") as ws,
+        ):
+            await ws.send_bytes(sent)
+            await asyncio.sleep(0.5)
+            first.kill9()
+
+    asyncio.run(record_then_die())
+    assert json.loads((recordings / "crashed.json").read_text())["state"] == "recording"
+    wav = recordings / "crashed.wav"
+    with wav.open("r+b") as fh:  # make it worse: sizes as a crash mid-write leaves them
+        fh.seek(4)
+        fh.write(b"\0\0\0\0")
+    second: ServerProcess = make_server("--no-auth", recordings=recordings)
+    sidecar = json.loads((recordings / "crashed.json").read_text())
+    assert sidecar["state"] == "finished" and sidecar["recovered"] is True
+    assert sidecar["end_reason"] == "recovered after a crash"
+    assert assert_header_matches_data(wav) == sidecar["frames_written"] == len(sent)
+    samples, _ = read_wav(wav)
+    assert np.array_equal(samples, reference.decode("PCMU", sent))
+    assert "recovered crashed.wav after a crash" in second.log()
+
+
+def test_open_file_limit_is_raised_and_accounted_for(make_server: Any) -> None:
+    server: ServerProcess = make_server("--no-auth", start=False)
+    server.args += ["--ws-max-taps", "100000", "--rtp-max-streams", "100000"]
+
+    def low_limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024))
+
+    server.popen_kwargs = {"preexec_fn": low_limits}
+    server.start()
+    health = server.health()
+    assert health is not None
+    limits = health["limits"]
+    assert limits["open_files"] == 1024  # soft raised to the hard limit
+    assert limits["ws_max_taps"] == (1024 - 64) // 4
+    assert limits["rtp_max_streams"] == (1024 - 64) // 2
+    assert "cannot hold ws_max_taps=100000" in server.log()

@@ -1,0 +1,121 @@
+"""`--workers N`: several processes share the HTTP and RTP ports (SO_REUSEPORT)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from bench.rtp_load import payload_for
+from tests import reference
+from tests.conftest import ROOT, assert_header_matches_data, read_wav, wait_for_sidecar
+
+
+def _finished_sidecars(server: Any, pattern: str, count: int, timeout: float) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    sidecars: list[Any] = []
+    while time.monotonic() < deadline:
+        sidecars = []
+        for path in server.recordings.glob(pattern):
+            try:
+                sidecars.append(json.loads(path.read_text()))
+            except ValueError:
+                continue
+        if len(sidecars) >= count and all(s["state"] == "finished" for s in sidecars):
+            break
+        time.sleep(0.1)
+    return sidecars
+
+
+def test_rtp_sources_each_land_on_one_worker_and_are_exact(make_server: Any) -> None:
+    server = make_server("--no-auth", "--workers", "2", "--rtp-idle-timeout", "1")
+    streams, seconds = 60, 3
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.rtp_load", "--port", str(server.rtp_port),
+         "--streams", str(streams), "--seconds", str(seconds), "--seed", "5",
+         "--processes", "2", "--ramp", "0.5"],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    summary = json.loads(result.stdout)
+    assert summary["packets_sent"] == streams * seconds * 50
+    sidecars = _finished_sidecars(server, "rtp-*.json", streams, 20)
+    # One tap per source: a stream that split across workers would make two files.
+    assert len(sidecars) == streams, server.log()
+    per_worker = Counter(s["worker"] for s in sidecars)
+    assert set(per_worker) == {0, 1}, per_worker  # 60 sources: both workers get some
+    by_ssrc = {s["rtp"]["ssrcs"][0]: s for s in sidecars}
+    assert len(by_ssrc) == streams
+    for index in range(streams):
+        sidecar = by_ssrc[f"0x{0x10000000 + index:08x}"]
+        assert sidecar["state"] == "finished"
+        assert sidecar["rtp"]["received"] == seconds * 50
+        assert sidecar["rtp"]["lost"] == sidecar["rtp"]["late"] == 0
+        assert sidecar["frames_written"] == seconds * 8000
+        path = server.recordings / sidecar["file"]
+        assert_header_matches_data(path)
+        samples, _ = read_wav(path)
+        expected = reference.decode("PCMU", payload_for(index, seconds * 8000, 5))
+        assert np.array_equal(samples, expected), index
+    # The log says which worker recorded each tap, too.
+    log = server.log()
+    assert "receiver.taps[0]" in log and "receiver.taps[1]" in log
+    assert server.stop() == 0
+
+
+async def _open_ws_taps(url: str, count: int) -> tuple[aiohttp.ClientSession, list[Any]]:
+    session = aiohttp.ClientSession()
+    sockets = [await session.ws_connect(f"{url}/tap/ws-worker-{i}") for i in range(count)]
+    for ws in sockets:
+        await ws.send_bytes(bytes(range(160)))
+    return session, sockets
+
+
+def test_sigterm_to_the_parent_finalizes_every_workers_taps(make_server: Any) -> None:
+    server = make_server("--no-auth", "--workers", "2", "--rtp-idle-timeout", "30")
+    health = server.health()
+    assert health is not None and health["worker"] in (0, 1)
+    sender = subprocess.Popen(
+        [sys.executable, "-m", "bench.rtp_load", "--port", str(server.rtp_port),
+         "--streams", "20", "--seconds", "10", "--seed", "3"],
+        cwd=ROOT, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    async def scenario() -> int:
+        session, sockets = await _open_ws_taps(server.ws_url, 8)
+        await asyncio.sleep(1.5)
+        code = await asyncio.get_running_loop().run_in_executor(None, server.stop)
+        closes = [await ws.receive() for ws in sockets]
+        assert all(msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                   for msg in closes)  # fmt: skip
+        await session.close()
+        return code
+
+    try:
+        code = asyncio.run(scenario())
+    finally:
+        sender.kill()
+        sender.wait()
+    assert code == 0, server.log()
+    rtp = _finished_sidecars(server, "rtp-*.json", 20, 5)
+    assert len(rtp) == 20 and all(s["end_reason"] == "shutdown" for s in rtp)
+    ws = [wait_for_sidecar(server.recordings, f"ws-worker-{i}", timeout=5) for i in range(8)]
+    assert all(s["frames_written"] == 160 for s in ws)
+    assert {s["worker"] for s in rtp + ws} == {0, 1}
+    assert not list(server.recordings.glob("*.1.json"))  # no clashing names
+
+
+def test_a_port_in_use_is_reported_once_by_the_parent(make_server: Any) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        server = make_server("--no-auth", "--workers", "2", start=False)
+        taken.bind(("127.0.0.1", server.rtp_port))
+        result = subprocess.run(server.args, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.count("rtp_port") == 1, result.stderr
