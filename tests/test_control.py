@@ -201,8 +201,8 @@ def test_tapping_renames_a_websocket_tap_and_finished_closes_it(make_server: Any
             _, result = await post(url, status_event("ctl-ws", "finished", device))
             assert result["result"] == "ended"
             msg = await ws.receive(timeout=5)
-            assert msg.type == aiohttp.WSMsgType.CLOSE
-            return ws.close_code
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.extra == "tap finished"
+            return int(msg.data)  # the close frame the server sent
 
     assert asyncio.run(run()) == 1000
     sidecar = wait_for_sidecar(server.recordings, "ctl-ws")

@@ -76,7 +76,7 @@ def test_signal_finalizes_every_open_tap(make_server: Any, sig: int) -> None:
         for reader, (session, ws) in zip(readers, clients, strict=True):
             msg = await reader
             assert msg.type == aiohttp.WSMsgType.CLOSE
-            assert ws.close_code == 1001  # going away
+            assert msg.data == 1001  # going away
             await session.close()
         udp.close()
         return code

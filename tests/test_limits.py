@@ -127,7 +127,7 @@ def test_crossing_the_floor_finalizes_open_taps_cleanly(make_server: Any, tmpfs:
             (small_disk / "filler").write_bytes(b"\0" * (3 * 1024 * 1024 + 512 * 1024))
             msg = await ws.receive(timeout=5)  # the server closes: try again later
             assert msg.type == aiohttp.WSMsgType.CLOSE
-            code = ws.close_code
+            code = int(msg.data)
         refused = await connect_status(f"{server.ws_url}/tap/while-full")
         return code, refused
 
@@ -188,7 +188,7 @@ def test_max_tap_duration_stop(make_server: Any) -> None:
                 await asyncio.sleep(0.1)
             msg = await reader
             assert msg.type == aiohttp.WSMsgType.CLOSE
-            return ws.close_code
+            return int(msg.data)  # the close frame the server sent
 
     assert asyncio.run(run()) == 1000
     sidecar = wait_for_sidecar(server.recordings, "capped")
