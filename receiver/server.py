@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import ssl
 import time
 from typing import Any
 
 from aiohttp import web
 
-from receiver import shared_sockets
 from receiver.api import RecordingsApi
 from receiver.auth import Auth
 from receiver.config import Config
@@ -58,9 +58,11 @@ class Server:
         token: str | None,
         ssl_context: ssl.SSLContext | None = None,
         worker: int | None = None,
+        inherited: tuple[socket.socket, socket.socket] | None = None,
     ) -> None:
         self.config = config
         self.worker = worker  # index under --workers N (in sidecars and /healthz), else None
+        self.inherited = inherited  # (UDP, TCP) sockets bound by the --workers parent
         self.auth = Auth(token)
         self.writer = DiskWriter()
         self.writer.worker = worker
@@ -144,7 +146,9 @@ class Server:
         await self.check_disk()
         # UDP first: once /healthz answers, both listeners are up.
         try:
-            self.rtp_port, granted = await self.rtp.open_shared(cfg.host, cfg.rtp_port)
+            self.rtp_port, granted = await self.rtp.open_shared(
+                cfg.host, cfg.rtp_port, self.inherited[0] if self.inherited else None
+            )
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {cfg.host}:{cfg.rtp_port}/udp (rtp_port): {exc.strerror or exc}"
@@ -179,9 +183,8 @@ class Server:
         )
         await self._runner.setup()
         site: web.BaseSite
-        inherited = shared_sockets.take("tcp", cfg.http_port)  # bound by the --workers parent
-        if inherited is not None:
-            site = web.SockSite(self._runner, inherited, ssl_context=self.ssl_context)
+        if self.inherited is not None:
+            site = web.SockSite(self._runner, self.inherited[1], ssl_context=self.ssl_context)
         else:
             site = web.TCPSite(self._runner, cfg.host, cfg.http_port, ssl_context=self.ssl_context)
         try:

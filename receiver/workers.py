@@ -25,7 +25,6 @@ import ssl
 import time
 from typing import Any
 
-from receiver import shared_sockets
 from receiver.config import Config
 from receiver.loop import run
 from receiver.rtp.receiver import open_udp_socket
@@ -115,10 +114,8 @@ def _worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerLogFilter(index))
-    shared_sockets.give("udp", config.rtp_port, udp)
-    shared_sockets.give("tcp", config.http_port, tcp)
     log.info("worker %d started (pid %d)", index, os.getpid())
-    return run(Server(config, token, ssl_context, worker=index).run())
+    return run(Server(config, token, ssl_context, worker=index, inherited=(udp, tcp)).run())
 
 
 def run_workers(

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from receiver import shared_sockets
 from receiver.audio_buffer import AudioBuffer
 from receiver.config import Config, parse_port_range
 from receiver.limits import AddressFilter, RateLimiter
@@ -146,13 +145,8 @@ def open_udp_socket(
 ) -> tuple[socket.socket, int]:
     """A bound UDP socket with SO_RCVBUF raised; returns it and what the kernel granted.
 
-    Under `--workers N` the shared port's socket was bound by the parent (SO_REUSEPORT) and is
-    taken from `shared_sockets`; pool ports are always bound here, without SO_REUSEPORT, so two
-    workers can never both own one.
-    """
-    inherited = shared_sockets.take("udp", port)
-    if inherited is not None:
-        return inherited, inherited.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    `reuse_port` is for the shared port under `--workers N` (bound by the parent); pool ports are
+    bound without it, so two workers can never both own one."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
     )[0]
@@ -206,9 +200,16 @@ class RtpReceiver:
 
     # -- sockets ------------------------------------------------------------------------------
 
-    async def open_shared(self, host: str, port: int) -> tuple[int, int]:
-        """Bind the shared port; returns (port, SO_RCVBUF granted). Raises OSError."""
-        sock, granted = open_udp_socket(host, port, self.config.rtp_recv_buffer)
+    async def open_shared(
+        self, host: str, port: int, inherited: socket.socket | None = None
+    ) -> tuple[int, int]:
+        """Bind the shared port, or use the socket a `--workers` parent bound; returns (port,
+        SO_RCVBUF granted). Raises OSError."""
+        if inherited is not None:
+            sock = inherited
+            granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        else:
+            sock, granted = open_udp_socket(host, port, self.config.rtp_recv_buffer)
         bound = int(sock.getsockname()[1])
         shared = RtpSocket(self, bound, None)
         self.shared = shared
