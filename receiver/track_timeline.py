@@ -8,11 +8,18 @@ timestamp disagrees with that by more than `TIMESTAMP_TOLERANCE` (the sender ski
 silence suppression), the timestamp wins. Chunks that arrive out of order wait in a small buffer
 and land in their place; a hole is given up (filled with silence) once `window` samples of later
 audio are waiting behind it. Pure and synchronous: tested without sockets.
+
+Hostile or broken senders are bounded like the RTP timeline's `max_gap`: a chunk number or
+timestamp that would move the track more than `max_gap` away from its furthest audio is not
+believed (non-finite ones are ignored); the chunk continues the track right after that audio, as a
+discontinuity, and later timestamps are taken relative to it. At most `max_held` chunks wait for
+a hole.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -20,6 +27,8 @@ from typing import Any, Protocol
 from receiver.audio_buffer import PCM16, PCM16_BE
 
 TIMESTAMP_TOLERANCE = 0.06  # seconds: timestamp jitter absorbed before the timestamp wins
+MAX_GAP_SECONDS = 30.0  # the longest jump filled with silence (as the RTP timeline's max_gap)
+MAX_HELD = 512  # chunks waiting behind a hole
 
 
 class TrackOutput(Protocol):
@@ -34,6 +43,7 @@ class TrackStats:
     late: int = 0  # arrived after their place was written (dropped)
     duplicate: int = 0  # a chunk number seen before (dropped)
     timestamp_jumps: int = 0  # the timestamp, not the chunk number, placed the chunk
+    discontinuities: int = 0  # a jump past max_gap: continued after the track's audio instead
     silence_filled: int = 0  # samples of silence inserted for holes and alignment
     first_chunk: int | None = None
     last_chunk: int | None = None
@@ -55,10 +65,19 @@ def _trim(kind: str, data: bytes, samples: int) -> bytes:
 
 
 class TrackTimeline:
-    def __init__(self, output: TrackOutput, sample_rate: int, window: int) -> None:
+    def __init__(
+        self,
+        output: TrackOutput,
+        sample_rate: int,
+        window: int,
+        max_gap: float = MAX_GAP_SECONDS,
+        max_held: int = MAX_HELD,
+    ) -> None:
         self.output = output
         self.rate = sample_rate
         self.window = window  # samples of later audio after which a hole is given up
+        self.max_gap = round(max_gap * sample_rate)
+        self.max_held = max_held
         self.end = 0  # samples handed to the output
         self.stats = TrackStats()
         self._tolerance = int(TIMESTAMP_TOLERANCE * sample_rate)
@@ -67,6 +86,7 @@ class TrackTimeline:
         self._pushes = 0  # tie-breaker so the heap never compares payloads
         self._anchor: tuple[int, int, int] | None = None  # (chunk, position, samples), newest
         self._next_free = 0  # where a chunk with neither number nor timestamp goes
+        self._time_shift = 0  # added to timestamp positions after a discontinuity
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque()
 
@@ -74,21 +94,44 @@ class TrackTimeline:
     def _samples(kind: str, data: bytes) -> int:
         return len(data) // 2 if kind in (PCM16, PCM16_BE) else len(data)
 
+    def _by_time(self, timestamp_ms: float | None) -> int | None:
+        if timestamp_ms is None:
+            return None
+        try:
+            samples = float(timestamp_ms) * self.rate / 1000
+        except (OverflowError, TypeError, ValueError):
+            return None
+        if not math.isfinite(samples):
+            return None
+        return round(samples) + self._time_shift
+
     def place(self, chunk: int | None, timestamp_ms: float | None, samples: int) -> int:
         """Where a chunk belongs, in samples from the stream start."""
-        by_time = None if timestamp_ms is None else round(timestamp_ms * self.rate / 1000)
+        by_time = self._by_time(timestamp_ms)
         anchor = self._anchor
+        by_chunk = None
         if chunk is not None and anchor is not None:
             a_chunk, a_pos, a_samples = anchor
-            position = a_pos + (chunk - a_chunk) * a_samples
-            if by_time is not None and abs(by_time - position) > self._tolerance:
-                self.stats.timestamp_jumps += 1
-                position = by_time
+            by_chunk = a_pos + (chunk - a_chunk) * a_samples
+        if by_chunk is not None and (by_time is None or abs(by_time - by_chunk) <= self._tolerance):
+            position = by_chunk
         elif by_time is not None:
             position = by_time
         else:
             position = self._next_free
-        if chunk is not None and (anchor is None or chunk > anchor[0]):
+        free = max(self._next_free, self.end)  # the end of the track's audio (or padding)
+        rebase = False
+        if abs(position - free) > self.max_gap:
+            if by_chunk is not None and abs(by_chunk - free) <= self.max_gap:
+                position = by_chunk  # only the timestamp is absurd
+            else:
+                position, rebase = free, True
+                self.stats.discontinuities += 1
+            if by_time is not None:
+                self._time_shift += position - by_time  # later timestamps continue from here
+        elif by_chunk is not None and position != by_chunk:
+            self.stats.timestamp_jumps += 1
+        if chunk is not None and (anchor is None or chunk > anchor[0] or rebase):
             self._anchor = (chunk, position, samples)
         self._next_free = max(self._next_free, position + samples)
         return position
@@ -148,7 +191,12 @@ class TrackTimeline:
         held = self._held
         while held:
             position = held[0][0]
-            if position > self.end and not force and self._held_end - position <= self.window:
+            if (
+                position > self.end
+                and not force
+                and self._held_end - position <= self.window
+                and len(held) <= self.max_held
+            ):
                 return  # the hole before it may still be filled
             _, _, kind, data = heapq.heappop(held)
             self._put(position, kind, data)
@@ -163,6 +211,7 @@ class TrackTimeline:
             self.stats.silence_filled += position - self.end
             self.output.append_silence(position - self.end)
             self.end = position
+        self._next_free = max(self._next_free, position)
 
     def flush(self) -> None:
         """End of stream: everything held goes out, holes become silence."""

@@ -73,7 +73,7 @@ def test_signal_finalizes_every_open_tap(make_server: Any, sig: int) -> None:
         code = await asyncio.get_running_loop().run_in_executor(None, server.stop, sig)
         elapsed = time.monotonic() - started
         assert elapsed < 5.0, f"shutdown took {elapsed:.2f} s"
-        for reader, (session, ws) in zip(readers, clients, strict=True):
+        for reader, (session, _) in zip(readers, clients, strict=True):
             msg = await reader
             assert msg.type == aiohttp.WSMsgType.CLOSE
             assert msg.data == 1001  # going away

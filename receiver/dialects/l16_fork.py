@@ -15,7 +15,7 @@ import orjson
 
 from receiver.audio_buffer import PCM16
 from receiver.audio_format import SUPPORTED_RATES, AudioFormat, FormatError, parse_content_type
-from receiver.dialects.base import Session
+from receiver.dialects.base import Session, too_deep
 
 FORK_SUBPROTOCOLS = ("audio.drachtio.org", "audio.jambonz.org")
 _METADATA_KEYS = ("sampleRate", "mixType", "sample_rate", "mix_type")
@@ -58,6 +58,9 @@ class L16ForkSession(Session):
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:
+            message = None
+        if too_deep(message):
+            self.bad_input("malformed_json", "a text frame nests JSON too deeply")
             message = None
         if self.tap is None:
             if looks_like_vonage(message):

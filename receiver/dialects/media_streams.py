@@ -11,6 +11,7 @@ timestamps on the one shared timeline (`TrackTimeline`), so the two sides stay a
 from __future__ import annotations
 
 import binascii
+import math
 from typing import Any
 
 import orjson
@@ -18,7 +19,7 @@ import orjson
 from receiver import g711
 from receiver.audio_buffer import PCM16, PCM16_BE, AudioBuffer, ChannelBuffer
 from receiver.audio_format import SUPPORTED_RATES, AudioFormat, FormatError
-from receiver.dialects.base import Session, SessionContext
+from receiver.dialects.base import Session, SessionContext, too_deep
 from receiver.track_timeline import TrackTimeline
 
 INBOUND, OUTBOUND = "inbound", "outbound"
@@ -59,17 +60,15 @@ def _get(obj: dict[str, Any], *names: str) -> Any:
 
 
 def _number(value: Any) -> float | None:
-    """Numbers arrive as integers or as strings ("42"); anything else is None."""
-    if isinstance(value, bool):
+    """Numbers arrive as integers or as strings ("42"); anything else (also "NaN", "Infinity"
+    and numbers too large for a float) is None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _track(value: Any) -> str:
@@ -117,6 +116,9 @@ class MediaStreamsSession(Session):
             return
         if not isinstance(message, dict):
             self.bad_input("malformed_json", "a text frame is not a JSON object")
+            return
+        if too_deep(message):
+            self.bad_input("malformed_json", "a text frame nests JSON too deeply")
             return
         self.count("messages")
         event = message.get("event")
@@ -186,9 +188,9 @@ class MediaStreamsSession(Session):
         track = _track(media.get("track"))
         chunk = _number(media.get("chunk"))
         timestamp = _number(media.get("timestamp"))
-        if track not in self._seen_tracks:
-            self._seen_tracks.append(track)
         if self.tap is None:
+            if track not in self._seen_tracks:  # bounded: only until the tap begins
+                self._seen_tracks.append(track)
             self._early.append((track, chunk, timestamp, audio))
             both_seen = INBOUND in self._seen_tracks and OUTBOUND in self._seen_tracks
             if both_seen or len(self._early) >= EARLY_MEDIA_LIMIT:
