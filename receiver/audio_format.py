@@ -6,8 +6,9 @@ A SignalWire tap may start with `{"content-type": "audio/mulaw;rate=8000"}` or w
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+
+import orjson
 
 from receiver import g711
 from receiver.audio_buffer import PCM16
@@ -85,8 +86,8 @@ def parse_format_header(text: str) -> AudioFormat | None:
     value: object = None
     if text.startswith("{"):
         try:
-            data = json.loads(text)
-        except ValueError:
+            data = orjson.loads(text)  # refuses nesting past 1024 levels (no RecursionError)
+        except orjson.JSONDecodeError:
             return None
         if isinstance(data, dict):
             lowered = {str(k).lower(): v for k, v in data.items()}

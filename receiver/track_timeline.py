@@ -77,6 +77,9 @@ class TrackTimeline:
         self.rate = sample_rate
         self.window = window  # samples of later audio after which a hole is given up
         self.max_gap = round(max_gap * sample_rate)
+        # The furthest position a chunk may take (the session sets it from the wall clock: time
+        # since the stream began plus max_gap), so jumps under max_gap cannot add up to hours.
+        self.horizon: int | None = None
         self.max_held = max_held
         self.end = 0  # samples handed to the output
         self.stats = TrackStats()
@@ -120,9 +123,10 @@ class TrackTimeline:
         else:
             position = self._next_free
         free = max(self._next_free, self.end)  # the end of the track's audio (or padding)
+        limit = free + self.max_gap if self.horizon is None else max(free, self.horizon)
         rebase = False
-        if abs(position - free) > self.max_gap:
-            if by_chunk is not None and abs(by_chunk - free) <= self.max_gap:
+        if abs(position - free) > self.max_gap or position > limit:
+            if by_chunk is not None and abs(by_chunk - free) <= self.max_gap and by_chunk <= limit:
                 position = by_chunk  # only the timestamp is absurd
             else:
                 position, rebase = free, True

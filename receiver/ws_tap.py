@@ -70,7 +70,8 @@ class WsTapEndpoint:
         if refusal is not None:
             return refusal
         ws = web.WebSocketResponse(
-            max_msg_size=self.config.ws_max_message_size,
+            # aiohttp refuses a message of exactly max_msg_size; the setting is the largest accepted
+            max_msg_size=self.config.ws_max_message_size + 1,
             heartbeat=self.config.ws_heartbeat or None,
             timeout=CLOSE_HANDSHAKE_TIMEOUT,
             protocols=FORK_SUBPROTOCOLS,  # echoed only when the client offers one
@@ -117,7 +118,10 @@ class WsTapEndpoint:
                 if msg.type == WSMsgType.BINARY:
                     if session is None:
                         session = self.sessions[ws] = choose_session(ctx, None, fmt)
-                    session.binary(msg.data)
+                    try:
+                        session.binary(msg.data)
+                    except Exception:
+                        self._internal_error(session)
                 elif msg.type == WSMsgType.TEXT:
                     if session is None:
                         session = self.sessions[ws] = choose_session(ctx, msg.data, fmt)
@@ -130,6 +134,8 @@ class WsTapEndpoint:
                         close_code = UNSUPPORTED_DATA
                         await ws.close(code=UNSUPPORTED_DATA, message=str(exc)[:120].encode())
                         break
+                    except Exception:
+                        self._internal_error(session)
                 elif msg.type == WSMsgType.ERROR:
                     error = ws.exception()
                     reason = f"error: {error}"
@@ -157,6 +163,15 @@ class WsTapEndpoint:
                 session = choose_session(ctx, None, fmt)  # nothing came: an empty recording
             if session.tap is not None or close_code != UNSUPPORTED_DATA:
                 self._end(session, reason, close_code or ws.close_code)
+
+    def _internal_error(self, session: Session) -> None:
+        """A bug met by one frame: count it, log the traceback once per tap, keep recording."""
+        self._count("internal_errors")
+        session.count("internal_errors")
+        if "internal_error" not in session.warned:
+            session.warned.add("internal_error")
+            log.exception("tap %s: internal error on a frame; the tap goes on",
+                          session.ctx.tap_id)  # fmt: skip
 
     def _end(self, session: Session, reason: str, close_code: int | None) -> None:
         try:

@@ -735,3 +735,30 @@ def test_poll_without_held_packets_does_nothing() -> None:
     timeline.poll(100.0)
     timeline.flush()
     check(timeline, out, [("U1", 160)])
+
+
+def test_silence_never_runs_ahead_of_the_wall_clock() -> None:
+    """A sender that jumps its timestamp 20 s ahead on every packet (each jump under max_gap)
+    must not make the receiver write 20 s of silence per packet: the timeline may reach no further
+    than the time since the first packet plus max_gap; beyond that a jump is a discontinuity."""
+    timeline, recorder = make(max_gap=30.0)
+    jump = 20 * 8000
+    for n in range(50):  # one packet every 20 ms: 1 s of wall clock
+        timeline.push(rtp(n, n * jump), n * 0.02)
+    timeline.flush()
+    assert timeline.position <= round(0.98 * 8000) + 30 * 8000  # elapsed + max_gap
+    assert recorder.samples.count("-") == jump - 160  # the first jump was believed; no later
+    assert len(recorder.of_type("discontinuity")) == 48
+    assert sum(1 for s in recorder.samples if s != "-") == 50 * 160  # every packet's audio kept
+
+
+def test_a_long_real_pause_is_still_silence() -> None:
+    """The budget does not touch honest senders: 25 s of real silence after 10 s of audio."""
+    timeline, recorder = make(max_gap=30.0)
+    for n in range(500):
+        timeline.push(rtp(n, n * 160), n * 0.02)
+    resume = 500 * 160 + 25 * 8000
+    timeline.push(rtp(500, resume, marker=True), 10.0 + 25.0)
+    timeline.flush()
+    assert recorder.samples.count("-") == 25 * 8000
+    assert not recorder.of_type("discontinuity")

@@ -164,3 +164,32 @@ def test_any_order_within_window(order: list[int]) -> None:
     tl.flush()
     assert rec.samples == expected([1, 2, 3])
     assert SILENCE not in rec.samples
+
+
+def test_horizon_stops_jumps_from_adding_up() -> None:
+    """Each jump is under max_gap, but together they would run hours ahead of the wall clock:
+    past the horizon (set by the session from the time since the stream began) a chunk continues
+    right after the track's audio, as a discontinuity, instead of after minutes of silence."""
+    tl, rec = make()
+    tl.horizon = 10 * CHUNK
+    for n in range(1, 6):  # no chunk numbers, timestamps 20 s apart
+        tl.add(None, (n - 1) * 20_000, "PCMU", chunk_bytes(n))
+    tl.flush()
+    assert rec.samples == expected([1, 2, 3, 4, 5])
+    assert tl.stats.discontinuities == 4
+    tl2, rec2 = make()
+    tl2.horizon = 10 * CHUNK
+    for n in range(1, 6):  # consecutive chunk numbers: those are believed, the timestamps not
+        tl2.add(n, (n - 1) * 20_000, "PCMU", chunk_bytes(n))
+    tl2.flush()
+    assert rec2.samples == expected([1, 2, 3, 4, 5])
+    assert tl2.stats.discontinuities == 0
+
+
+def test_no_horizon_keeps_honest_gaps() -> None:
+    tl, rec = make()
+    tl.horizon = 2000 * CHUNK  # 40 s since the stream began
+    tl.add(1, 0, "PCMU", chunk_bytes(1))
+    tl.add(2, 10_020, "PCMU", chunk_bytes(2))  # the sender was silent for 10 s: silence
+    tl.flush()
+    assert rec.samples == expected([1]) + [None] * (10_000 * 8) + expected([2])

@@ -161,7 +161,7 @@ def test_a_legal_message_in_many_fragments_with_pings_between_is_recorded_exactl
 ) -> None:
     tap_id = f"frag-ok-{uuid.uuid4().hex[:8]}"
     ws = RawWebSocket(srv, f"/tap/{tap_id}")
-    sizes = (MAX_MESSAGE - 1, 160, 12345)  # MAX_MESSAGE itself: see the xfail below
+    sizes = (MAX_MESSAGE - 1, 160, 12345)  # MAX_MESSAGE itself: its own test below
     messages = [payload_for(10 + n, size) for n, size in enumerate(sizes)]
     pongs = 0
     for message in messages:
@@ -202,12 +202,6 @@ def test_fragmented_media_streams_text_messages_are_reassembled(srv: ServerProce
     assert np.array_equal(samples, reference.decode("PCMU", audio))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="off by one in ws_tap.py: aiohttp refuses a message of exactly max_msg_size, so the "
-    "documented 'largest message accepted' (65536) is refused with 1009; pass "
-    "ws_max_message_size + 1 to WebSocketResponse",
-)
 def test_a_message_of_exactly_the_limit_is_accepted(srv: ServerProcess) -> None:
     tap_id = f"frag-edge-{uuid.uuid4().hex[:8]}"
     ws = RawWebSocket(srv, f"/tap/{tap_id}")

@@ -328,8 +328,7 @@ def test_oversized_frame_closes_1009_and_keeps_audio(make_server: Any) -> None:
             aiohttp.ClientSession() as session,
             session.ws_connect(f"{srv.ws_url}/tap/{tap_id}") as ws,
         ):
-            await ws.send_bytes(kept[:2048])
-            await ws.send_bytes(kept[2048:])  # exactly at the limit: accepted
+            await ws.send_bytes(kept)  # exactly at the limit (4096): accepted
             await ws.send_bytes(b"\xff" * 4097)
             msg = await ws.receive(timeout=5)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)

@@ -54,7 +54,7 @@ class Session:
         self.tap: Tap | None = None
         self._early_counters: dict[str, int] = {}
         self._early_events: list[dict[str, Any]] = []
-        self._warned: set[str] = set()
+        self.warned: set[str] = set()
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -126,8 +126,8 @@ class Session:
         """Count it; log the first of each kind per tap; carry on with the rest of the tap."""
         self.count(name)
         self.count("errors")
-        if name not in self._warned:
-            self._warned.add(name)
+        if name not in self.warned:
+            self.warned.add(name)
             log.warning("tap %s: %s (%s); further ones are only counted", self.ctx.tap_id,
                         detail, name)  # fmt: skip
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import binascii
 import math
+import time
 from typing import Any
 
 import orjson
@@ -95,6 +96,9 @@ def parse_media_format(media_format: Any) -> AudioFormat:
 
 class MediaStreamsSession(Session):
     dialect = "media-streams"
+    # Seconds since the stream began bound how far its tracks may reach (TrackTimeline.horizon);
+    # a replay of a recorded session, faster than real time, replaces this clock.
+    clock = staticmethod(time.monotonic)
 
     def __init__(self, ctx: SessionContext) -> None:
         super().__init__(ctx)
@@ -105,6 +109,7 @@ class MediaStreamsSession(Session):
         self._early: list[tuple[str, float | None, float | None, bytes]] = []
         self._seen_tracks: list[str] = []
         self._l16_kind = PCM16 if ctx.config.stream_l16_byte_order == "little" else PCM16_BE
+        self._started = self.clock()
 
     # -- frames -------------------------------------------------------------------------------
 
@@ -273,6 +278,8 @@ class MediaStreamsSession(Session):
                 self.bad_input("bad_payload_length", "L16 payload of an odd number of bytes")
                 audio = audio[:-1]
         self.tap.count("media_messages")
+        elapsed = self.clock() - self._started
+        timeline.horizon = round(elapsed * timeline.rate) + timeline.max_gap
         timeline.add(None if chunk is None else int(chunk), timestamp, kind, audio)
         if len(self.timelines) > 1:
             self._align(timeline)

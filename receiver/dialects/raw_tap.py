@@ -21,11 +21,7 @@ class RawTapSession(Session):
 
     def text(self, data: str) -> None:
         if self.tap is None:
-            try:
-                declared = parse_format_header(data)  # FormatError: what we cannot record
-            except RecursionError:  # JSON nested deeper than the stdlib parser recurses
-                self.bad_input("malformed_format_frame", "the first text frame nests too deeply")
-                declared = None
+            declared = parse_format_header(data)  # raises FormatError for what we cannot record
             if declared is not None:
                 self.fmt = declared
                 self.start_tap(declared)

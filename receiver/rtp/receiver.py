@@ -35,7 +35,8 @@ log = logging.getLogger("receiver.rtp")
 
 POLL_INTERVAL = 0.02  # how often held packets are checked against the jitter window
 IDLE_CHECK_INTERVAL = 0.25
-_REFUSED_MEMORY = 10_000  # sources remembered so a refusal is logged once per source
+_REFUSED_MEMORY = 10_000  # sources remembered so a refused source is counted once
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused sources, per reason
 _CODECS = {0: "PCMU", 8: "PCMA"}
 _TOTALS = ("received", "lost", "late", "duplicate", "reordered")
 
@@ -181,6 +182,7 @@ class RtpReceiver:
         self.stream_count = 0
         self._waiting: set[RtpStream] = set()
         self._refused: set[tuple[str, int]] = set()
+        self._refusal_log: dict[str, tuple[int, float]] = {}  # reason -> (suppressed, last line)
         self._next_pool_index = 0
         self.counters: dict[str, int] = {
             "datagrams": 0,
@@ -349,7 +351,15 @@ class RtpReceiver:
         self._refused.add(source)
         counters["streams_refused"] += 1
         counters["refused_" + reason] = counters.get("refused_" + reason, 0) + 1
-        log.warning("refused RTP stream from %s:%d: %s", source[0], source[1], why)
+        # A flood must not become a flood of log lines: one line per reason per interval.
+        suppressed, last = self._refusal_log.get(reason, (0, float("-inf")))
+        now = time.monotonic()
+        if now - last < REFUSAL_LOG_INTERVAL:
+            self._refusal_log[reason] = (suppressed + 1, last)
+            return
+        self._refusal_log[reason] = (0, now)
+        more = f" (and {suppressed} more sources since the last such line)" if suppressed else ""
+        log.warning("refused RTP stream from %s:%d: %s%s", source[0], source[1], why, more)
 
     # -- naming and ending --------------------------------------------------------------------
 

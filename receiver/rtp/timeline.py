@@ -127,6 +127,7 @@ class RtpTimeline:
         "_dtmf_payload_type",
         "_dtmf_pending",
         "_emit_audio",
+        "_first_arrival",
         "_held",
         "_jitter",
         "_jitter_window",
@@ -174,6 +175,7 @@ class RtpTimeline:
         self._ssrc: int | None = None
         self._retired: set[int] = set()
         self._last_seen = 0.0
+        self._first_arrival: float | None = None  # for the wall-clock budget of silence
         self._last_payload_type = -1
 
         # Sequencing, in extended (never wrapping) sequence numbers of the current run.
@@ -410,6 +412,8 @@ class RtpTimeline:
         return round(pause * self._clock_rate)
 
     def _start_run(self, packet: RtpPacket, arrival: float, pause: int) -> None:
+        if self._first_arrival is None:
+            self._first_arrival = arrival
         self._ssrc = packet.ssrc
         if packet.ssrc not in self._stats.ssrcs:
             self._stats.ssrcs.append(packet.ssrc)
@@ -474,6 +478,12 @@ class RtpTimeline:
             self._discontinuity(gap, packet)
             self._offset -= gap
         elif gap > 0:
+            if self._position + gap > self._wall_clock_budget():
+                # More silence than time has passed (plus max_gap): a sender that jumps its
+                # timestamps ahead again and again must not make us write hours per second.
+                self._discontinuity(gap, packet)
+                self._offset -= gap
+                return
             self._output.silence(gap)
             self._position += gap
         elif gap < 0:
@@ -491,6 +501,11 @@ class RtpTimeline:
                     }
                 )
             self._offset -= gap
+
+    def _wall_clock_budget(self) -> int:
+        """The furthest the timeline may reach: the time since the first packet, plus max_gap."""
+        first = self._first_arrival if self._first_arrival is not None else self._last_seen
+        return round((self._last_seen - first) * self._clock_rate) + self._max_gap
 
     def _discontinuity(self, gap: int, packet: RtpPacket) -> None:
         event: dict[str, object] = {
