@@ -37,6 +37,7 @@ from typing import Any
 
 import soundfile
 
+from bench.net import free_port
 from bench.rtp_load import expected_payload
 
 with warnings.catch_warnings():
@@ -76,20 +77,6 @@ class Row:
     sender_kept_pace: bool = True
     sustainable: bool = False
     note: str = ""
-
-
-def free_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                    udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def pinned(cores: str | None, args: list[str]) -> list[str]:

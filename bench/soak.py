@@ -45,6 +45,7 @@ import aiohttp
 import numpy as np
 import soundfile
 
+from bench.net import free_port
 from bench.rtp_load import payload_for
 from receiver import g711
 from receiver.rtp.packet import RtpPacket
@@ -52,20 +53,6 @@ from receiver.rtp.packet import RtpPacket
 FRAME = 160  # samples (= G.711 bytes) per 20 ms frame
 ROOT = Path(__file__).resolve().parent.parent
 RTP_SOURCE = "127.0.0.9"  # RTP senders' address: its own, so every stream's name is known
-
-
-def free_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1."""
-    while True:
-        with socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                    udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 class Server:

@@ -21,7 +21,13 @@ import pytest
 
 from receiver.rtp.packet import RtpPacket
 from tests import reference
-from tests.conftest import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
+from tests.conftest import (
+    ServerProcess,
+    assert_header_matches_data,
+    read_wav,
+    wait_for_sidecar,
+    ws_connect_status,
+)
 
 
 def noise(n: int, seed: int) -> bytes:
@@ -134,18 +140,8 @@ def test_token_is_generated_once_and_reused(make_server: Any, tmp_path: Path) ->
     assert token_file.read_text().strip() == token
     assert "using the token" in second.log()
 
-    async def attempt(url: str) -> int:
-        async with aiohttp.ClientSession() as session:
-            try:
-                async with session.ws_connect(url) as ws:
-                    await ws.send_bytes(b"\xff" * 160)
-                    await ws.close()
-                    return 101
-            except aiohttp.WSServerHandshakeError as exc:
-                return exc.status
-
-    assert asyncio.run(attempt(f"{second.ws_url}/tap/secured")) == 401
-    assert asyncio.run(attempt(f"{second.ws_url}/t/{token}/tap/secured")) == 101
+    assert asyncio.run(ws_connect_status(f"{second.ws_url}/tap/secured")) == 401
+    assert asyncio.run(ws_connect_status(f"{second.ws_url}/t/{token}/tap/secured")) == 101
     assert wait_for_sidecar(recordings, "secured")["frames_written"] == 160
 
 

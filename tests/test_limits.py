@@ -17,23 +17,17 @@ import numpy as np
 from receiver.limits import AddressFilter, RateLimiter
 from receiver.rtp.packet import RtpPacket
 from tests import reference
-from tests.conftest import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
+from tests.conftest import (
+    ServerProcess,
+    assert_header_matches_data,
+    read_wav,
+    wait_for_sidecar,
+    ws_connect_status,
+)
 
 
 def noise(n: int, seed: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-async def connect_status(url: str) -> int:
-    """101 when the upgrade succeeds (then closes), else the refusal's status."""
-    async with aiohttp.ClientSession() as session:
-        try:
-            async with session.ws_connect(url) as ws:
-                await ws.send_bytes(b"\xff" * 160)
-                await ws.close()
-                return 101
-        except aiohttp.WSServerHandshakeError as exc:
-            return exc.status
 
 
 def rtp_burst(port: int, packets: int = 5, sock: socket.socket | None = None,
@@ -68,12 +62,12 @@ def test_websocket_capacity_is_refused_with_503(make_server: Any) -> None:
     async def run() -> list[int]:
         session = aiohttp.ClientSession()
         held = [await session.ws_connect(f"{server.ws_url}/tap/cap{i}") for i in range(2)]
-        third = await connect_status(f"{server.ws_url}/tap/cap2")
+        third = await ws_connect_status(f"{server.ws_url}/tap/cap2")
         for ws in held:
             await ws.close()
         await session.close()
         await asyncio.sleep(0.2)
-        return [third, await connect_status(f"{server.ws_url}/tap/cap3")]
+        return [third, await ws_connect_status(f"{server.ws_url}/tap/cap3")]
 
     assert asyncio.run(run()) == [503, 101]
     assert not list(server.recordings.glob("cap2*"))
@@ -84,7 +78,7 @@ def test_websocket_capacity_is_refused_with_503(make_server: Any) -> None:
 
 def test_new_tap_rate_limit_per_address(make_server: Any) -> None:
     server = make_server("--no-auth", "--new-tap-rate-limit", "0.5", "--rtp-idle-timeout", "0.3")
-    statuses = [asyncio.run(connect_status(f"{server.ws_url}/tap/rate{i}")) for i in range(2)]
+    statuses = [asyncio.run(ws_connect_status(f"{server.ws_url}/tap/rate{i}")) for i in range(2)]
     assert statuses == [101, 429]
     first = rtp_burst(server.rtp_port, source="127.0.0.2")
     second = rtp_burst(server.rtp_port, source="127.0.0.2")  # same address, new port: refused
@@ -102,7 +96,7 @@ def test_below_min_free_space_taps_are_refused(make_server: Any) -> None:
     server = make_server("--no-auth", "--min-free-space", "1000000G")  # more than any disk
     health = server.health()
     assert health is not None and health["low_disk"] is True
-    assert asyncio.run(connect_status(f"{server.ws_url}/tap/nospace")) == 503
+    assert asyncio.run(ws_connect_status(f"{server.ws_url}/tap/nospace")) == 503
     rtp_burst(server.rtp_port)
     time.sleep(0.3)
     health = server.health()
@@ -128,7 +122,7 @@ def test_crossing_the_floor_finalizes_open_taps_cleanly(make_server: Any, tmpfs:
             msg = await ws.receive(timeout=5)  # the server closes: try again later
             assert msg.type == aiohttp.WSMsgType.CLOSE
             code = int(msg.data)
-        refused = await connect_status(f"{server.ws_url}/tap/while-full")
+        refused = await ws_connect_status(f"{server.ws_url}/tap/while-full")
         return code, refused
 
     assert asyncio.run(run()) == (1013, 503)
@@ -138,7 +132,7 @@ def test_crossing_the_floor_finalizes_open_taps_cleanly(make_server: Any, tmpfs:
     assert np.array_equal(samples, reference.decode("PCMU", sent))  # finalized, nothing lost
     (small_disk / "filler").unlink()
     deadline = time.monotonic() + 5
-    while asyncio.run(connect_status(f"{server.ws_url}/tap/after")) != 101:
+    while asyncio.run(ws_connect_status(f"{server.ws_url}/tap/after")) != 101:
         assert time.monotonic() < deadline, "taps not accepted again after space came back"
         time.sleep(0.3)
 
@@ -213,7 +207,7 @@ def test_max_tap_duration_stop(make_server: Any) -> None:
 def test_allow_lists(make_server: Any) -> None:
     closed = make_server("--no-auth", "--http-allow", "10.0.0.0/8", "--rtp-allow", "10.0.0.0/8")
     assert closed.health() is not None  # /healthz stays open (container health checks)
-    assert asyncio.run(connect_status(f"{closed.ws_url}/tap/denied")) == 403
+    assert asyncio.run(ws_connect_status(f"{closed.ws_url}/tap/denied")) == 403
     rtp_burst(closed.rtp_port)
     time.sleep(0.3)
     health = closed.health()
@@ -222,7 +216,7 @@ def test_allow_lists(make_server: Any) -> None:
     opened = make_server(
         "--no-auth", "--http-allow", "127.0.0.0/8, ::1/128", "--rtp-allow", "127.0.0.1/32"
     )
-    assert asyncio.run(connect_status(f"{opened.ws_url}/tap/allowed")) == 101
+    assert asyncio.run(ws_connect_status(f"{opened.ws_url}/tap/allowed")) == 101
 
 
 def test_slow_and_half_open_clients_are_closed(make_server: Any) -> None:
