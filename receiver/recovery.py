@@ -51,9 +51,67 @@ def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
     return sidecar
 
 
+def adopt_orphan(wav: Path) -> dict[str, Any]:
+    """A WAV without a sidecar (the process died between creating one and writing the other):
+    repair its header and give it a sidecar saying what is known."""
+    plan = repair_wav(wav)
+    modified = datetime.fromtimestamp(wav.stat().st_mtime, UTC)
+    sidecar: dict[str, Any] = {
+        "tap_id": wav.stem,
+        "file": wav.name,
+        "state": FINISHED if plan.problem is None else "failed",
+        "ended_at": modified.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "end_reason": "recovered after a crash (the sidecar was never written)",
+        "recovered": True,
+    }
+    if plan.problem is None and plan.layout is not None:
+        sidecar.update(
+            sample_rate=plan.layout.sample_rate,
+            channels=plan.layout.channels,
+            frames_written=plan.frames,
+            duration_seconds=round(plan.frames / plan.layout.sample_rate, 6),
+            header_repairs=plan.describe(),
+        )
+    else:
+        sidecar["error"] = f"recovered after a crash: {plan.problem}"
+    write_json_atomic(wav.with_suffix(".json"), sidecar)
+    return sidecar
+
+
+def _orphans(recordings: Path) -> list[Path]:
+    """WAVs that no sidecar names (per-track WAVs are named by their recording's sidecar)."""
+    named: set[str] = set()
+    for sidecar_path in recordings.glob("*.json"):
+        try:
+            sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(sidecar, dict):
+            named.add(str(sidecar.get("file") or sidecar_path.with_suffix(".wav").name))
+            tracks = sidecar.get("track_files")
+            if isinstance(tracks, dict):
+                named.update(str(name) for name in tracks.values())
+    return [
+        wav
+        for wav in sorted(recordings.glob("*.wav"))
+        if not wav.name.startswith(".")
+        and wav.name not in named
+        and not wav.with_suffix(".json").exists()
+    ]
+
+
 def recover(recordings: Path) -> list[dict[str, Any]]:
     """Finalize every interrupted recording in the directory; log what was done."""
     recovered = []
+    for wav in _orphans(recordings):
+        try:
+            adopted = adopt_orphan(wav)
+        except OSError as exc:
+            log.error("could not recover %s: %s", wav.name, exc)
+            continue
+        recovered.append(adopted)
+        log.warning("recovered %s after a crash: it had no sidecar; now %s", wav.name,
+                    adopted["state"])  # fmt: skip
     for sidecar_path in sorted(recordings.glob("*.json")):
         if sidecar_path.name.startswith("."):
             continue

@@ -284,3 +284,27 @@ def test_open_file_limit_is_raised_and_accounted_for(make_server: Any) -> None:
     assert limits["ws_max_taps"] == (1024 - 64) // 4
     assert limits["rtp_max_streams"] == (1024 - 64) // 2
     assert "cannot hold ws_max_taps=100000" in server.log()
+
+
+def test_recovery_adopts_a_wav_that_never_got_its_sidecar(make_server: Any, tmp_path: Path) -> None:
+    """A kill between creating a WAV and writing its first sidecar leaves a WAV nobody names:
+    the next start repairs it and gives it a sidecar; per-track WAVs a sidecar lists are left."""
+    recordings = tmp_path / "orphans"
+    recordings.mkdir()
+    samples = np.arange(-4000, 4000, dtype=np.int16)
+    soundfile.write(recordings / "orphan.wav", samples, 8000, subtype="PCM_16")
+    raw = bytearray((recordings / "orphan.wav").read_bytes())
+    raw[4:8] = raw[40:44] = b"\0\0\0\0"  # sizes as a crash before the first header update
+    (recordings / "orphan.wav").write_bytes(raw)
+    soundfile.write(recordings / "call.inbound.wav", samples, 8000, subtype="PCM_16")
+    (recordings / "call.json").write_text(json.dumps(
+        {"tap_id": "call", "file": "call.wav", "state": "finished",
+         "track_files": {"inbound": "call.inbound.wav"}}
+    ))  # fmt: skip
+    make_server("--no-auth", recordings=recordings)
+    sidecar = json.loads((recordings / "orphan.json").read_text())
+    assert sidecar["state"] == "finished" and sidecar["recovered"] is True
+    assert sidecar["frames_written"] == len(samples)
+    assert assert_header_matches_data(recordings / "orphan.wav") == len(samples)
+    assert np.array_equal(read_wav(recordings / "orphan.wav")[0], samples)
+    assert not (recordings / "call.inbound.json").exists()
