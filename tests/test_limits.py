@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import soundfile
 
 from receiver.limits import AddressFilter, RateLimiter
 from receiver.rtp.packet import RtpPacket
