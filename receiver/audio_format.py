@@ -74,8 +74,8 @@ def parse_content_type(value: str) -> AudioFormat:
         raise FormatError(f"G.711 is 8000 Hz, not {rate}")
     if rate not in SUPPORTED_RATES:
         raise FormatError(f"unsupported sample rate {rate}")
-    if channels not in (1, 2):
-        raise FormatError(f"unsupported channel count {channels}")
+    if channels not in (1, 2) or (encoding != PCM16 and channels != 1):
+        raise FormatError(f"unsupported channel count {channels} for {mime}")
     return AudioFormat(encoding, rate, channels)
 
 

@@ -12,6 +12,7 @@ from receiver.sink import WavSink
 
 _serial = itertools.count(1)
 
+MAX_EVENTS = 1000  # events kept per tap (DTMF, marks, SSRC changes, discontinuities, ...)
 RECORDING = "recording"
 FINISHED = "finished"
 FAILED = "failed"
@@ -57,6 +58,14 @@ class Tap:
     def segment_seconds(self) -> float:
         """Audio in the current file (written or pending), in seconds."""
         return (self.buffer.frames - self.segment_start_frames) / self.sample_rate
+
+    def add_event(self, event: dict[str, Any]) -> None:
+        """Record a sidecar event; past MAX_EVENTS they are only counted (`events_dropped`), so
+        a sender cannot grow the sidecar, the API answer and the webhook without bound."""
+        if len(self.events) < MAX_EVENTS:
+            self.events.append(event)
+        else:
+            self.count("events_dropped")
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n

@@ -762,3 +762,16 @@ def test_a_long_real_pause_is_still_silence() -> None:
     timeline.flush()
     assert recorder.samples.count("-") == 25 * 8000
     assert not recorder.of_type("discontinuity")
+
+
+def test_a_new_ssrc_on_every_packet_stays_cheap_and_bounded() -> None:
+    """A hostile sender (no token is needed for RTP) switching SSRC on every packet: the
+    timeline keeps 64 SSRCs by name and counts the rest; its state does not grow."""
+    timeline, _ = make()
+    for n in range(5000):
+        timeline.push(rtp(n, n * 160, ssrc=0x1000 + n), n * 0.02)
+    timeline.flush()
+    stats = timeline.stats
+    assert len(stats.ssrcs) == 64 and stats.ssrcs_not_listed == 5000 - 64
+    assert len(timeline._retired) <= 64  # type: ignore[attr-defined]
+    assert timeline.position == 5000 * 160  # every packet's audio is still there

@@ -337,3 +337,44 @@ def test_unsupported_media_format_closes_1003(srv: ServerProcess) -> None:
             return ws.close_code
 
     assert asyncio.run(run()) == 1003
+
+
+def test_vonage_with_g711_content_type_records_g711(srv: ServerProcess) -> None:
+    tap_id = new_id()
+    sent = noise(8000, 9)
+    frames: list[str | bytes | dict[str, Any]] = [
+        {"event": "websocket:connected", "content-type": "audio/mulaw;rate=8000"},
+        sent[:3001],
+        sent[3001:],
+    ]
+    asyncio.run(replay(f"{srv.ws_url}/stream/{tap_id}", frames))
+    samples, sidecar = finished(srv, tap_id)
+    assert sidecar["codec"] == "PCMU" and sidecar["dialect"] == "vonage"
+    assert np.array_equal(samples, reference.decode("PCMU", sent))
+
+
+def test_g711_cannot_be_declared_stereo(srv: ServerProcess) -> None:
+    tap_id = new_id()
+
+    async def run() -> int:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{srv.ws_url}/tap/{tap_id}") as ws,
+        ):
+            await ws.send_str("content-type:audio/mulaw;rate=8000;channels=2")
+            msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE
+            return int(msg.data)
+
+    assert asyncio.run(run()) == 1003
+
+
+def test_events_are_bounded_per_tap(srv: ServerProcess) -> None:
+    tap_id = new_id()
+    frames: list[str | bytes | dict[str, Any]] = [start(["inbound"])]
+    frames += [{"event": "mark", "mark": {"name": "m" * 5000}} for _ in range(1200)]
+    asyncio.run(replay(f"{srv.ws_url}/stream/{tap_id}", frames))
+    _, sidecar = finished(srv, tap_id)
+    assert len(sidecar["events"]) == 1000
+    assert sidecar["counters"]["events_dropped"] == 200
+    assert all(len(e["name"]) == 256 for e in sidecar["events"])

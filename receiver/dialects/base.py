@@ -7,11 +7,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from receiver.audio_buffer import AudioBuffer, ChannelBuffer
+from receiver.audio_buffer import PCM16, AudioBuffer, ChannelBuffer
 from receiver.audio_format import AudioFormat
 from receiver.config import Config
 from receiver.registry import TapRegistry
-from receiver.tap import Tap
+from receiver.tap import MAX_EVENTS, Tap
 
 log = logging.getLogger("receiver.ws")
 
@@ -55,6 +55,7 @@ class Session:
         self._early_counters: dict[str, int] = {}
         self._early_events: list[dict[str, Any]] = []
         self.warned: set[str] = set()
+        self._partial = b""  # the start of a frame split across binary messages
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -63,9 +64,6 @@ class Session:
 
     def binary(self, data: bytes) -> None:
         self.bad_input("unexpected_binary", "binary frame in a text-only dialect")
-
-    def flush(self) -> None:
-        """End of stream: release anything held back (timelines)."""
 
     def default_format(self) -> AudioFormat:
         return AudioFormat("PCMU")
@@ -98,12 +96,32 @@ class Session:
         tap.extra.update(extra or {})
         for name, n in self._early_counters.items():
             tap.count(name, n)
-        tap.events.extend(self._early_events)
+        for event in self._early_events:
+            tap.add_event(event)
         self._early_counters.clear()
         self._early_events.clear()
         self.tap = tap
         self.ctx.registry.start(tap)
         return tap
+
+    def append_frames(self, fmt: AudioFormat, data: bytes) -> None:
+        """Binary audio in arrival order, whole frames only: a frame (an L16 sample, or one per
+        channel) split across messages waits for the rest in `_partial`."""
+        tap = self.tap or self.start_tap(fmt)
+        tap.count("frames_received")
+        tap.count("bytes_received", len(data))
+        frame = (2 if fmt.encoding == PCM16 else 1) * fmt.channels
+        if frame > 1:
+            data = self._partial + data
+            whole = len(data) - len(data) % frame
+            data, self._partial = data[:whole], data[whole:]
+        self.stream_buffer().append(fmt.encoding, data)
+
+    def flush(self) -> None:
+        """End of stream: release anything held back. A partial frame cannot be recorded."""
+        if self._partial:
+            self.count("bytes_discarded", len(self._partial))
+            self._partial = b""
 
     def stream_buffer(self) -> AudioBuffer:
         """The tap's single buffer (every dialect but two-track Media Streams has one)."""
@@ -118,8 +136,8 @@ class Session:
 
     def event(self, event: dict[str, Any]) -> None:
         if self.tap is not None:
-            self.tap.events.append(event)
-        else:
+            self.tap.add_event(event)
+        elif len(self._early_events) < MAX_EVENTS:
             self._early_events.append(event)
 
     def bad_input(self, name: str, detail: str) -> None:

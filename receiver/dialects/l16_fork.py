@@ -49,7 +49,6 @@ class L16ForkSession(Session):
         if vonage:
             self.dialect = "vonage"
         self.fmt = AudioFormat(PCM16, 8000, 1)
-        self._partial = b""  # a sample or frame split across messages
 
     def default_format(self) -> AudioFormat:
         return self.fmt
@@ -92,7 +91,7 @@ class L16ForkSession(Session):
             assert self.tap is not None
             record: dict[str, Any] = {
                 "type": "dtmf",
-                "digit": str(digit),
+                "digit": str(digit)[:16],
                 "at": self.tap.buffer.frames / self.fmt.sample_rate,
             }
             if "duration" in message:
@@ -104,16 +103,4 @@ class L16ForkSession(Session):
     def binary(self, data: bytes) -> None:
         if self.tap is None:
             self.bad_input("no_metadata", "binary audio before the metadata frame; assuming 8 kHz")
-            self.start_tap(self.fmt)
-        assert self.tap is not None
-        self.tap.count("frames_received")
-        self.tap.count("bytes_received", len(data))
-        data = self._partial + data
-        whole = len(data) - len(data) % (2 * self.fmt.channels)
-        data, self._partial = data[:whole], data[whole:]
-        self.stream_buffer().append(PCM16, data)
-
-    def flush(self) -> None:
-        if self._partial:
-            self.count("bytes_discarded", len(self._partial))
-            self._partial = b""
+        self.append_frames(self.fmt, data)  # L16, or G.711 when Vonage's content-type says so

@@ -24,6 +24,7 @@ from receiver.dialects.base import Session, SessionContext, too_deep
 from receiver.track_timeline import TrackTimeline
 
 INBOUND, OUTBOUND = "inbound", "outbound"
+MAX_NAME = 256  # characters of a mark's name kept in the sidecar
 EARLY_MEDIA_LIMIT = 250  # media messages kept while the tracks or the format are still unknown
 _ENCODINGS = {
     "audio/x-mulaw": g711.PCMU,
@@ -210,7 +211,7 @@ class MediaStreamsSession(Session):
         if digit is None:
             self.bad_input("bad_dtmf", "dtmf event without a digit")
             return
-        event: dict[str, Any] = {"type": "dtmf", "digit": str(digit), "at": self._now()}
+        event: dict[str, Any] = {"type": "dtmf", "digit": str(digit)[:16], "at": self._now()}
         duration = _number(_get(dtmf, "duration"))
         if duration is not None:
             event["duration_ms"] = duration
@@ -221,7 +222,9 @@ class MediaStreamsSession(Session):
     def _mark(self, message: dict[str, Any]) -> None:
         mark = message.get("mark") if isinstance(message.get("mark"), dict) else {}
         assert isinstance(mark, dict)
-        self.event({"type": "mark", "name": mark.get("name"), "at": self._now()})
+        name = mark.get("name")
+        self.event({"type": "mark", "name": str(name)[:MAX_NAME] if name is not None else None,
+                    "at": self._now()})  # fmt: skip
 
     def _stop(self, message: dict[str, Any]) -> None:
         self.info["stopped"] = True

@@ -3,7 +3,6 @@ preceded by one text frame that declares the format. Later text frames are ignor
 
 from __future__ import annotations
 
-from receiver.audio_buffer import PCM16
 from receiver.audio_format import AudioFormat, parse_format_header
 from receiver.dialects.base import Session, SessionContext
 
@@ -14,7 +13,6 @@ class RawTapSession(Session):
     def __init__(self, ctx: SessionContext, fmt: AudioFormat) -> None:
         super().__init__(ctx)
         self.fmt = fmt
-        self._partial = b""  # L16 frames may split a sample across messages
 
     def default_format(self) -> AudioFormat:
         return self.fmt
@@ -31,16 +29,4 @@ class RawTapSession(Session):
         self.count("text_frames_ignored")
 
     def binary(self, data: bytes) -> None:
-        tap = self.tap or self.start_tap(self.fmt)
-        tap.count("frames_received")
-        tap.count("bytes_received", len(data))
-        if self.fmt.encoding == PCM16:
-            data = self._partial + data
-            whole = len(data) - len(data) % (2 * self.fmt.channels)
-            data, self._partial = data[:whole], data[whole:]
-        self.stream_buffer().append(self.fmt.encoding, data)
-
-    def flush(self) -> None:
-        if self._partial:
-            self.count("bytes_discarded", len(self._partial))
-            self._partial = b""
+        self.append_frames(self.fmt, data)

@@ -68,7 +68,7 @@ class _TapOutput:
         assert isinstance(buffer, AudioBuffer)
         self.audio = buffer.append
         self.silence = buffer.append_silence
-        self.event = tap.events.append
+        self.event = tap.add_event
 
 
 class _Discard:

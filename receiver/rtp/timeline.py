@@ -49,6 +49,10 @@ MAX_HELD = 512
 DTMF_HISTORY = 32
 
 
+MAX_SSRCS = 64  # SSRCs kept by name (a hostile sender may use a new one per packet)
+MAX_EVENTS = 1000  # DTMF digits and discontinuities kept in the stats; the rest are counted
+
+
 class TimelineOutput(Protocol):
     def audio(self, codec: str, payload: bytes) -> None: ...
 
@@ -79,6 +83,7 @@ class TimelineStats:
     sequence_resets: int = 0
     jitter: float = 0.0  # RFC 3550 A.8 interarrival jitter, in timestamp units
     ssrcs: list[int] = field(default_factory=list)
+    ssrcs_not_listed: int = 0  # SSRCs beyond the first MAX_SSRCS
     first_timestamp: int | None = None  # of the first audio packet received
     last_timestamp: int | None = None  # of the last audio packet received
     payload_types: list[int] = field(default_factory=list)
@@ -147,6 +152,7 @@ class RtpTimeline:
         "_retired",
         "_ssrc",
         "_ssrc_timeout",
+        "_ssrcs_seen",
         "_start",
         "_stats",
     )
@@ -174,6 +180,7 @@ class RtpTimeline:
 
         self._ssrc: int | None = None
         self._retired: set[int] = set()
+        self._ssrcs_seen: set[int] = set()
         self._last_seen = 0.0
         self._first_arrival: float | None = None  # for the wall-clock budget of silence
         self._last_payload_type = -1
@@ -369,6 +376,8 @@ class RtpTimeline:
         if packet.ssrc in self._retired and arrival - self._last_seen < self._ssrc_timeout:
             self._stats.stale_ssrc += 1
             return
+        if len(self._retired) >= MAX_SSRCS:
+            self._retired.clear()  # a flood of SSRCs: forget the old ones rather than grow
         self._retired.add(self._ssrc)
         self._retired.discard(packet.ssrc)
         if self._probe is not None:
@@ -415,8 +424,14 @@ class RtpTimeline:
         if self._first_arrival is None:
             self._first_arrival = arrival
         self._ssrc = packet.ssrc
-        if packet.ssrc not in self._stats.ssrcs:
-            self._stats.ssrcs.append(packet.ssrc)
+        stats = self._stats
+        if packet.ssrc not in self._ssrcs_seen:
+            # Bounded: a hostile sender may use a new SSRC on every packet.
+            if len(self._ssrcs_seen) < MAX_SSRCS:
+                self._ssrcs_seen.add(packet.ssrc)
+                stats.ssrcs.append(packet.ssrc)
+            else:
+                stats.ssrcs_not_listed += 1
         self._last_seen = arrival
         self._start = self._next = packet.sequence
         self._lost.clear()
@@ -515,7 +530,8 @@ class RtpTimeline:
             "ssrc": ssrc_hex(packet.ssrc),
             "sequence": packet.sequence,
         }
-        self._stats.discontinuities.append(event)
+        if len(self._stats.discontinuities) < MAX_EVENTS:
+            self._stats.discontinuities.append(event)
         self._output.event(event)
 
     def _release_non_audio(self, packet: RtpPacket) -> None:
@@ -572,7 +588,8 @@ class RtpTimeline:
             "ssrc": ssrc_hex(self._ssrc),
             "ended": event.end,
         }
-        self._stats.dtmf.append(record)
+        if len(self._stats.dtmf) < MAX_EVENTS:
+            self._stats.dtmf.append(record)
         self._output.event(record)
 
     def _note_payload_type(self, payload_type: int) -> None:
