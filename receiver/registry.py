@@ -134,16 +134,15 @@ class TapRegistry:
         reason = "max_tap_duration: continued in the next segment"
         tap.extra["segment"] = tap.extra.get("segment", 1)
         sidecar = {**tap.describe(), "ended_at": utc_now_iso(), "end_reason": reason}
-        future = self.writer.finish(old, tap.buffer.take(), sidecar)
+        new = WavSink(self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files)
+        future = self.writer.finish(old, tap.buffer.take(), sidecar, successor=new)
         future.add_done_callback(lambda _: self._finalized(tap, old, reason))
         tap.extra["segment"] += 1
         tap.extra["previous_segment"] = old.name
         tap.segment_start_frames = tap.buffer.frames
         tap.started_at = utc_now_iso()
-        tap.sink = WavSink(
-            self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files
-        )
-        self.writer.open(tap.sink, tap.describe())
+        tap.sink = new
+        self.writer.open(new, tap.describe())
         log.info("tap %s: segment %d begins (max_tap_duration)", tap.tap_id, tap.extra["segment"])
 
     def _finalized(self, tap: Tap, sink: WavSink, reason: str) -> None:

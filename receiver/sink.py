@@ -142,8 +142,6 @@ class WavSink:
     def write_channels(self, parts: list[np.ndarray]) -> None:
         """Write one int16 array per channel; channels of unequal length are evened out over
         batches (what one channel has beyond the others waits for the next call)."""
-        for track_sink, part in zip(self.track_sinks.values(), parts, strict=False):
-            track_sink.write(part.reshape(-1, 1))
         if self.channels == 1:
             self.write(parts[0].reshape(-1, 1))
             return
@@ -153,7 +151,14 @@ class WavSink:
         ready = min(len(c) for c in carry)
         self._carry = [c[ready:] for c in carry]
         if ready:
-            self.write(np.column_stack([c[:ready] for c in carry]))
+            self._write_aligned([c[:ready] for c in carry])
+
+    def _write_aligned(self, columns: list[np.ndarray]) -> None:
+        """Equal-length channels: the interleaved WAV, and each per-track WAV its column, so
+        the per-track files always match the stereo one sample for sample."""
+        self.write(np.column_stack(columns))
+        for track_sink, column in zip(self.track_sinks.values(), columns, strict=False):
+            track_sink.write(column.reshape(-1, 1))
 
     def drain_carry(self) -> None:
         """At the end: pad the shorter channels with silence and write what is left."""
@@ -161,11 +166,12 @@ class WavSink:
         if longest:
             padded = [np.pad(c, (0, longest - len(c))) for c in self._carry]
             self._carry = [np.zeros(0, np.int16) for _ in self._carry]
-            self.write(np.column_stack(padded))
-        for track_sink in self.track_sinks.values():
-            missing = self.frames_written - track_sink.frames_written
-            if missing > 0:
-                track_sink.write(np.zeros((missing, 1), np.int16))
+            self._write_aligned(padded)
+
+    def hand_over_carry(self, successor: WavSink) -> None:
+        """A segment split (max_tap_duration): what one channel has beyond the others belongs
+        at the start of the next file, not padded with silence at the end of this one."""
+        successor._carry, self._carry = self._carry, [np.zeros(0, np.int16) for _ in self._carry]
 
     def write(self, frames: np.ndarray) -> None:
         if self._file is None or len(frames) == 0:

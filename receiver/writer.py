@@ -40,8 +40,16 @@ class DiskWriter:
     def write(self, batch: list[tuple[WavSink, Pending]]) -> Future[None]:
         return self._executor.submit(self._write, batch)
 
-    def finish(self, sink: WavSink, pending: Pending, sidecar: dict[str, Any]) -> Future[None]:
-        return self._executor.submit(self._finish, sink, pending, sidecar)
+    def finish(
+        self,
+        sink: WavSink,
+        pending: Pending,
+        sidecar: dict[str, Any],
+        successor: WavSink | None = None,
+    ) -> Future[None]:
+        """Close the tap's files. With a `successor` (a segment split), the channels' uneven
+        remainder goes on into it instead of being padded."""
+        return self._executor.submit(self._finish, sink, pending, sidecar, successor)
 
     def rename(self, sink: WavSink, new_id: str, sidecar: dict[str, Any]) -> Future[None]:
         return self._executor.submit(self._rename, sink, new_id, sidecar)
@@ -106,8 +114,16 @@ class DiskWriter:
         if self.observe_batch is not None:
             self.observe_batch(self.last_batch_seconds)
 
-    def _finish(self, sink: WavSink, pending: Pending, sidecar: dict[str, Any]) -> None:
-        self._append(sink, pending, last=True)
+    def _finish(
+        self,
+        sink: WavSink,
+        pending: Pending,
+        sidecar: dict[str, Any],
+        successor: WavSink | None = None,
+    ) -> None:
+        self._append(sink, pending, last=successor is None)
+        if successor is not None:
+            sink.hand_over_carry(successor)
         if sink.error is None:
             try:
                 sink.close()
