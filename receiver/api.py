@@ -138,7 +138,16 @@ class RecordingsApi:
     # -- the API --------------------------------------------------------------------------------
 
     def _active(self) -> dict[str, Tap]:
-        return {tap.name: tap for tap in self.registry.active if tap.name}
+        """Active taps by file name, their per-track WAVs included (those are live files too)."""
+        active: dict[str, Tap] = {}
+        for tap in self.registry.active:
+            if tap.name:
+                active[tap.name] = tap
+                if tap.sink is not None:
+                    for track_sink in tap.sink.track_sinks.values():
+                        if track_sink.name:
+                            active[track_sink.name] = tap
+        return active
 
     def _live(self, tap: Tap) -> dict[str, Any]:
         frames = tap.buffer.frames

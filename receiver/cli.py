@@ -98,7 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if server is None:
             return run_workers(cfg, token, ssl_context, workers)
-        return run(server.run())
+        code = run(server.run())
+        if server.writer_stuck:  # its thread would block the interpreter's exit
+            logging.shutdown()
+            os._exit(code)
+        return code
     except StartupError as exc:
         print(f"tap-receiver: {exc}", file=sys.stderr)
         return 1

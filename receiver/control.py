@@ -21,6 +21,7 @@ from aiohttp import web
 
 from receiver.auth import Auth
 from receiver.config import Config
+from receiver.dialects.base import too_deep
 from receiver.registry import TapRegistry
 from receiver.rtp.receiver import NoFreePort, Registration, RtpReceiver
 from receiver.tap_id import TAP_ID_RULE, is_valid_tap_id
@@ -91,10 +92,12 @@ class ControlApi:
             return json_error(400, "the body must be JSON")
         if not isinstance(body, dict):
             return json_error(400, "the body must be a JSON object")
+        if too_deep(body):  # it goes into the sidecar, the API answers and the webhook
+            return json_error(400, "the body nests JSON too deeply")
         return body
 
     def _public_address(self, request: web.Request) -> str:
-        return self.config.public_address or (request.host.rpartition(":")[0] or request.host)
+        return self.config.public_address or request.url.host or "localhost"
 
     # -- registration -------------------------------------------------------------------------
 
@@ -198,6 +201,9 @@ class ControlApi:
         registration.extra.update(info)
         stream = registration.stream
         if stream is None:
+            if state == "finished":
+                self.rtp.release(registration)
+                return "released: no packet had arrived"
             return "linked; waiting for the first packet"
         self.rtp.rename(stream, control_id, info)
         if state == "finished":

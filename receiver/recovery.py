@@ -35,6 +35,12 @@ def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
         write_json_atomic(sidecar_path, sidecar)
         return sidecar
     plan = repair_wav(wav)
+    tracks = sidecar.get("track_files")
+    if isinstance(tracks, dict):  # per-track WAVs were being written as well
+        for name in tracks.values():
+            track_wav = sidecar_path.parent / str(name)
+            if track_wav.is_file() and "/" not in str(name):
+                repair_wav(track_wav)
     if plan.problem is not None:
         sidecar.update(state="failed", error=f"recovered after a crash: {plan.problem}")
     else:

@@ -81,6 +81,7 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self.low_disk = False
         self.open_file_limit = 0
+        self.writer_stuck = False  # shutdown gave up on the disk writer
         self.ssl_context = ssl_context
 
     @property
@@ -264,6 +265,7 @@ class Server:
                 self.rtp.stop_recording(tap, "max_tap_duration")
             else:
                 self.ws.close_tap(tap, "max_tap_duration")
+                tap.extra["close_code"] = 1000
                 self.registry.finish(tap, "max_tap_duration")
 
     async def shutdown(self) -> None:
@@ -279,6 +281,7 @@ class Server:
         if self._runner is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._runner.cleanup(), timeout=1.0)
+        self.ws.end_sessions("shutdown")  # handlers that did not get to it: flush their timelines
         self.registry.finish_all("shutdown")
         remaining = max(0.5, self.config.shutdown_timeout - (time.monotonic() - started))
         loop = asyncio.get_running_loop()
@@ -286,6 +289,7 @@ class Server:
             await asyncio.wait_for(loop.run_in_executor(None, self.writer.shutdown), remaining)
         except TimeoutError:
             log.error("disk writer still busy after %.1f s; exiting anyway", remaining)
+            self.writer_stuck = True
         if self.webhooks is not None:  # the last finalized taps' notifications get what is left
             await asyncio.sleep(0)  # let the writer's last completions reach the loop
             remaining = max(0.2, self.config.shutdown_timeout - (time.monotonic() - started))
@@ -304,4 +308,4 @@ class Server:
             raise
         await stop.wait()
         await self.shutdown()
-        return 0
+        return 1 if self.writer_stuck else 0

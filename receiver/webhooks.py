@@ -56,7 +56,13 @@ class WebhookSender:
 
     def submit(self, sidecar: dict[str, Any]) -> None:
         """Schedule the delivery of one finalized tap's sidecar (call on the event loop)."""
-        body = orjson.dumps(sidecar)
+        try:
+            body = orjson.dumps(sidecar)
+        except TypeError as exc:  # not JSON-encodable: count it, never lose it silently
+            self.counters["failed"] += 1
+            log.error("webhook for tap %s: the sidecar cannot be encoded: %s",
+                      sidecar.get("tap_id"), exc)  # fmt: skip
+            return
         task = asyncio.get_running_loop().create_task(self._deliver(body, sidecar.get("tap_id")))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

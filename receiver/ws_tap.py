@@ -195,6 +195,13 @@ class WsTapEndpoint:
                 return True
         return False
 
+    def end_sessions(self, reason: str) -> None:
+        """Shutdown: finish the taps whose handlers have not ended them yet (their timelines
+        are flushed into the tap first)."""
+        for session in list(self.sessions.values()):
+            if session.tap is not None:
+                self._end(session, reason, None)
+
     def _start_close(self, ws: web.WebSocketResponse, code: int, message: str, reason: str) -> None:
         # The handler waits for this task before it returns (see `handle`): returning while
         # the close handshake is under way would drop the connection before the peer answers.

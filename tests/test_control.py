@@ -326,3 +326,23 @@ def test_metrics_parse_and_match_the_traffic(make_server: Any) -> None:
     assert ("tap_started", "m1") in events and ("tap_finished", "m1") in events
     finished = next(e for e in lines if e.get("event") == "tap_finished" and e["tap_id"] == "m1")
     assert finished["counters"]["frames_received"] == 2 and finished["frames"] == 1600
+
+
+def test_finished_before_any_packet_releases_the_port(pool_server: ServerProcess) -> None:
+    _, answer = asyncio.run(post(f"{pool_server.base_url}/api/taps", {"tap_id": "never-sent"}))
+    device = {"type": "rtp", "params": {"port": answer["rtp"]["port"]}}
+    url = f"{pool_server.base_url}/signalwire/tap-status"
+    _, result = asyncio.run(post(url, status_event("never-sent", "finished", device)))
+    assert result["result"].startswith("released")
+    health = pool_server.health()
+    assert health is not None and health["rtp"]["pool_ports_in_use"] == 0
+
+
+def test_deeply_nested_bodies_are_refused(pool_server: ServerProcess) -> None:
+    deep: Any = "x"
+    for _ in range(300):
+        deep = {"d": deep}
+    event = status_event("deep", "tapping", {"type": "ws", "params": {"uri": "wss://h/tap/a"}})
+    event["params"]["device"]["params"]["extra"] = deep
+    status, answer = asyncio.run(post(f"{pool_server.base_url}/signalwire/tap-status", event))
+    assert status == 400 and "deeply" in answer["error"]

@@ -26,7 +26,7 @@ from receiver.audio_buffer import AudioBuffer
 from receiver.config import Config, parse_port_range
 from receiver.limits import AddressFilter, RateLimiter
 from receiver.registry import TapRegistry
-from receiver.rtp.packet import RtpPacket, RtpParseError, is_rtcp
+from receiver.rtp.packet import AUDIO_CODECS, RtpPacket, RtpParseError, is_rtcp
 from receiver.rtp.timeline import RtpTimeline
 from receiver.tap import Tap
 from receiver.tap_id import file_safe_id
@@ -37,7 +37,6 @@ POLL_INTERVAL = 0.02  # how often held packets are checked against the jitter wi
 IDLE_CHECK_INTERVAL = 0.25
 _REFUSED_MEMORY = 10_000  # sources remembered so a refused source is counted once
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused sources, per reason
-_CODECS = {0: "PCMU", 8: "PCMA"}
 _TOTALS = ("received", "lost", "late", "duplicate", "reordered")
 
 
@@ -245,7 +244,10 @@ class RtpReceiver:
         assert registration.source is not None
         self.by_source[registration.source] = registration
         if self.shared is not None:
-            stream = self.shared.streams.get(registration.source)
+            stream = next(
+                (s for a, s in self.shared.streams.items() if (a[0], a[1]) == registration.source),
+                None,
+            )  # IPv6 addresses are 4-tuples: match on (host, port)
             if stream is not None:
                 registration.stream = stream
                 stream.registration = registration
@@ -320,18 +322,14 @@ class RtpReceiver:
         if registration is not None and registration.stream is not None:
             registration = None  # a second sender to a pool port: recorded, but not by name
         tap_id = registration.tap_id if registration else file_safe_id(f"rtp-{addr[0]}-{addr[1]}")
-        codec = _CODECS.get(packet.payload_type, registration.codec if registration else "PCMU")
+        codec = AUDIO_CODECS.get(
+            packet.payload_type, registration.codec if registration else "PCMU"
+        )
         tap = Tap(tap_id, "rtp", codec, remote=f"{addr[0]}:{addr[1]}")
         tap.extra["local_port"] = sock.port
         if registration is not None:
             tap.extra.update(registration.extra)
-        timeline = RtpTimeline(
-            _TapOutput(tap),
-            clock_rate=8000,
-            jitter=self.config.rtp_jitter_ms / 1000,
-            max_gap=self.config.rtp_max_gap,
-            dtmf_payload_type=self.config.rtp_dtmf_payload_type,
-        )
+        timeline = self._timeline(_TapOutput(tap))
         stream = RtpStream(sock, addr, tap, timeline, now, registration)
         if registration is not None:
             registration.stream = stream
@@ -360,6 +358,15 @@ class RtpReceiver:
         self._refusal_log[reason] = (0, now)
         more = f" (and {suppressed} more sources since the last such line)" if suppressed else ""
         log.warning("refused RTP stream from %s:%d: %s%s", source[0], source[1], why, more)
+
+    def _timeline(self, output: _TapOutput | _Discard) -> RtpTimeline:
+        return RtpTimeline(
+            output,
+            clock_rate=8000,
+            jitter=self.config.rtp_jitter_ms / 1000,
+            max_gap=self.config.rtp_max_gap,
+            dtmf_payload_type=self.config.rtp_dtmf_payload_type,
+        )
 
     # -- naming and ending --------------------------------------------------------------------
 
@@ -400,13 +407,7 @@ class RtpReceiver:
             return False
         self._finalize(stream, reason)
         stream.muted = True
-        stream.timeline = RtpTimeline(
-            _DISCARD,
-            clock_rate=8000,
-            jitter=self.config.rtp_jitter_ms / 1000,
-            max_gap=self.config.rtp_max_gap,
-            dtmf_payload_type=self.config.rtp_dtmf_payload_type,
-        )
+        stream.timeline = self._timeline(_DISCARD)
         return True
 
     def streams(self) -> Iterator[RtpStream]:
