@@ -219,6 +219,23 @@ def compare_wav(path: Path, stream: int, packets: int, codec: str) -> bool:
     return bytes(data.astype("<i2").tobytes()) == decode(expected, 2)
 
 
+def check_spread(
+    recordings: Path, sidecars: dict[int, dict[str, Any]], count: int, packets: int
+) -> tuple[int, int]:
+    """Compare SAMPLES_CHECKED recordings spread over the `count` senders sample for sample;
+    returns (checked, exact)."""
+    checked = exact = 0
+    spread = {round(k * (count - 1) / max(1, SAMPLES_CHECKED - 1)) for k in range(SAMPLES_CHECKED)}
+    for index in sorted(spread):
+        sidecar = sidecars.get(index)
+        checked += 1
+        if sidecar is not None and compare_wav(
+            recordings / sidecar["file"], index, packets, "PCMU"
+        ):
+            exact += 1
+    return checked, exact
+
+
 # -- series -----------------------------------------------------------------------------------
 
 
@@ -286,16 +303,7 @@ def rtp_step(
         if s.get("rtp", {}).get("ssrcs")
     }
     row.per_worker = _per_worker(sidecars)
-    checked = exact = 0
-    for index in sorted(
-        {round(k * (streams - 1) / max(1, SAMPLES_CHECKED - 1)) for k in range(SAMPLES_CHECKED)}
-    ):
-        sidecar = by_stream.get(index)
-        checked += 1
-        if sidecar is not None and compare_wav(
-            receiver.recordings / sidecar["file"], index, packets, "PCMU"
-        ):
-            exact += 1
+    checked, exact = check_spread(receiver.recordings, by_stream, streams, packets)
     row.samples_compared = checked
     row.wavs_exact = len(complete) == streams == row.taps and exact == checked
     row.sender_kept_pace = float(summary["seconds"]) <= (seconds + ramp) * 1.02 + 0.1
@@ -356,16 +364,7 @@ def ws_step(
     ]
     by_tap = {int(s["tap_id"].rsplit("-", 1)[1]): s for s in complete}
     row.per_worker = _per_worker(sidecars)
-    checked = exact = 0
-    for index in sorted(
-        {round(k * (taps - 1) / max(1, SAMPLES_CHECKED - 1)) for k in range(SAMPLES_CHECKED)}
-    ):
-        sidecar = by_tap.get(index)
-        checked += 1
-        if sidecar is not None and compare_wav(
-            receiver.recordings / sidecar["file"], index, frames, "PCMU"
-        ):
-            exact += 1
+    checked, exact = check_spread(receiver.recordings, by_tap, taps, frames)
     row.samples_compared = checked
     row.wavs_exact = len(complete) == taps == row.taps and exact == checked
     row.sender_kept_pace = (
