@@ -37,6 +37,11 @@ def require_tool(name: str) -> str:
     return path
 
 
+def noise(n: int, seed: int) -> bytes:
+    """n random G.711 bytes, the same for the same seed."""
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
 class ServerProcess:
     """`python -m receiver` as a user would run it."""
 

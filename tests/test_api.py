@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from receiver.rtp.packet import RtpPacket, TelephoneEvent
-from tests.conftest import TOKEN, ServerProcess, read_wav, wait_for_sidecar
-from tests.test_ws_tap import BAD_IDS, g711_noise, new_id, send_tap, tap_url
+from tests.conftest import TOKEN, ServerProcess, noise, read_wav, wait_for_sidecar
+from tests.test_ws_tap import BAD_IDS, new_id, send_tap, tap_url
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -63,9 +63,9 @@ def l16_tap(server: ServerProcess, tap_id: str, samples: np.ndarray, rate: int =
 def test_list_shows_finished_taps_newest_first_with_filters(server: ServerProcess) -> None:
     marker = new_id("list")
     first, second = f"{marker}-a", f"{marker}-b"
-    asyncio.run(send_tap(tap_url(server, first), [g711_noise(800, 1)]))
+    asyncio.run(send_tap(tap_url(server, first), [noise(800, 1)]))
     wait_for_sidecar(server.recordings, first)
-    asyncio.run(send_tap(tap_url(server, second, "?codec=pcma"), [g711_noise(1600, 2)]))
+    asyncio.run(send_tap(tap_url(server, second, "?codec=pcma"), [noise(1600, 2)]))
     wait_for_sidecar(server.recordings, second)
 
     listing = get_json(server, f"/api/taps?q={marker}")
@@ -105,7 +105,7 @@ def test_list_shows_finished_taps_newest_first_with_filters(server: ServerProces
 
 def test_detail_audio_ranges_and_etag(server: ServerProcess) -> None:
     tap_id = new_id("audio")
-    sent = g711_noise(8000, 3)
+    sent = noise(8000, 3)
     asyncio.run(send_tap(tap_url(server, tap_id), [sent[:4000], sent[4000:]]))
     sidecar = wait_for_sidecar(server.recordings, tap_id)
     wav = server.recordings / f"{tap_id}.wav"
@@ -267,7 +267,7 @@ def test_levels_match_numpy(server: ServerProcess) -> None:
 
 def test_auth_is_enforced_everywhere(server: ServerProcess) -> None:
     tap_id = new_id("auth")
-    asyncio.run(send_tap(tap_url(server, tap_id), [g711_noise(400, 4)]))
+    asyncio.run(send_tap(tap_url(server, tap_id), [noise(400, 4)]))
     wait_for_sidecar(server.recordings, tap_id)
     targets = [
         ("GET", "/api/taps"),
@@ -315,7 +315,7 @@ def test_unknown_recording_is_404(server: ServerProcess) -> None:
 
 def test_active_tap_has_live_counters_and_cannot_be_deleted(server: ServerProcess) -> None:
     tap_id = new_id("live")
-    chunk = g711_noise(1600, 5)
+    chunk = noise(1600, 5)
 
     async def run() -> None:
         async with (
@@ -370,7 +370,7 @@ def test_rtp_tap_loss_and_dtmf_markers(server: ServerProcess) -> None:
     sock.bind(("127.0.0.1", 0))
     name = f"rtp-127.0.0.1-{sock.getsockname()[1]}"
     dest = ("127.0.0.1", server.rtp_port)
-    audio = g711_noise(160 * 20, 6)
+    audio = noise(160 * 20, 6)
     for n in range(20):
         if n != 7:  # one packet lost of 20
             payload = audio[n * 160 : (n + 1) * 160]
@@ -393,7 +393,7 @@ def test_interrupted_recording_after_kill_9(make_server: Any, tmp_path: Path) ->
     recordings = tmp_path / "shared-recordings"
     first = make_server("--no-auth", recordings=recordings)
     tap_id = new_id("crash")
-    sent = g711_noise(3200, 7)
+    sent = noise(3200, 7)
 
     async def record_then_die() -> None:
         async with (

@@ -29,7 +29,14 @@ import pytest
 
 from receiver.rtp.packet import PT_PCMU, RtpPacket
 from tests import reference
-from tests.conftest import ROOT, assert_header_matches_data, free_port, read_wav, wait_for_sidecar
+from tests.conftest import (
+    ROOT,
+    assert_header_matches_data,
+    free_port,
+    noise,
+    read_wav,
+    wait_for_sidecar,
+)
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
 
@@ -280,10 +287,6 @@ def assert_stopped_cleanly(container: Container, seconds: float) -> None:
     assert "Traceback" not in log, log
 
 
-def g711_noise(n: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
 def send_rtp(port: int, payload: bytes, ptime: float = 0.02) -> int:
     """PCMU in 20 ms packets at real-time pace from one socket; returns the source port."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -350,8 +353,8 @@ def test_container_records_taps_and_stops_cleanly(
     container.check_healthcheck()
 
     # 1. A WebSocket tap that ends normally.
-    ws_done = g711_noise(160 * 150, seed=101)  # 3 s
-    ws_open = g711_noise(160 * 100, seed=102)  # still open when the container is stopped
+    ws_done = noise(160 * 150, seed=101)  # 3 s
+    ws_open = noise(160 * 100, seed=102)  # still open when the container is stopped
 
     async def closed_tap() -> None:
         async with (
@@ -365,7 +368,7 @@ def test_container_records_taps_and_stops_cleanly(
     wait_for_sidecar(recordings, "ws-done")
 
     # 2. An RTP stream, 3 s in real time, ended by the idle timeout.
-    rtp_audio = g711_noise(160 * 150, seed=103)
+    rtp_audio = noise(160 * 150, seed=103)
     source_port = send_rtp(container.rtp_port, rtp_audio)
     rtp_name = f"rtp-127.0.0.1-{source_port}"
     assert wait_for_sidecar(recordings, rtp_name, timeout=15)["end_reason"] == "idle timeout"
@@ -420,7 +423,7 @@ def test_container_serves_wss_with_mounted_certificate(
     )
     assert get_health(f"http://127.0.0.1:{container.http_port}") is None  # TLS only
     container.check_healthcheck()
-    sent = g711_noise(160 * 50, seed=104)
+    sent = noise(160 * 50, seed=104)
 
     async def tap() -> None:
         async with (

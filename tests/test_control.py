@@ -19,13 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.rtp.packet import RtpPacket
 from tests import reference
-from tests.conftest import TOKEN, ServerProcess, free_port, read_wav, wait_for_sidecar
+from tests.conftest import TOKEN, ServerProcess, free_port, noise, read_wav, wait_for_sidecar
 
 SECRET = "webhook-secret-123"
-
-
-def noise(n: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
 def send_rtp(

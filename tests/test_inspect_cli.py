@@ -20,8 +20,8 @@ import pytest
 import soundfile
 
 from receiver.wav_header import repair_wav
-from tests.conftest import ROOT, ServerProcess, assert_header_matches_data, wait_for_sidecar
-from tests.test_ws_tap import g711_noise, new_id, send_tap, tap_url
+from tests.conftest import ROOT, ServerProcess, assert_header_matches_data, noise, wait_for_sidecar
+from tests.test_ws_tap import new_id, send_tap, tap_url
 
 HOUR_AGO = time.time() - 3600
 
@@ -38,7 +38,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def recorded_wav(server: ServerProcess, frames: int = 4000) -> tuple[Path, bytes]:
     tap_id = new_id("repair")
-    asyncio.run(send_tap(tap_url(server, tap_id), [g711_noise(frames, 11)]))
+    asyncio.run(send_tap(tap_url(server, tap_id), [noise(frames, 11)]))
     wait_for_sidecar(server.recordings, tap_id)
     path = server.recordings / f"{tap_id}.wav"
     return path, path.read_bytes()
@@ -279,7 +279,7 @@ def test_ls_lists_newest_first(server: ServerProcess, tmp_path: Path) -> None:
     names = []
     for n, size in enumerate((800, 1600)):
         tap_id = new_id(f"ls{n}")
-        asyncio.run(send_tap(tap_url(server, tap_id), [g711_noise(size, n)]))
+        asyncio.run(send_tap(tap_url(server, tap_id), [noise(size, n)]))
         wait_for_sidecar(server.recordings, tap_id)
         for ext in ("wav", "json"):
             shutil.copy(server.recordings / f"{tap_id}.{ext}", directory)

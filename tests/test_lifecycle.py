@@ -24,14 +24,11 @@ from tests import reference
 from tests.conftest import (
     ServerProcess,
     assert_header_matches_data,
+    noise,
     read_wav,
     wait_for_sidecar,
     ws_connect_status,
 )
-
-
-def noise(n: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
 async def open_tap(url: str) -> tuple[aiohttp.ClientSession, aiohttp.ClientWebSocketResponse]:

@@ -20,6 +20,7 @@ from tests.conftest import (
     ROOT,
     ServerProcess,
     assert_header_matches_data,
+    noise,
     read_wav,
     require_tool,
     wait_for_sidecar,
@@ -32,10 +33,6 @@ IDLE = "0.5"
 def rtp_server(make_server: Any) -> ServerProcess:
     server: ServerProcess = make_server("--no-auth", "--rtp-idle-timeout", IDLE)
     return server
-
-
-def noise(n: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
 def tap_name(sock: socket.socket) -> str:

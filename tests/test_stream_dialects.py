@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from tests import reference
-from tests.conftest import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
+from tests.conftest import (
+    ServerProcess,
+    assert_header_matches_data,
+    noise,
+    read_wav,
+    wait_for_sidecar,
+)
 
 CHUNK = 160
 
@@ -30,10 +36,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def new_id() -> str:
     return f"stream-{uuid.uuid4().hex[:10]}"
-
-
-def noise(n: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
 async def replay(

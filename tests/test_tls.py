@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ROOT, TOKEN, ServerProcess, free_port
-from tests.test_ws_tap import check_recording, g711_noise, new_id
+from tests.conftest import ROOT, TOKEN, ServerProcess, free_port, noise
+from tests.test_ws_tap import check_recording, new_id
 
 trustme = pytest.importorskip("trustme")
 
@@ -103,7 +103,7 @@ async def send_over_wss(url: str, context: ssl.SSLContext, frames: list[bytes]) 
 
 def test_wss_tap_is_bit_exact(tls_server: TlsServerProcess) -> None:
     tap_id = new_id("wss")
-    sent = g711_noise(160 * 100, seed=70)
+    sent = noise(160 * 100, seed=70)
     frames = [sent[i : i + 160] for i in range(0, len(sent), 160)]
     url = f"{tls_server.ws_url}/t/{TOKEN}/tap/{tap_id}"
     asyncio.run(send_over_wss(url, tls_server.context, frames))
@@ -113,7 +113,7 @@ def test_wss_tap_is_bit_exact(tls_server: TlsServerProcess) -> None:
 
 def test_wss_pcma_by_query(tls_server: TlsServerProcess) -> None:
     tap_id = new_id("wss")
-    sent = g711_noise(4321, seed=71)
+    sent = noise(4321, seed=71)
     url = f"{tls_server.ws_url}/tap/{tap_id}?codec=pcma&token={TOKEN}"
     asyncio.run(send_over_wss(url, tls_server.context, [sent[:2000], sent[2000:]]))
     check_recording(tls_server, tap_id, "PCMA", sent)

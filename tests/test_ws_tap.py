@@ -18,6 +18,7 @@ from tests.conftest import (
     TOKEN,
     ServerProcess,
     assert_header_matches_data,
+    noise,
     read_wav,
     wait_for_sidecar,
 )
@@ -25,10 +26,6 @@ from tests.conftest import (
 
 def new_id(prefix: str = "tap") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def g711_noise(n: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
 async def send_tap(
@@ -74,7 +71,7 @@ def check_recording(server: ServerProcess, name: str, codec: str, sent: bytes) -
 
 def test_pcmu_tap_is_bit_exact_with_sidecar(server: ServerProcess) -> None:
     tap_id = new_id()
-    sent = g711_noise(160 * 50, seed=1)
+    sent = noise(160 * 50, seed=1)
     frames: list[bytes | str] = [sent[i : i + 160] for i in range(0, len(sent), 160)]
     asyncio.run(send_tap(tap_url(server, tap_id), frames))
     sidecar = check_recording(server, tap_id, "PCMU", sent)
@@ -94,7 +91,7 @@ def test_pcmu_tap_is_bit_exact_with_sidecar(server: ServerProcess) -> None:
 @pytest.mark.parametrize("query", ["?codec=pcma", "?codec=PCMA", "?codec=PcMa"])
 def test_pcma_by_query(server: ServerProcess, query: str) -> None:
     tap_id = new_id()
-    sent = g711_noise(1234, seed=2)
+    sent = noise(1234, seed=2)
     asyncio.run(send_tap(tap_url(server, tap_id, query), [sent[:1000], sent[1000:]]))
     assert check_recording(server, tap_id, "PCMA", sent)["codec"] == "PCMA"
 
@@ -110,7 +107,7 @@ def test_pcma_by_query(server: ServerProcess, query: str) -> None:
 )
 def test_header_frame_declares_codec(server: ServerProcess, header: str, codec: str) -> None:
     tap_id = new_id()
-    sent = g711_noise(800, seed=3)
+    sent = noise(800, seed=3)
     asyncio.run(send_tap(tap_url(server, tap_id), [header, sent[:400], "later text", sent[400:]]))
     sidecar = check_recording(server, tap_id, codec, sent)
     assert sidecar["codec"] == codec
@@ -120,7 +117,7 @@ def test_header_frame_declares_codec(server: ServerProcess, header: str, codec: 
 
 def test_odd_frame_sizes_are_appended_in_order(server: ServerProcess) -> None:
     tap_id = new_id()
-    sent = g711_noise(5000, seed=4)
+    sent = noise(5000, seed=4)
     sizes = [1, 2, 3, 159, 161, 7, 1000, 333, 1]
     frames: list[bytes | str] = []
     pos = 0
@@ -147,7 +144,7 @@ def test_l16_header_records_at_declared_rate(server: ServerProcess) -> None:
 
 def test_several_taps_at_once_stay_separate(server: ServerProcess) -> None:
     ids = [new_id("multi") for _ in range(8)]
-    payloads = {tap_id: g711_noise(160 * 30, seed=10 + i) for i, tap_id in enumerate(ids)}
+    payloads = {tap_id: noise(160 * 30, seed=10 + i) for i, tap_id in enumerate(ids)}
 
     async def run_all() -> None:
         await asyncio.gather(
@@ -168,7 +165,7 @@ def test_several_taps_at_once_stay_separate(server: ServerProcess) -> None:
 
 def test_same_tap_id_never_overwrites(server: ServerProcess) -> None:
     tap_id = new_id("again")
-    first, second, third = g711_noise(300, 20), g711_noise(500, 21), g711_noise(700, 22)
+    first, second, third = noise(300, 20), noise(500, 21), noise(700, 22)
     for data in (first, second, third):
         asyncio.run(send_tap(tap_url(server, tap_id), [data]))
         # the next one starts after this one is finished, so the names are predictable
@@ -179,7 +176,7 @@ def test_same_tap_id_never_overwrites(server: ServerProcess) -> None:
 
 def test_concurrent_same_id_get_distinct_files(server: ServerProcess) -> None:
     tap_id = new_id("race")
-    datas = [g711_noise(400 + i, 30 + i) for i in range(4)]
+    datas = [noise(400 + i, 30 + i) for i in range(4)]
 
     async def run_all() -> None:
         await asyncio.gather(*(send_tap(tap_url(server, tap_id), [d]) for d in datas))
@@ -208,7 +205,7 @@ def test_empty_tap_leaves_an_empty_recording(server: ServerProcess) -> None:
 )
 def test_token_forms_are_accepted(server: ServerProcess, how: str) -> None:
     tap_id = new_id(how)
-    sent = g711_noise(320, 40)
+    sent = noise(320, 40)
     headers = None
     if how == "path":
         url = f"{server.ws_url}/t/{TOKEN}/tap/{tap_id}"
@@ -321,7 +318,7 @@ def test_plain_get_is_not_an_upgrade(server: ServerProcess) -> None:
 def test_oversized_frame_closes_1009_and_keeps_audio(make_server: Any) -> None:
     srv = make_server("--no-auth", "--ws-max-message-size", "4K")
     tap_id = new_id("big")
-    kept = g711_noise(4096, 50)
+    kept = noise(4096, 50)
 
     async def run() -> int | None:
         async with (
@@ -366,7 +363,7 @@ def test_unsupported_format_header_is_refused_with_1003(server: ServerProcess) -
 
 def test_abrupt_disconnect_is_a_normal_end(server: ServerProcess) -> None:
     tap_id = new_id("reset")
-    sent = g711_noise(1600, 60)
+    sent = noise(1600, 60)
 
     async def run() -> None:
         session = aiohttp.ClientSession()
