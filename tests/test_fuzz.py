@@ -219,6 +219,46 @@ def test_rtp_timeline_invariants(
     json.dumps(stats.to_dict(), allow_nan=False)
 
 
+class RecordingOutput:
+    """A TimelineOutput that records every call, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def audio(self, codec: str, payload: bytes) -> None:
+        self.calls.append(("audio", codec, bytes(payload)))
+
+    def silence(self, samples: int) -> None:
+        self.calls.append(("silence", samples))
+
+    def event(self, event: dict[str, object]) -> None:
+        self.calls.append(("event", json.dumps(event, sort_keys=True)))
+
+
+@FAST
+@given(rtp_streams(), st.sampled_from([0.0, 0.2]))
+def test_rtp_push_fields_is_push(stream: list[tuple[RtpPacket, float]], jitter: float) -> None:
+    """The receiver's hot path (fields, no RtpPacket, in-order audio inlined) gives exactly what
+    the general path gives."""
+    by_packet, by_fields = RecordingOutput(), RecordingOutput()
+    a = RtpTimeline(by_packet, jitter=jitter, max_gap=MAX_GAP)
+    b = RtpTimeline(by_fields, jitter=jitter, max_gap=MAX_GAP)
+    for packet, arrival in stream:
+        a._push(packet, arrival)  # the general path: never the inlined case
+        second = (0x80 if packet.marker else 0) | packet.payload_type
+        waiting = b.push_fields(
+            second, packet.sequence, packet.timestamp, packet.ssrc, packet.payload, arrival
+        )
+        assert waiting == b.waiting == a.waiting
+        if waiting:
+            a.poll(arrival)
+            b.poll(arrival)
+    a.flush()
+    b.flush()
+    assert by_fields.calls == by_packet.calls
+    assert b.stats.to_dict() == a.stats.to_dict()
+
+
 # -- TrackTimeline --------------------------------------------------------------------------------
 
 

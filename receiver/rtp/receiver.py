@@ -1,10 +1,12 @@
 """The UDP side: datagrams -> one timeline and one tap per source (ip, port), on the shared
 `rtp_port` and on per-tap ports from `rtp_port_range`.
 
-A datagram handler never blocks and never raises: it parses, looks the stream up and pushes the
-packet into that stream's timeline, whose output is appended to the tap's buffer (no numpy per
-packet). A periodic task releases packets held for reordering, ends idle streams and expires
-registrations nobody used.
+Datagrams are read in batches (`receiver.rtp.datagrams`: recvmmsg on Linux) every
+RECEIVE_INTERVAL from whichever sockets are readable, instead of one event-loop callback per
+datagram. The handler never blocks and never raises: it looks the stream up by source and pushes
+each packet into that stream's timeline (`push_fields`: no object per in-order packet), whose
+output is appended to the tap's buffer (no numpy per packet). A periodic task releases packets
+held for reordering, ends idle streams and expires registrations nobody used.
 
 Naming: a stream that nothing names becomes `rtp-<ip>-<port>`. A registration (POST /api/taps)
 names it in advance, either by a port allocated from the pool (every packet to that port belongs
@@ -15,10 +17,13 @@ can also name it after the fact (the files are renamed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import selectors
 import socket
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +31,7 @@ from receiver.audio_buffer import AudioBuffer
 from receiver.config import Config, parse_port_range
 from receiver.limits import AddressFilter, RateLimiter
 from receiver.registry import TapRegistry
+from receiver.rtp.datagrams import BATCH, enable_timestamps, open_reader
 from receiver.rtp.packet import AUDIO_CODECS, RtpPacket, RtpParseError, is_rtcp
 from receiver.rtp.timeline import RtpTimeline
 from receiver.tap import Tap
@@ -33,11 +39,14 @@ from receiver.tap_id import file_safe_id
 
 log = logging.getLogger("receiver.rtp")
 
+RECEIVE_INTERVAL = 0.002  # how often readable sockets are drained (see datagrams.py)
+MAX_BATCHES = 16  # per socket per drain, so one flooded socket cannot hold the loop for long
 POLL_INTERVAL = 0.02  # how often held packets are checked against the jitter window
 IDLE_CHECK_INTERVAL = 0.25
 _REFUSED_MEMORY = 10_000  # sources remembered so a refused source is counted once
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused sources, per reason
 _TOTALS = ("received", "lost", "late", "duplicate", "reordered")
+_HEADER = struct.Struct("!BBHII")
 
 
 class NoFreePort(Exception):
@@ -87,19 +96,30 @@ _DISCARD = _Discard()
 
 
 class RtpStream:
-    __slots__ = ("key", "last_arrival", "muted", "registration", "socket", "tap", "timeline")
+    __slots__ = (
+        "addr",
+        "key",
+        "last_arrival",
+        "muted",
+        "registration",
+        "socket",
+        "tap",
+        "timeline",
+    )
 
     def __init__(
         self,
         sock: RtpSocket,
-        key: Any,
+        key: Hashable,
+        addr: Any,
         tap: Tap,
         timeline: RtpTimeline,
         now: float,
         registration: Registration | None,
     ) -> None:
         self.socket = sock
-        self.key = key
+        self.key = key  # the reader's key for the source address
+        self.addr = addr  # (host, port) or, for IPv6, (host, port, flowinfo, scope_id)
         self.tap = tap
         self.timeline = timeline
         self.last_arrival = now
@@ -115,29 +135,14 @@ class RtpStream:
         }
 
 
-class RtpSocket(asyncio.DatagramProtocol):
+class RtpSocket:
     """One bound UDP socket: the shared port, or a pool port owned by a registration."""
 
-    def __init__(self, receiver: RtpReceiver, port: int, registration: Registration | None):
-        self.receiver = receiver
+    def __init__(self, sock: socket.socket, port: int, registration: Registration | None):
+        self.sock = sock
         self.port = port
         self.registration = registration
-        self.streams: dict[Any, RtpStream] = {}
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.receiver.handle(data, addr, self)
-
-    def error_received(self, exc: Exception) -> None:
-        self.receiver.counters["socket_errors"] += 1
-        log.debug("UDP socket error on port %d: %s", self.port, exc)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        self.streams: dict[Hashable, RtpStream] = {}  # by the reader's source key
 
 
 def open_udp_socket(
@@ -198,6 +203,9 @@ class RtpReceiver:
         self.allowed = AddressFilter(config.rtp_allow)
         self.rate_limiter = RateLimiter(config.new_tap_rate_limit)
         self.low_disk = False  # set by the server while the free-space floor is crossed
+        self.reader = open_reader()
+        self._selector = selectors.DefaultSelector()
+        self._pump: asyncio.Handle | None = None
 
     # -- sockets ------------------------------------------------------------------------------
 
@@ -212,16 +220,29 @@ class RtpReceiver:
         else:
             sock, granted = open_udp_socket(host, port, self.config.rtp_recv_buffer)
         bound = int(sock.getsockname()[1])
-        shared = RtpSocket(self, bound, None)
-        self.shared = shared
-        await asyncio.get_running_loop().create_datagram_endpoint(lambda: shared, sock=sock)
+        self.shared = self._attach(sock, bound, None)
+        if self._pump is None:
+            self._pump = asyncio.get_running_loop().call_soon(self._receive_tick)
         return bound, granted
+
+    def _attach(
+        self, sock: socket.socket, port: int, registration: Registration | None
+    ) -> RtpSocket:
+        sock.setblocking(False)
+        enable_timestamps(sock)
+        endpoint = RtpSocket(sock, port, registration)
+        self._selector.register(sock, selectors.EVENT_READ, endpoint)
+        return endpoint
+
+    def _detach(self, endpoint: RtpSocket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(endpoint.sock)
+        endpoint.sock.close()
 
     async def allocate(self, registration: Registration) -> int:
         """Open a free port of the pool for this registration. Raises NoFreePort."""
         if self.pool_range is None:
             raise NoFreePort("no rtp_port_range is configured")
-        loop = asyncio.get_running_loop()
         size = len(self.pool_range)
         for _ in range(size):
             port = self.pool_range[self._next_pool_index % size]
@@ -232,9 +253,7 @@ class RtpReceiver:
                 sock, _ = open_udp_socket(self.config.host, port, self.config.rtp_recv_buffer)
             except OSError:
                 continue  # taken by someone else
-            endpoint = RtpSocket(self, port, registration)
-            await loop.create_datagram_endpoint(lambda e=endpoint: e, sock=sock)  # type: ignore[misc]
-            self.pool_sockets[port] = endpoint
+            self.pool_sockets[port] = self._attach(sock, port, registration)
             registration.port = port
             return port
         raise NoFreePort(f"all {size} ports of rtp_port_range are in use")
@@ -245,7 +264,11 @@ class RtpReceiver:
         self.by_source[registration.source] = registration
         if self.shared is not None:
             stream = next(
-                (s for a, s in self.shared.streams.items() if (a[0], a[1]) == registration.source),
+                (
+                    s
+                    for s in self.shared.streams.values()
+                    if (s.addr[0], s.addr[1]) == registration.source
+                ),
                 None,
             )  # IPv6 addresses are 4-tuples: match on (host, port)
             if stream is not None:
@@ -257,7 +280,7 @@ class RtpReceiver:
         if registration.port is not None:
             sock = self.pool_sockets.pop(registration.port, None)
             if sock is not None:
-                sock.close()
+                self._detach(sock)
         if (
             registration.source is not None
             and self.by_source.get(registration.source) is registration
@@ -266,43 +289,105 @@ class RtpReceiver:
 
     # -- the hot path -------------------------------------------------------------------------
 
-    def handle(self, data: bytes, addr: Any, sock: RtpSocket) -> None:
-        counters = self.counters
-        counters["datagrams"] += 1
+    def _receive_tick(self) -> None:
         try:
-            stream = sock.streams.get(addr)
-            if is_rtcp(data):
-                counters["rtcp"] += 1
-                if stream is not None:
-                    stream.tap.count("rtcp_packets")
-                return
-            try:
-                packet = RtpPacket.parse(data)
-            except RtpParseError as exc:
-                counters["malformed"] += 1
-                counters["malformed_" + exc.reason] = counters.get("malformed_" + exc.reason, 0) + 1
-                if stream is not None:
-                    stream.tap.count("malformed")
-                    stream.tap.count("malformed_" + exc.reason)
-                return
-            now = time.monotonic()
-            if stream is None:
-                stream = self._new_stream(sock, addr, packet, now)
-                if stream is None:
-                    return
-            stream.last_arrival = now
-            timeline = stream.timeline
-            timeline.push(packet, now)
-            if timeline.waiting:
-                self._waiting.add(stream)
+            self.receive()
         except Exception:
-            counters["internal_errors"] += 1
-            if counters["internal_errors"] <= 10:
-                log.exception("error handling a datagram from %s", addr)
+            self.counters["internal_errors"] += 1
+            log.exception("error receiving RTP")
+        self._pump = asyncio.get_running_loop().call_later(RECEIVE_INTERVAL, self._receive_tick)
+
+    def receive(self) -> None:
+        """Drain every readable socket (up to MAX_BATCHES batches each)."""
+        read = self.reader.read
+        for key, _ in self._selector.select(0):
+            endpoint: RtpSocket = key.data
+            for _ in range(MAX_BATCHES):
+                try:
+                    datas, keys, arrivals = read(endpoint.sock)
+                except OSError as exc:
+                    self.counters["socket_errors"] += 1
+                    log.debug("UDP socket error on port %d: %s", endpoint.port, exc)
+                    break
+                if datas:
+                    self.handle_batch(endpoint, datas, keys, arrivals)
+                if len(datas) < BATCH:
+                    break
+        self.counters["truncated"] = self.reader.truncated
+
+    def handle_batch(
+        self,
+        sock: RtpSocket,
+        datas: list[bytes],
+        keys: list[Hashable],
+        arrivals: list[float],
+    ) -> None:
+        """Datagrams from one socket. The common case (a known stream, a plain 12-byte header,
+        not RTCP) is inlined; everything else goes through `handle`."""
+        self.counters["datagrams"] += len(datas)
+        streams = sock.streams
+        unpack = _HEADER.unpack_from
+        waiting = self._waiting
+        for data, key, arrival in zip(datas, keys, arrivals, strict=True):
+            stream = streams.get(key)
+            try:
+                if stream is not None and len(data) > 12 and data[0] == 0x80:
+                    _, second, sequence, timestamp, ssrc = unpack(data)
+                    if not 200 <= second <= 204:  # RTCP (RFC 5761) is not
+                        stream.last_arrival = arrival
+                        if stream.timeline.push_fields(
+                            second, sequence, timestamp, ssrc, data[12:], arrival
+                        ):
+                            waiting.add(stream)
+                        continue
+                self.handle(data, key, sock, arrival, stream)
+            except Exception:
+                self._internal_error(key)
+
+    def _internal_error(self, key: Hashable) -> None:
+        counters = self.counters
+        counters["internal_errors"] += 1
+        if counters["internal_errors"] <= 10:
+            log.exception("error handling a datagram from %s", self.reader.address(key))
+
+    def handle(
+        self,
+        data: bytes,
+        key: Hashable,
+        sock: RtpSocket,
+        now: float,
+        stream: RtpStream | None,
+    ) -> None:
+        """One datagram, any kind (RTCP, malformed, the first of a stream, ...)."""
+        counters = self.counters
+        if is_rtcp(data):
+            counters["rtcp"] += 1
+            if stream is not None:
+                stream.tap.count("rtcp_packets")
+            return
+        try:
+            packet = RtpPacket.parse(data)
+        except RtpParseError as exc:
+            counters["malformed"] += 1
+            counters["malformed_" + exc.reason] = counters.get("malformed_" + exc.reason, 0) + 1
+            if stream is not None:
+                stream.tap.count("malformed")
+                stream.tap.count("malformed_" + exc.reason)
+            return
+        if stream is None:
+            stream = self._new_stream(sock, key, packet, now)
+            if stream is None:
+                return
+        stream.last_arrival = now
+        timeline = stream.timeline
+        timeline.push(packet, now)
+        if timeline.waiting:
+            self._waiting.add(stream)
 
     def _new_stream(
-        self, sock: RtpSocket, addr: Any, packet: RtpPacket, now: float
+        self, sock: RtpSocket, key: Hashable, packet: RtpPacket, now: float
     ) -> RtpStream | None:
+        addr = self.reader.address(key)
         source = (addr[0], addr[1])
         if self.stream_count >= self.max_streams:
             self._refuse(source, "capacity", f"{self.max_streams} streams is the limit")
@@ -330,10 +415,10 @@ class RtpReceiver:
         if registration is not None:
             tap.extra.update(registration.extra)
         timeline = self._timeline(_TapOutput(tap))
-        stream = RtpStream(sock, addr, tap, timeline, now, registration)
+        stream = RtpStream(sock, key, addr, tap, timeline, now, registration)
         if registration is not None:
             registration.stream = stream
-        sock.streams[addr] = stream
+        sock.streams[key] = stream
         self.stream_count += 1
         self.registry.start(tap)
         return stream
@@ -470,10 +555,13 @@ class RtpReceiver:
             self.end_stream(stream, reason)
 
     def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            self._pump = None
         if self.shared is not None:
-            self.shared.close()
+            self._detach(self.shared)
         for sock in list(self.pool_sockets.values()):
-            sock.close()
+            self._detach(sock)
         self.pool_sockets.clear()
 
     def packet_totals(self) -> dict[str, int]:

@@ -132,6 +132,8 @@ class RtpTimeline:
         "_dtmf_payload_type",
         "_dtmf_pending",
         "_emit_audio",
+        "_fast_codec",
+        "_fast_type",
         "_first_arrival",
         "_held",
         "_jitter",
@@ -184,6 +186,8 @@ class RtpTimeline:
         self._last_seen = 0.0
         self._first_arrival: float | None = None  # for the wall-clock budget of silence
         self._last_payload_type = -1
+        self._fast_type = -1  # the current payload type if it is audio (see push_fields)
+        self._fast_codec = ""
 
         # Sequencing, in extended (never wrapping) sequence numbers of the current run.
         self._next = 0  # due for release
@@ -229,22 +233,46 @@ class RtpTimeline:
 
     def push(self, packet: RtpPacket, arrival: float) -> None:
         """Take one packet; `arrival` is monotonic seconds (also the clock for the window)."""
+        marker = 0x80 if packet.marker else 0
+        self.push_fields(
+            marker | packet.payload_type,
+            packet.sequence,
+            packet.timestamp,
+            packet.ssrc,
+            packet.payload,
+            arrival,
+            packet,
+        )
+
+    def push_fields(
+        self,
+        second: int,
+        sequence: int,
+        timestamp: int,
+        ssrc: int,
+        payload: bytes,
+        arrival: float,
+        packet: RtpPacket | None = None,
+    ) -> bool:
+        """`push()` from a header's fields: `second` is its second byte (marker, payload type).
+
+        The receiver's hot path: an in-order audio packet of the current SSRC and payload type,
+        placed right after the previous one, is handled here without building an RtpPacket.
+        Returns `waiting`."""
+        if (
+            second != self._fast_type
+            or ssrc != self._ssrc
+            or sequence != self._next & 0xFFFF
+            or self._held
+        ):
+            if packet is None:
+                packet = RtpPacket(second & 0x7F, second > 0x7F, sequence, timestamp, ssrc, payload)
+            self._push(packet, arrival)
+            return bool(self._held)
+        # _push, _sequence, _note_arrival and _release inlined for this one case.
         self._stats.received += 1
-        if self._held:
-            self._expire(arrival)
-        if packet.payload_type != self._last_payload_type:
-            self._note_payload_type(packet.payload_type)
-        if packet.ssrc != self._ssrc:
-            self._push_other_ssrc(packet, arrival)
-            return
         self._last_seen = arrival
-        codec = AUDIO_CODECS.get(packet.payload_type)
-        if codec is None or self._held or packet.sequence != self._next & 0xFFFF:
-            self._sequence(packet, arrival)
-            return
-        # The in-order audio fast path: _sequence, _note_arrival and _release inlined.
         self._next += 1
-        timestamp = packet.timestamp
         previous = self._audio_arrival
         if previous is not None:
             advance = ((timestamp - self._audio_ts + 0x80000000) & 0xFFFFFFFF) - 0x80000000
@@ -254,15 +282,29 @@ class RtpTimeline:
             self._stats.first_timestamp = timestamp
         self._audio_arrival = arrival
         self._audio_ts = timestamp
-        payload = packet.payload
         self._audio_length = samples = len(payload)
         ref = self._ref_ts
         ext = ref + ((timestamp - ref + 0x80000000) & 0xFFFFFFFF) - 0x80000000
         self._ref_ts = ext
         if ext + self._offset != self._position or not self._anchored:
+            if packet is None:
+                packet = RtpPacket(second & 0x7F, False, sequence, timestamp, ssrc, payload)
             self._place(ext, samples, packet)
-        self._emit_audio(codec, payload)
+        self._emit_audio(self._fast_codec, payload)
         self._position += samples
+        return False
+
+    def _push(self, packet: RtpPacket, arrival: float) -> None:
+        self._stats.received += 1
+        if self._held:
+            self._expire(arrival)
+        if packet.payload_type != self._last_payload_type:
+            self._note_payload_type(packet.payload_type)
+        if packet.ssrc != self._ssrc:
+            self._push_other_ssrc(packet, arrival)
+            return
+        self._last_seen = arrival
+        self._sequence(packet, arrival)
 
     def poll(self, now: float) -> None:
         """Give up on gaps whose oldest held packet has waited the jitter window."""
@@ -594,5 +636,8 @@ class RtpTimeline:
 
     def _note_payload_type(self, payload_type: int) -> None:
         self._last_payload_type = payload_type
+        codec = AUDIO_CODECS.get(payload_type)
+        self._fast_type = payload_type if codec is not None else -1  # never a header byte
+        self._fast_codec = codec or ""
         if payload_type not in self._stats.payload_types:
             self._stats.payload_types.append(payload_type)

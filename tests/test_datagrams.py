@@ -1,0 +1,103 @@
+"""The batch readers (receiver.rtp.datagrams) on real loopback sockets, IPv4 and IPv6."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+
+import pytest
+
+from receiver.rtp.datagrams import (
+    BATCH,
+    MAX_DATAGRAM,
+    MmsgReader,
+    Reader,
+    RecvfromReader,
+    enable_timestamps,
+    open_reader,
+)
+
+FAMILIES = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+
+
+def readers() -> list[Reader]:
+    found = [RecvfromReader(), open_reader()]
+    if sys.platform == "linux":
+        assert isinstance(found[1], MmsgReader), "recvmmsg must be used on Linux"
+    return found
+
+
+def pair(family: int, host: str) -> tuple[socket.socket, socket.socket]:
+    rx = socket.socket(family, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    rx.bind((host, 0))
+    rx.setblocking(False)
+    enable_timestamps(rx)
+    tx = socket.socket(family, socket.SOCK_DGRAM)
+    tx.bind((host, 0))
+    return rx, tx
+
+
+def read_all(reader: Reader, rx: socket.socket) -> tuple[list[bytes], list[object], list[float]]:
+    datas: list[bytes] = []
+    keys: list[object] = []
+    arrivals: list[float] = []
+    while True:
+        d, k, a = reader.read(rx)
+        assert len(d) == len(k) == len(a) <= BATCH
+        if not d:
+            return datas, keys, arrivals
+        datas += d
+        keys += k
+        arrivals += a
+
+
+@pytest.mark.parametrize(("family", "host"), FAMILIES, ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("which", [0, 1], ids=["recvfrom", "default"])
+def test_every_datagram_in_order_with_its_source(family: int, host: str, which: int) -> None:
+    reader = readers()[which]
+    rx, tx = pair(family, host)
+    other = socket.socket(family, socket.SOCK_DGRAM)
+    other.bind((host, 0))
+    sent = [bytes([i % 256]) * (i % 300) for i in range(3 * BATCH + 7)]  # sizes 0..299
+    started = time.monotonic()
+    for i, data in enumerate(sent):
+        (tx if i % 3 else other).sendto(data, rx.getsockname())
+    sent_by = time.monotonic()
+    time.sleep(0.05)
+    datas, keys, arrivals = read_all(reader, rx)
+    assert datas == sent
+    assert all(type(d) is bytes for d in datas)
+    sources = [reader.address(k) for k in keys]
+    assert sources == [(other if i % 3 == 0 else tx).getsockname() for i in range(len(sent))]
+    assert len(set(keys)) == 2
+    if isinstance(reader, MmsgReader):
+        # Kernel receive timestamps: when the datagrams came, not when they were read.
+        assert started - 0.005 <= min(arrivals) and max(arrivals) <= sent_by + 0.005
+        assert arrivals == sorted(arrivals)
+    for s in (rx, tx, other):
+        s.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="recvmmsg is Linux only")
+def test_an_oversized_datagram_is_counted_and_the_rest_is_intact() -> None:
+    reader = open_reader()
+    rx, tx = pair(socket.AF_INET, "127.0.0.1")
+    tx.sendto(b"a" * 10, rx.getsockname())
+    tx.sendto(b"b" * (MAX_DATAGRAM + 1), rx.getsockname())
+    tx.sendto(b"c" * MAX_DATAGRAM, rx.getsockname())
+    time.sleep(0.02)
+    datas, _, _ = read_all(reader, rx)
+    assert datas == [b"a" * 10, b"c" * MAX_DATAGRAM]
+    assert reader.truncated == 1
+    rx.close()
+    tx.close()
+
+
+def test_an_empty_socket_reads_nothing() -> None:
+    for reader in readers():
+        rx, tx = pair(socket.AF_INET, "127.0.0.1")
+        assert reader.read(rx) == ([], [], [])
+        rx.close()
+        tx.close()
