@@ -136,6 +136,7 @@ class RtpTimeline:
         "_fast_type",
         "_first_arrival",
         "_held",
+        "_held_max",
         "_jitter",
         "_jitter_window",
         "_last_payload_type",
@@ -193,6 +194,7 @@ class RtpTimeline:
         self._next = 0  # due for release
         self._start = 0  # the run's first packet
         self._held: dict[int, tuple[RtpPacket, float]] = {}  # insertion order = arrival order
+        self._held_max = 0  # the largest key of _held, while it is not empty
         self._lost: set[int] = set()
         self._lost_order: deque[int] = deque()
         self._probe: tuple[RtpPacket, float] | None = None  # RFC 3550 A.1 "bad_seq" candidate
@@ -343,8 +345,11 @@ class RtpTimeline:
         if ext in held:
             self._stats.duplicate += 1
             return
-        if any(other > ext for other in held):
+        # Held packets are released in ascending order, so the largest leaves last.
+        if held and ext < self._held_max:
             self._stats.reordered += 1
+        else:
+            self._held_max = ext
         self._note_arrival(packet, arrival)
         held[ext] = (packet, arrival)
         if len(held) > self._max_held:
