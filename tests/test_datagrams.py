@@ -44,13 +44,18 @@ def read_all(reader: Reader, rx: socket.socket) -> tuple[list[bytes], list[objec
     keys: list[object] = []
     arrivals: list[float] = []
     while True:
-        d, k, a = reader.read(rx)
-        assert len(d) == len(k) == len(a) <= BATCH
-        if not d:
+        batch = reader.read(rx)
+        if batch is None:
             return datas, keys, arrivals
-        datas += d
-        keys += k
-        arrivals += a
+        assert 0 < batch.count == len(batch.lengths) == len(batch.arrivals) <= BATCH
+        datas += batch.datas()
+        keys += [batch.key(i) for i in range(batch.count)]
+        arrivals += batch.arrivals.tolist()
+        lane_keys = batch.lane_keys.tolist()
+        if isinstance(reader, MmsgReader) and rx.family == socket.AF_INET:
+            assert lane_keys == keys[-batch.count :]  # IPv4: the lane key is the key
+        else:
+            assert lane_keys == [0] * batch.count  # no fast lane
 
 
 @pytest.mark.parametrize(("family", "host"), FAMILIES, ids=["ipv4", "ipv6"])
@@ -98,6 +103,6 @@ def test_an_oversized_datagram_is_counted_and_the_rest_is_intact() -> None:
 def test_an_empty_socket_reads_nothing() -> None:
     for reader in readers():
         rx, tx = pair(socket.AF_INET, "127.0.0.1")
-        assert reader.read(rx) == ([], [], [])
+        assert reader.read(rx) is None
         rx.close()
         tx.close()

@@ -7,9 +7,10 @@ per datagram; reading every 2 ms with a recvfrom loop ~2.0 µs; with recvmmsg ~1
 standard library has no recvmmsg and the PyPI wrappers are unmaintained, so it is bound here with
 ctypes (no compiler needed), behind `open_reader()`, which falls back to `RecvfromReader`.
 
-A reader returns one batch per call: the datagrams (copies: the buffers are reused), one hashable
-key per datagram that identifies its source, and the arrival times. `address(key)` turns a key
-into the (host, port, ...) tuple the socket module would have given. With recvmmsg the arrival
+A reader returns one `Batch` per call: the datagrams as rows of a reused buffer (valid until the
+next read), a key per datagram that identifies its source, and the arrival times, as numpy
+arrays for the vectorised path (`fast_lane.py`). `address(key)` turns a key into the
+(host, port, ...) tuple the socket module would have given. With recvmmsg the arrival
 times are the kernel's receive timestamps (SO_TIMESTAMPNS), so waiting for the next batch does not
 show up as jitter; the fallback stamps a whole batch with the time it was read.
 """
@@ -28,12 +29,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-# A batch: datagrams, their source keys, their arrival times (time.monotonic() seconds).
-Batch = tuple[list[bytes], list[Hashable], list[float]]
-EMPTY: Batch = ([], [], [])
-
 MAX_DATAGRAM = 4096  # larger datagrams are cut by recvmmsg and counted as truncated
-BATCH = 256  # datagrams per recvmmsg call
+BATCH = 512  # datagrams per read
 
 _SO_TIMESTAMPNS = 35  # asm-generic/socket.h (SO_TIMESTAMPNS_OLD), the value on 64-bit Linux
 _NAME = 128  # sizeof(struct sockaddr_storage)
@@ -42,35 +39,105 @@ _AGAIN = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR}
 _LINUX_64 = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
 
 
+class Batch:
+    """Up to BATCH datagrams, valid until the reader's next read.
+
+    Datagram i is `rows[i, :lengths[i]]`; `lane_keys[i]` is a non-zero integer identifying an
+    IPv4 source (0 otherwise), for the vectorised path; `key(i)` identifies any source."""
+
+    __slots__ = ("_keys", "_reader", "arrivals", "count", "lane_keys", "lengths", "rows")
+
+    def __init__(
+        self,
+        reader: Reader,
+        count: int,
+        rows: np.ndarray,
+        lengths: np.ndarray,
+        lane_keys: np.ndarray,
+        arrivals: np.ndarray,
+        keys: list[Hashable] | None = None,
+    ) -> None:
+        self._reader = reader
+        self.count = count
+        self.rows = rows  # (count, MAX_DATAGRAM) uint8
+        self.lengths = lengths  # (count,) int64
+        self.lane_keys = lane_keys  # (count,) uint64
+        self.arrivals = arrivals  # (count,) float64, time.monotonic() seconds
+        self._keys = keys
+
+    def data(self, i: int) -> bytes:
+        return self.rows[i, : int(self.lengths[i])].tobytes()
+
+    def key(self, i: int) -> Hashable:
+        if self._keys is not None:
+            return self._keys[i]
+        return self._reader.key(i)
+
+    def datas(self) -> list[bytes]:
+        return [self.data(i) for i in range(self.count)]
+
+
 class Reader(Protocol):
     truncated: int  # datagrams longer than MAX_DATAGRAM, dropped
 
-    def read(self, sock: socket.socket) -> Batch: ...
+    def read(self, sock: socket.socket) -> Batch | None: ...
+
+    def key(self, i: int) -> Hashable: ...
 
     def address(self, key: Hashable) -> Any: ...
 
 
 class RecvfromReader:
-    """Portable: one recvfrom per datagram until the socket is empty (or BATCH are read)."""
+    """Portable: one recvfrom_into per datagram until the socket is empty (or BATCH are read).
+    Its batches carry no lane keys (every datagram takes the general path)."""
 
     def __init__(self) -> None:
         self.truncated = 0
+        self._buffer = bytearray(BATCH * MAX_DATAGRAM)
+        self._rows = np.frombuffer(self._buffer, dtype=np.uint8).reshape(BATCH, MAX_DATAGRAM)
+        self._view = memoryview(self._buffer)
+        self._zeros = np.zeros(BATCH, dtype=np.uint64)
 
-    def read(self, sock: socket.socket) -> Batch:
-        datas: list[bytes] = []
+    def read(self, sock: socket.socket) -> Batch | None:
         keys: list[Hashable] = []
-        recvfrom = sock.recvfrom
+        lengths: list[int] = []
+        receive = sock.recvfrom_into
+        view = self._view
         try:
-            for _ in range(BATCH):
-                data, addr = recvfrom(65536)
-                datas.append(data)
+            for i in range(BATCH):
+                length, addr = receive(view[i * MAX_DATAGRAM : (i + 1) * MAX_DATAGRAM])
+                if length >= MAX_DATAGRAM:  # cut (as with recvmmsg)
+                    self.truncated += 1
+                    length = -1
+                lengths.append(length)
                 keys.append(addr)
         except (BlockingIOError, InterruptedError):
             pass
-        return datas, keys, [time.monotonic()] * len(datas)
+        if not keys:
+            return None
+        count = len(keys)
+        arrivals = np.full(count, time.monotonic())
+        batch = Batch(self, count, self._rows[:count], np.array(lengths, dtype=np.int64),
+                      self._zeros[:count], arrivals, keys)  # fmt: skip
+        if min(lengths) < 0:
+            return _without(batch, np.array(lengths) < 0)
+        return batch
+
+    def key(self, i: int) -> Hashable:
+        raise AssertionError("RecvfromReader batches carry their keys")
 
     def address(self, key: Hashable) -> Any:
         return key
+
+
+def _without(batch: Batch, drop: np.ndarray) -> Batch | None:
+    """The batch without the datagrams `drop` marks (copies: rare)."""
+    keep = np.flatnonzero(~drop)
+    if not keep.size:
+        return None
+    keys = [batch.key(i) for i in keep.tolist()]
+    return Batch(batch._reader, int(keep.size), batch.rows[keep], batch.lengths[keep],
+                 batch.lane_keys[keep], batch.arrivals[keep], keys)  # fmt: skip
 
 
 class _Iovec(ctypes.Structure):
@@ -126,8 +193,7 @@ class MmsgReader:
             header.msg_iovlen = 1
             header.msg_control = ctypes.addressof(control) + i * _CONTROL
         self._keep = (buffers, names, control)  # the ctypes views pin the bytearrays
-        self._view = memoryview(self._buffer)
-        self._starts = range(0, BATCH * MAX_DATAGRAM, MAX_DATAGRAM)
+        self._rows = np.frombuffer(self._buffer, dtype=np.uint8).reshape(BATCH, MAX_DATAGRAM)
         hdr = _Mmsghdr.msg_hdr.offset
         self._lengths = _field_view(self._messages, _Mmsghdr.msg_len.offset, "<u4")
         self._namelens = _field_view(self._messages, hdr + _Msghdr.msg_namelen.offset, "<u4")
@@ -142,44 +208,42 @@ class MmsgReader:
         self._seconds, self._nanoseconds = stamps[:, 2], stamps[:, 3]
         self._pointer = ctypes.cast(self._messages, ctypes.POINTER(_Mmsghdr))
 
-    def read(self, sock: socket.socket) -> Batch:
+    def read(self, sock: socket.socket) -> Batch | None:
         count = self._recvmmsg(sock.fileno(), self._pointer, BATCH, socket.MSG_DONTWAIT, None)
         if count <= 0:
             if count < 0:
                 code = ctypes.get_errno()
                 if code not in _AGAIN:
                     raise OSError(code, f"recvmmsg: {errno.errorcode.get(code, code)}")
-            return EMPTY
-        view = self._view
-        datas = [
-            view[start : start + length].tobytes()
-            for start, length in zip(self._starts, self._lengths[:count].tolist(), strict=False)
-        ]
-        keys: list[Hashable] = self._v4_keys[:count].tolist()
-        families = self._families[:count]
-        if not (families == socket.AF_INET).all():
-            names = self._names
-            for i in np.flatnonzero(families != socket.AF_INET).tolist():
-                name = names[i * _NAME : i * _NAME + 28]
-                keys[i] = bytes(name[2:4] + name[8:28])
+            return None
         now = time.monotonic()
         stamped = self._cmsg_types[:count] == _SO_TIMESTAMPNS
         stamped &= self._controllens[:count] >= _CONTROL
         if stamped.all():
             # CLOCK_REALTIME from the kernel -> this process's monotonic clock.
             shift = now - time.time()
-            arrivals = (self._seconds[:count] + self._nanoseconds[:count] * 1e-9 + shift).tolist()
+            arrivals = self._seconds[:count] + self._nanoseconds[:count] * 1e-9 + shift
         else:
-            arrivals = [now] * count
-        if (self._flags[:count] & socket.MSG_TRUNC).any():
-            cut = np.flatnonzero(self._flags[:count] & socket.MSG_TRUNC).tolist()
-            self.truncated += len(cut)
-            for i in reversed(cut):
-                del datas[i], keys[i], arrivals[i]
-        # The kernel wrote the actual lengths into these; give the next call the full sizes.
+            arrivals = np.full(count, now)
+        lane_keys = self._v4_keys[:count].copy()
+        lane_keys[self._families[:count] != socket.AF_INET] = 0
+        batch = Batch(self, count, self._rows[:count], self._lengths[:count].astype(np.int64),
+                      lane_keys, arrivals)  # fmt: skip
+        # The kernel wrote the actual sizes into these; give the next call the full sizes.
         self._namelens[:count] = _NAME
         self._controllens[:count] = _CONTROL
-        return datas, keys, arrivals
+        cut = (self._flags[:count] & socket.MSG_TRUNC) != 0
+        if cut.any():
+            self.truncated += int(cut.sum())
+            return _without(batch, cut)
+        return batch
+
+    def key(self, i: int) -> Hashable:
+        """Datagram i's source in the last batch read: an int for IPv4, bytes for IPv6."""
+        name = self._names[i * _NAME : i * _NAME + 28]
+        if name[0] | name[1] << 8 == socket.AF_INET:
+            return int(self._v4_keys[i])
+        return bytes(name[2:4] + name[8:28])
 
     def address(self, key: Hashable) -> Any:
         if isinstance(key, int):

@@ -3,9 +3,10 @@
 
 Datagrams are read in batches (`receiver.rtp.datagrams`: recvmmsg on Linux) every
 RECEIVE_INTERVAL from whichever sockets are readable, instead of one event-loop callback per
-datagram. The handler never blocks and never raises: it looks the stream up by source and pushes
-each packet into that stream's timeline (`push_fields`: no object per in-order packet), whose
-output is appended to the tap's buffer (no numpy per packet). A periodic task releases packets
+datagram. In-order audio of known IPv4 streams is applied to their timelines a batch at a time
+(`receiver.rtp.fast_lane`); every other datagram goes through `handle`, which never raises: it
+looks the stream up by source and pushes the packet into that stream's timeline, whose output is
+appended to the tap's buffer (no numpy per packet). A periodic task releases packets
 held for reordering, ends idle streams and expires registrations nobody used.
 
 Naming: a stream that nothing names becomes `rtp-<ip>-<port>`. A registration (POST /api/taps)
@@ -21,17 +22,19 @@ import contextlib
 import logging
 import selectors
 import socket
-import struct
 import time
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from receiver.audio_buffer import AudioBuffer
 from receiver.config import Config, parse_port_range
 from receiver.limits import AddressFilter, RateLimiter
 from receiver.registry import TapRegistry
-from receiver.rtp.datagrams import BATCH, enable_timestamps, open_reader
+from receiver.rtp.datagrams import BATCH, Batch, enable_timestamps, open_reader
+from receiver.rtp.fast_lane import FastLane
 from receiver.rtp.packet import AUDIO_CODECS, RtpPacket, RtpParseError, is_rtcp
 from receiver.rtp.timeline import RtpTimeline
 from receiver.tap import Tap
@@ -39,14 +42,13 @@ from receiver.tap_id import file_safe_id
 
 log = logging.getLogger("receiver.rtp")
 
-RECEIVE_INTERVAL = 0.002  # how often readable sockets are drained (see datagrams.py)
+RECEIVE_INTERVAL = 0.005  # how often readable sockets are drained (see datagrams.py)
 MAX_BATCHES = 16  # per socket per drain, so one flooded socket cannot hold the loop for long
 POLL_INTERVAL = 0.02  # how often held packets are checked against the jitter window
 IDLE_CHECK_INTERVAL = 0.25
 _REFUSED_MEMORY = 10_000  # sources remembered so a refused source is counted once
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused sources, per reason
 _TOTALS = ("received", "lost", "late", "duplicate", "reordered")
-_HEADER = struct.Struct("!BBHII")
 
 
 class NoFreePort(Exception):
@@ -99,9 +101,11 @@ class RtpStream:
     __slots__ = (
         "addr",
         "key",
+        "lane_key",
         "last_arrival",
         "muted",
         "registration",
+        "slot",
         "socket",
         "tap",
         "timeline",
@@ -125,6 +129,8 @@ class RtpStream:
         self.last_arrival = now
         self.registration = registration
         self.muted = False
+        self.lane_key = 0  # its key in the fast lane (IPv4 sources), and its slot there
+        self.slot = -1
 
     def stats(self) -> dict[str, Any]:
         tap = self.tap
@@ -197,6 +203,8 @@ class RtpReceiver:
             "internal_errors": 0,
             "socket_errors": 0,
             "registrations_expired": 0,
+            "truncated": 0,  # datagrams longer than datagrams.MAX_DATAGRAM, dropped
+            "fast_lane_packets": 0,  # applied by the vectorised path (fast_lane.py)
         }
         self.totals: dict[str, int] = dict.fromkeys(_TOTALS, 0)  # of ended streams
         self.max_streams = config.rtp_max_streams  # lowered to fit the open-file limit at start
@@ -204,6 +212,7 @@ class RtpReceiver:
         self.rate_limiter = RateLimiter(config.new_tap_rate_limit)
         self.low_disk = False  # set by the server while the free-space floor is crossed
         self.reader = open_reader()
+        self.lane = FastLane()
         self._selector = selectors.DefaultSelector()
         self._pump: asyncio.Handle | None = None
 
@@ -304,43 +313,30 @@ class RtpReceiver:
             endpoint: RtpSocket = key.data
             for _ in range(MAX_BATCHES):
                 try:
-                    datas, keys, arrivals = read(endpoint.sock)
+                    batch = read(endpoint.sock)
                 except OSError as exc:
                     self.counters["socket_errors"] += 1
                     log.debug("UDP socket error on port %d: %s", endpoint.port, exc)
                     break
-                if datas:
-                    self.handle_batch(endpoint, datas, keys, arrivals)
-                if len(datas) < BATCH:
+                if batch is None:
+                    break
+                self.handle_batch(endpoint, batch)
+                if batch.count < BATCH:
                     break
         self.counters["truncated"] = self.reader.truncated
 
-    def handle_batch(
-        self,
-        sock: RtpSocket,
-        datas: list[bytes],
-        keys: list[Hashable],
-        arrivals: list[float],
-    ) -> None:
-        """Datagrams from one socket. The common case (a known stream, a plain 12-byte header,
-        not RTCP) is inlined; everything else goes through `handle`."""
-        self.counters["datagrams"] += len(datas)
+    def handle_batch(self, sock: RtpSocket, batch: Batch) -> None:
+        """The fast lane takes what it can; the rest goes through `handle`, in arrival order."""
+        self.counters["datagrams"] += batch.count
+        done = self.lane.process(batch)
+        self.counters["fast_lane_packets"] += int(done.sum())
         streams = sock.streams
-        unpack = _HEADER.unpack_from
-        waiting = self._waiting
-        for data, key, arrival in zip(datas, keys, arrivals, strict=True):
-            stream = streams.get(key)
+        arrivals = batch.arrivals.tolist()
+        lane_keys = batch.lane_keys.tolist()
+        for i in np.flatnonzero(~done).tolist():
+            key = batch.key(i)
             try:
-                if stream is not None and len(data) > 12 and data[0] == 0x80:
-                    _, second, sequence, timestamp, ssrc = unpack(data)
-                    if not 200 <= second <= 204:  # RTCP (RFC 5761) is not
-                        stream.last_arrival = arrival
-                        if stream.timeline.push_fields(
-                            second, sequence, timestamp, ssrc, data[12:], arrival
-                        ):
-                            waiting.add(stream)
-                        continue
-                self.handle(data, key, sock, arrival, stream)
+                self.handle(batch.data(i), key, sock, arrivals[i], streams.get(key), lane_keys[i])
             except Exception:
                 self._internal_error(key)
 
@@ -357,6 +353,7 @@ class RtpReceiver:
         sock: RtpSocket,
         now: float,
         stream: RtpStream | None,
+        lane_key: int = 0,
     ) -> None:
         """One datagram, any kind (RTCP, malformed, the first of a stream, ...)."""
         counters = self.counters
@@ -375,17 +372,36 @@ class RtpReceiver:
                 stream.tap.count("malformed_" + exc.reason)
             return
         if stream is None:
-            stream = self._new_stream(sock, key, packet, now)
+            stream = self._new_stream(sock, key, packet, now, lane_key)
             if stream is None:
                 return
+        if stream.slot >= 0:
+            self.lane.disarm(stream.slot)  # the timeline's own fields are current again
         stream.last_arrival = now
         timeline = stream.timeline
         timeline.push(packet, now)
         if timeline.waiting:
             self._waiting.add(stream)
+        else:
+            self._arm(stream)
+
+    def _arm(self, stream: RtpStream) -> None:
+        """Let the fast lane take the stream's next in-order packets, if it can."""
+        if stream.slot >= 0 and not stream.muted:
+            buffer = stream.tap.buffer
+            assert isinstance(buffer, AudioBuffer)
+            self.lane.arm(stream.slot, stream.timeline, buffer.append)
+
+    def _sync(self, stream: RtpStream) -> None:
+        """Bring the timeline's fields up to date before reading them."""
+        if stream.slot >= 0:
+            self.lane.sync(stream.slot)
+            seen = self.lane.last_seen(stream.slot)
+            if seen is not None and seen > stream.last_arrival:
+                stream.last_arrival = seen
 
     def _new_stream(
-        self, sock: RtpSocket, key: Hashable, packet: RtpPacket, now: float
+        self, sock: RtpSocket, key: Hashable, packet: RtpPacket, now: float, lane_key: int
     ) -> RtpStream | None:
         addr = self.reader.address(key)
         source = (addr[0], addr[1])
@@ -419,6 +435,8 @@ class RtpReceiver:
         if registration is not None:
             registration.stream = stream
         sock.streams[key] = stream
+        if lane_key:
+            stream.lane_key, stream.slot = lane_key, self.lane.add(lane_key)
         self.stream_count += 1
         self.registry.start(tap)
         return stream
@@ -465,6 +483,10 @@ class RtpReceiver:
             return
         self.stream_count -= 1
         self._waiting.discard(stream)
+        if stream.slot >= 0:
+            self.lane.disarm(stream.slot)
+            self.lane.remove(stream.lane_key, stream.slot)
+            stream.slot = -1
         self._finalize(stream, reason)
         if stream.registration is not None:
             self.release(stream.registration)
@@ -490,6 +512,8 @@ class RtpReceiver:
         stream = self.stream_of(tap)
         if stream is None:
             return False
+        if stream.slot >= 0:
+            self.lane.disarm(stream.slot)
         self._finalize(stream, reason)
         stream.muted = True
         stream.timeline = self._timeline(_DISCARD)
@@ -509,7 +533,10 @@ class RtpReceiver:
 
     def live_stats(self, tap: Tap) -> dict[str, Any] | None:
         stream = self.stream_of(tap)
-        return stream.stats() if stream is not None else None
+        if stream is None:
+            return None
+        self._sync(stream)
+        return stream.stats()
 
     def poll(self, now: float) -> None:
         """Release packets whose gap has waited out the jitter window."""
@@ -517,10 +544,16 @@ class RtpReceiver:
             stream.timeline.poll(now)
             if not stream.timeline.waiting:
                 self._waiting.discard(stream)
+                self._arm(stream)
 
     def end_idle(self, now: float) -> None:
         limit = self.config.rtp_idle_timeout
-        for stream in [s for s in self.streams() if now - s.last_arrival > limit]:
+        lane_seen = self.lane.last_seen_all()  # the fast lane's streams' last packets
+        for stream in [
+            s
+            for s in self.streams()
+            if now - max(s.last_arrival, lane_seen[s.slot] if s.slot >= 0 else 0.0) > limit
+        ]:
             self.end_stream(stream, "idle timeout")
         expiry = self.config.rtp_registration_timeout
         registrations = [s.registration for s in self.pool_sockets.values() if s.registration]
@@ -568,6 +601,7 @@ class RtpReceiver:
         """For metrics: ended streams' totals plus the live ones."""
         totals = dict(self.totals)
         for stream in self.streams():
+            self._sync(stream)
             stats = stream.timeline.stats
             for key in _TOTALS:
                 totals[key] += int(getattr(stats, key, 0))

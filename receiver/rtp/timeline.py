@@ -296,6 +296,45 @@ class RtpTimeline:
         self._position += samples
         return False
 
+    def hot_state(self) -> tuple[str, dict[str, int | float]] | None:
+        """(codec, fields) while the next packet may take push_fields' inlined case, i.e. the
+        state fast_lane.FastLane takes over; None otherwise."""
+        if (
+            self._held
+            or not self._anchored
+            or self._fast_type < 0
+            or self._ssrc is None
+            or self._audio_arrival is None
+            or self._clock_rate != 8000
+        ):
+            return None
+        return self._fast_codec, {
+            "second": self._fast_type,
+            "ssrc": self._ssrc,
+            "next": self._next,
+            "ref_ts": self._ref_ts,
+            "offset": self._offset,
+            "position": self._position,
+            "audio_ts": self._audio_ts,
+            "audio_length": self._audio_length,
+            "received": self._stats.received,
+            "audio_arrival": self._audio_arrival,
+            "jitter": self._jitter,
+            "last_seen": self._last_seen,
+        }
+
+    def set_hot_state(self, values: dict[str, int | float]) -> None:
+        """Take back the fields of `hot_state` (the others cannot have changed meanwhile)."""
+        self._next = int(values["next"])
+        self._ref_ts = int(values["ref_ts"])
+        self._position = int(values["position"])
+        self._audio_ts = int(values["audio_ts"])
+        self._audio_length = int(values["audio_length"])
+        self._stats.received = int(values["received"])
+        self._audio_arrival = float(values["audio_arrival"])
+        self._jitter = float(values["jitter"])
+        self._last_seen = float(values["last_seen"])
+
     def _push(self, packet: RtpPacket, arrival: float) -> None:
         self._stats.received += 1
         if self._held:

@@ -1,0 +1,195 @@
+"""The vectorised path for in-order RTP audio: one set of numpy operations per batch of datagrams
+instead of Python per packet.
+
+Nearly every packet of a healthy G.711 stream is "the next one": the same SSRC and payload
+type, the next sequence number, a timestamp that continues exactly where the previous packet
+ended, no packets held for reordering. `RtpTimeline.push_fields` handles that case in ~1.3 µs of
+Python per packet; here it costs ~0.3 µs, for a whole batch at a time. The timeline stays the
+one authority on what the rules are: a stream is *armed* only while its timeline reports that
+state (`RtpTimeline.hot_state`), and then the lane keeps the few fields this case changes in
+arrays (the timeline's copies are stale until `sync`). Any other packet, or anyone about to read
+or change the timeline, disarms the stream first (`disarm` writes the fields back); after a
+packet the general path handled, `arm` tries again. A packet qualifies only if its stream has no
+other packet in the batch, so packets of one stream are always applied in arrival order.
+
+The equivalence with the general path is a property test (tests/test_fuzz.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from receiver.rtp.datagrams import Batch
+from receiver.rtp.timeline import RtpTimeline
+
+_INT_FIELDS = (
+    "second",
+    "ssrc",
+    "next",
+    "ref_ts",
+    "offset",
+    "position",
+    "audio_ts",
+    "audio_length",
+    "received",
+)
+_FLOAT_FIELDS = ("audio_arrival", "jitter", "last_seen")
+
+
+class FastLane:
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = 0
+        self.armed = np.zeros(0, dtype=bool)
+        self.ints: dict[str, np.ndarray] = {}
+        self.floats: dict[str, np.ndarray] = {}
+        self._timelines: list[RtpTimeline | None] = []
+        self._append: list[Callable[[str, bytes], None] | None] = []
+        self._codec: list[str] = []
+        self._free: list[int] = []
+        self._slot_of_key: dict[int, int] = {}
+        self._sorted_keys = np.zeros(0, dtype=np.uint64)
+        self._sorted_slots = np.zeros(0, dtype=np.int64)
+        self._stale_index = False
+        self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        old = self.capacity
+        self.armed = np.concatenate([self.armed, np.zeros(capacity - old, dtype=bool)])
+        for name in _INT_FIELDS:
+            self.ints[name] = np.concatenate(
+                [self.ints.get(name, np.zeros(0, np.int64)), np.zeros(capacity - old, np.int64)]
+            )
+        for name in _FLOAT_FIELDS:
+            self.floats[name] = np.concatenate(
+                [self.floats.get(name, np.zeros(0)), np.zeros(capacity - old)]
+            )
+        self._timelines += [None] * (capacity - old)
+        self._append += [None] * (capacity - old)
+        self._codec += [""] * (capacity - old)
+        self._free += range(capacity - 1, old - 1, -1)
+        self.capacity = capacity
+
+    # -- slots -------------------------------------------------------------------------------
+
+    def add(self, key: int) -> int:
+        """A slot for the source `key` (a non-zero lane key of datagrams.Batch)."""
+        if not self._free:
+            self._grow(self.capacity * 2)
+        slot = self._free.pop()
+        self._slot_of_key[key] = slot
+        self._stale_index = True
+        return slot
+
+    def remove(self, key: int, slot: int) -> None:
+        self.armed[slot] = False
+        self._timelines[slot] = self._append[slot] = None
+        if self._slot_of_key.get(key) == slot:
+            del self._slot_of_key[key]
+            self._stale_index = True
+        self._free.append(slot)
+
+    def arm(self, slot: int, timeline: RtpTimeline, append: Callable[[str, bytes], None]) -> None:
+        """Take over the timeline's in-order case, if it is in it now; `append` gets the audio."""
+        if self.armed[slot]:
+            return
+        state = timeline.hot_state()
+        if state is None:
+            return
+        codec, values = state
+        for name in _INT_FIELDS:
+            self.ints[name][slot] = values[name]
+        for name in _FLOAT_FIELDS:
+            self.floats[name][slot] = values[name]
+        self._timelines[slot] = timeline
+        self._append[slot] = append
+        self._codec[slot] = codec
+        self.armed[slot] = True
+
+    def sync(self, slot: int) -> None:
+        """Write the lane's fields back into the timeline (it stays armed)."""
+        timeline = self._timelines[slot]
+        if not self.armed[slot] or timeline is None:
+            return
+        values: dict[str, Any] = {name: int(self.ints[name][slot]) for name in _INT_FIELDS}
+        values.update({name: float(self.floats[name][slot]) for name in _FLOAT_FIELDS})
+        timeline.set_hot_state(values)
+
+    def disarm(self, slot: int) -> None:
+        self.sync(slot)
+        self.armed[slot] = False
+
+    def last_seen(self, slot: int) -> float | None:
+        return float(self.floats["last_seen"][slot]) if self.armed[slot] else None
+
+    def last_seen_all(self) -> list[float]:
+        """Per slot: the arrival of the last packet the lane applied (-inf if not armed)."""
+        seen: list[float] = np.where(self.armed, self.floats["last_seen"], -np.inf).tolist()
+        return seen
+
+    # -- the batch ---------------------------------------------------------------------------
+
+    def _index(self) -> None:
+        keys = np.fromiter(self._slot_of_key.keys(), np.uint64, len(self._slot_of_key))
+        slots = np.fromiter(self._slot_of_key.values(), np.int64, len(self._slot_of_key))
+        order = np.argsort(keys)
+        self._sorted_keys, self._sorted_slots = keys[order], slots[order]
+        self._stale_index = False
+
+    def process(self, batch: Batch) -> np.ndarray:
+        """Apply every qualifying datagram of the batch; returns the mask of those applied."""
+        count = batch.count
+        if self._stale_index:
+            self._index()
+        keys = self._sorted_keys
+        if not keys.size or not self.armed.any():
+            return np.zeros(count, dtype=bool)
+        place = np.minimum(np.searchsorted(keys, batch.lane_keys), keys.size - 1)
+        known = keys[place] == batch.lane_keys
+        slots = np.where(known, self._sorted_slots[place], 0)
+        rows, lengths = batch.rows, batch.lengths
+        ints = self.ints
+        ok: np.ndarray = known & self.armed[slots] & (lengths > 12) & (rows[:, 0] == 0x80)
+        ok &= rows[:, 1] == ints["second"][slots]
+        # One packet per stream per batch: then applying them together keeps each stream's order.
+        ok &= np.bincount(slots[known], minlength=self.capacity)[slots] == 1
+        if not ok.any():
+            return ok
+        header = rows[:, 2:12].astype(np.int64)
+        sequence = header[:, 0] << 8 | header[:, 1]
+        timestamp = header[:, 2] << 24 | header[:, 3] << 16 | header[:, 4] << 8 | header[:, 5]
+        ssrc = header[:, 6] << 24 | header[:, 7] << 16 | header[:, 8] << 8 | header[:, 9]
+        ok &= (ssrc == ints["ssrc"][slots]) & (sequence == ints["next"][slots] & 0xFFFF)
+        ref = ints["ref_ts"][slots]
+        ext = ref + ((timestamp - ref + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+        ok &= ext + ints["offset"][slots] == ints["position"][slots]  # no gap, no overlap
+        index = np.flatnonzero(ok)
+        if not index.size:
+            return ok
+        s = slots[index]
+        arrival = batch.arrivals[index]
+        ts = timestamp[index]
+        samples = lengths[index] - 12
+        floats = self.floats
+        # RFC 3550 A.8, exactly as RtpTimeline computes it (same float64 operations).
+        advance = ((ts - ints["audio_ts"][s] + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+        d = (arrival - floats["audio_arrival"][s]) * 8000 - advance
+        jitter = floats["jitter"][s]
+        floats["jitter"][s] = jitter + (np.abs(d) - jitter) / 16.0
+        floats["audio_arrival"][s] = arrival
+        floats["last_seen"][s] = arrival
+        ints["audio_ts"][s] = ts
+        ints["audio_length"][s] = samples
+        ints["ref_ts"][s] = ext[index]
+        ints["next"][s] += 1
+        ints["position"][s] += samples
+        ints["received"][s] += 1
+        append, codec = self._append, self._codec
+        flat = rows.data.cast("B")  # slicing it is ~10x cheaper than slicing `rows`
+        width = rows.shape[1]
+        for slot, row, end in zip(s.tolist(), index.tolist(), lengths[index].tolist(), strict=True):
+            start = row * width
+            append[slot](codec[slot], flat[start + 12 : start + end].tobytes())  # type: ignore[misc]
+        return ok
