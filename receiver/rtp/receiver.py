@@ -303,7 +303,8 @@ class RtpReceiver:
             self.receive()
         except Exception:
             self.counters["internal_errors"] += 1
-            log.exception("error receiving RTP")
+            if self.counters["internal_errors"] <= 10:  # runs every 5 ms: never a flood
+                log.exception("error receiving RTP")
         self._pump = asyncio.get_running_loop().call_later(RECEIVE_INTERVAL, self._receive_tick)
 
     def receive(self) -> None:
@@ -596,6 +597,7 @@ class RtpReceiver:
         for sock in list(self.pool_sockets.values()):
             self._detach(sock)
         self.pool_sockets.clear()
+        self._selector.close()
 
     def packet_totals(self) -> dict[str, int]:
         """For metrics: ended streams' totals plus the live ones."""
