@@ -81,7 +81,6 @@ def test_every_datagram_in_order_with_its_source(family: int, host: str, which: 
         # Kernel receive timestamps: when the datagrams came, not when they were read.
         # (0.1 s of slack for a stall between the two clock reads of the conversion)
         assert started - 0.1 <= min(arrivals) and max(arrivals) <= sent_by + 0.1
-        assert arrivals == sorted(arrivals)
     for s in (rx, tx, other):
         s.close()
 
