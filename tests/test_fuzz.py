@@ -240,20 +240,18 @@ class RecordingOutput:
 
 @FAST
 @given(rtp_streams(), st.sampled_from([0.0, 0.2]))
-def test_rtp_push_fields_is_push(stream: list[tuple[RtpPacket, float]], jitter: float) -> None:
-    """The receiver's hot path (fields, no RtpPacket, in-order audio inlined) gives exactly what
-    the general path gives."""
+def test_rtp_push_inlined_case_is_the_general_path(
+    stream: list[tuple[RtpPacket, float]], jitter: float
+) -> None:
+    """push()'s inlined in-order audio case gives exactly what the general path gives."""
     by_packet, by_fields = RecordingOutput(), RecordingOutput()
     a = RtpTimeline(by_packet, jitter=jitter, max_gap=MAX_GAP)
     b = RtpTimeline(by_fields, jitter=jitter, max_gap=MAX_GAP)
     for packet, arrival in stream:
         a._push(packet, arrival)  # the general path: never the inlined case
-        second = (0x80 if packet.marker else 0) | packet.payload_type
-        waiting = b.push_fields(
-            second, packet.sequence, packet.timestamp, packet.ssrc, packet.payload, arrival
-        )
-        assert waiting == b.waiting == a.waiting
-        if waiting:
+        b.push(packet, arrival)
+        assert b.waiting == a.waiting
+        if a.waiting:
             a.poll(arrival)
             b.poll(arrival)
     a.flush()

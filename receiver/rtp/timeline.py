@@ -187,7 +187,7 @@ class RtpTimeline:
         self._last_seen = 0.0
         self._first_arrival: float | None = None  # for the wall-clock budget of silence
         self._last_payload_type = -1
-        self._fast_type = -1  # the current payload type if it is audio (see push_fields)
+        self._fast_type = -1  # the current payload type if it is audio (push's inlined case)
         self._fast_codec = ""
 
         # Sequencing, in extended (never wrapping) sequence numbers of the current run.
@@ -235,46 +235,21 @@ class RtpTimeline:
 
     def push(self, packet: RtpPacket, arrival: float) -> None:
         """Take one packet; `arrival` is monotonic seconds (also the clock for the window)."""
-        marker = 0x80 if packet.marker else 0
-        self.push_fields(
-            marker | packet.payload_type,
-            packet.sequence,
-            packet.timestamp,
-            packet.ssrc,
-            packet.payload,
-            arrival,
-            packet,
-        )
-
-    def push_fields(
-        self,
-        second: int,
-        sequence: int,
-        timestamp: int,
-        ssrc: int,
-        payload: bytes,
-        arrival: float,
-        packet: RtpPacket | None = None,
-    ) -> bool:
-        """`push()` from a header's fields: `second` is its second byte (marker, payload type).
-
-        The receiver's hot path: an in-order audio packet of the current SSRC and payload type,
-        placed right after the previous one, is handled here without building an RtpPacket.
-        Returns `waiting`."""
         if (
-            second != self._fast_type
-            or ssrc != self._ssrc
-            or sequence != self._next & 0xFFFF
+            packet.marker
+            or packet.payload_type != self._fast_type
+            or packet.ssrc != self._ssrc
+            or packet.sequence != self._next & 0xFFFF
             or self._held
         ):
-            if packet is None:
-                packet = RtpPacket(second & 0x7F, second > 0x7F, sequence, timestamp, ssrc, payload)
             self._push(packet, arrival)
-            return bool(self._held)
-        # _push, _sequence, _note_arrival and _release inlined for this one case.
+            return
+        # The in-order audio case (the one fast_lane.FastLane takes over when armed):
+        # _push, _sequence, _note_arrival and _release inlined.
         self._stats.received += 1
         self._last_seen = arrival
         self._next += 1
+        timestamp = packet.timestamp
         previous = self._audio_arrival
         if previous is not None:
             advance = ((timestamp - self._audio_ts + 0x80000000) & 0xFFFFFFFF) - 0x80000000
@@ -284,21 +259,19 @@ class RtpTimeline:
             self._stats.first_timestamp = timestamp
         self._audio_arrival = arrival
         self._audio_ts = timestamp
+        payload = packet.payload
         self._audio_length = samples = len(payload)
         ref = self._ref_ts
         ext = ref + ((timestamp - ref + 0x80000000) & 0xFFFFFFFF) - 0x80000000
         self._ref_ts = ext
         if ext + self._offset != self._position or not self._anchored:
-            if packet is None:
-                packet = RtpPacket(second & 0x7F, False, sequence, timestamp, ssrc, payload)
             self._place(ext, samples, packet)
         self._emit_audio(self._fast_codec, payload)
         self._position += samples
-        return False
 
     def hot_state(self) -> tuple[str, dict[str, int | float]] | None:
-        """(codec, fields) while the next packet may take push_fields' inlined case, i.e. the
-        state fast_lane.FastLane takes over; None otherwise."""
+        """(codec, fields) while the next packet may take push's inlined case, i.e. the state
+        fast_lane.FastLane takes over; None otherwise."""
         if (
             self._held
             or not self._anchored
@@ -681,7 +654,7 @@ class RtpTimeline:
     def _note_payload_type(self, payload_type: int) -> None:
         self._last_payload_type = payload_type
         codec = AUDIO_CODECS.get(payload_type)
-        self._fast_type = payload_type if codec is not None else -1  # never a header byte
+        self._fast_type = payload_type if codec is not None else -1  # -1: never a payload type
         self._fast_codec = codec or ""
         if payload_type not in self._stats.payload_types:
             self._stats.payload_types.append(payload_type)
