@@ -85,14 +85,20 @@ def adopt_orphan(wav: Path) -> dict[str, Any]:
 
 
 def _orphans(recordings: Path) -> list[Path]:
-    """WAVs that no sidecar names (per-track WAVs are named by their recording's sidecar)."""
+    """WAVs that no sidecar names (per-track WAVs are named by their recording's sidecar). A
+    sidecar that cannot be read counts as missing: a tap's first sidecar is not fsynced, so a
+    power cut can leave it empty."""
     named: set[str] = set()
+    unreadable: set[str] = set()
     for sidecar_path in recordings.glob("*.json"):
         try:
             sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
+            unreadable.add(sidecar_path.name)
             continue
-        if isinstance(sidecar, dict):
+        if not isinstance(sidecar, dict):
+            unreadable.add(sidecar_path.name)
+        else:
             named.add(str(sidecar.get("file") or sidecar_path.with_suffix(".wav").name))
             tracks = sidecar.get("track_files")
             if isinstance(tracks, dict):
@@ -102,7 +108,7 @@ def _orphans(recordings: Path) -> list[Path]:
         for wav in sorted(recordings.glob("*.wav"))
         if not wav.name.startswith(".")
         and wav.name not in named
-        and not wav.with_suffix(".json").exists()
+        and (wav.with_suffix(".json").name in unreadable or not wav.with_suffix(".json").exists())
     ]
 
 

@@ -72,7 +72,7 @@ class DiskWriter:
     def _open(self, sink: WavSink, sidecar: dict[str, Any]) -> None:
         try:
             sink.open()
-            write_json_atomic(sink.sidecar_path, self._sidecar(sink, sidecar))
+            write_json_atomic(sink.sidecar_path, self._sidecar(sink, sidecar), durable=False)
         except Exception as exc:
             self._fail(sink, exc)
 

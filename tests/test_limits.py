@@ -286,8 +286,9 @@ def test_open_file_limit_is_raised_and_accounted_for(make_server: Any) -> None:
 
 
 def test_recovery_adopts_a_wav_that_never_got_its_sidecar(make_server: Any, tmp_path: Path) -> None:
-    """A kill between creating a WAV and writing its first sidecar leaves a WAV nobody names:
-    the next start repairs it and gives it a sidecar; per-track WAVs a sidecar lists are left."""
+    """A kill between creating a WAV and writing its first sidecar leaves a WAV nobody names,
+    and a power cut can leave that (not fsynced) sidecar empty or cut short: the next start
+    repairs each such WAV and gives it a sidecar; per-track WAVs a sidecar lists are left."""
     recordings = tmp_path / "orphans"
     recordings.mkdir()
     samples = np.arange(-4000, 4000, dtype=np.int16)
@@ -300,12 +301,16 @@ def test_recovery_adopts_a_wav_that_never_got_its_sidecar(make_server: Any, tmp_
         {"tap_id": "call", "file": "call.wav", "state": "finished",
          "track_files": {"inbound": "call.inbound.wav"}}
     ))  # fmt: skip
+    for name, text in (("empty", ""), ("cut", '{"tap_id": "cut", "sta')):
+        (recordings / f"{name}.wav").write_bytes(raw)
+        (recordings / f"{name}.json").write_text(text)
     make_server("--no-auth", recordings=recordings)
-    sidecar = json.loads((recordings / "orphan.json").read_text())
-    assert sidecar["state"] == "finished" and sidecar["recovered"] is True
-    assert sidecar["frames_written"] == len(samples)
-    assert assert_header_matches_data(recordings / "orphan.wav") == len(samples)
-    assert np.array_equal(read_wav(recordings / "orphan.wav")[0], samples)
+    for name in ("orphan", "empty", "cut"):
+        sidecar = json.loads((recordings / f"{name}.json").read_text())
+        assert sidecar["state"] == "finished" and sidecar["recovered"] is True
+        assert sidecar["frames_written"] == len(samples)
+        assert assert_header_matches_data(recordings / f"{name}.wav") == len(samples)
+        assert np.array_equal(read_wav(recordings / f"{name}.wav")[0], samples)
     assert not (recordings / "call.inbound.json").exists()
 
 
