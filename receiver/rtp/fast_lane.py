@@ -19,32 +19,23 @@ The equivalence with the general path is a property test (tests/test_fuzz.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 from receiver.rtp.datagrams import Batch
-from receiver.rtp.timeline import RtpTimeline
-
-_INT_FIELDS = (
-    "second",
-    "ssrc",
-    "next",
-    "ref_ts",
-    "offset",
-    "position",
-    "audio_ts",
-    "audio_length",
-    "received",
-)
-_FLOAT_FIELDS = ("audio_arrival", "jitter", "last_seen")
+from receiver.rtp.timeline import HOT_FLOATS, HOT_INTS, RtpTimeline
 
 
 class FastLane:
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = 0
         self.armed = np.zeros(0, dtype=bool)
-        self.ints: dict[str, np.ndarray] = {}
+        # One row per field of RtpTimeline.hot_state, one column per slot: a slot's fields are
+        # read and written with one numpy call (`sync` and `arm` run on every general-path
+        # packet of an armed stream, which under loss is most of them).
+        self._int_rows = np.zeros((len(HOT_INTS), 0), np.int64)
+        self._float_rows = np.zeros((len(HOT_FLOATS), 0))
+        self.ints: dict[str, np.ndarray] = {}  # views of the rows, by field name
         self.floats: dict[str, np.ndarray] = {}
         self._timelines: list[RtpTimeline | None] = []
         self._append: list[Callable[[str, bytes], None] | None] = []
@@ -59,14 +50,14 @@ class FastLane:
     def _grow(self, capacity: int) -> None:
         old = self.capacity
         self.armed = np.concatenate([self.armed, np.zeros(capacity - old, dtype=bool)])
-        for name in _INT_FIELDS:
-            self.ints[name] = np.concatenate(
-                [self.ints.get(name, np.zeros(0, np.int64)), np.zeros(capacity - old, np.int64)]
-            )
-        for name in _FLOAT_FIELDS:
-            self.floats[name] = np.concatenate(
-                [self.floats.get(name, np.zeros(0)), np.zeros(capacity - old)]
-            )
+        self._int_rows = np.concatenate(
+            [self._int_rows, np.zeros((len(HOT_INTS), capacity - old), np.int64)], axis=1
+        )
+        self._float_rows = np.concatenate(
+            [self._float_rows, np.zeros((len(HOT_FLOATS), capacity - old))], axis=1
+        )
+        self.ints = dict(zip(HOT_INTS, self._int_rows, strict=True))
+        self.floats = dict(zip(HOT_FLOATS, self._float_rows, strict=True))
         self._timelines += [None] * (capacity - old)
         self._append += [None] * (capacity - old)
         self._codec += [""] * (capacity - old)
@@ -99,11 +90,9 @@ class FastLane:
         state = timeline.hot_state()
         if state is None:
             return
-        codec, values = state
-        for name in _INT_FIELDS:
-            self.ints[name][slot] = values[name]
-        for name in _FLOAT_FIELDS:
-            self.floats[name][slot] = values[name]
+        codec, ints, floats = state
+        self._int_rows[:, slot] = ints
+        self._float_rows[:, slot] = floats
         self._timelines[slot] = timeline
         self._append[slot] = append
         self._codec[slot] = codec
@@ -114,9 +103,7 @@ class FastLane:
         timeline = self._timelines[slot]
         if not self.armed[slot] or timeline is None:
             return
-        values: dict[str, Any] = {name: int(self.ints[name][slot]) for name in _INT_FIELDS}
-        values.update({name: float(self.floats[name][slot]) for name in _FLOAT_FIELDS})
-        timeline.set_hot_state(values)
+        timeline.set_hot_state(self._int_rows[:, slot].tolist(), self._float_rows[:, slot].tolist())
 
     def disarm(self, slot: int) -> None:
         self.sync(slot)

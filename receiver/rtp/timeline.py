@@ -119,6 +119,22 @@ class TimelineStats:
         }
 
 
+# The fields of `RtpTimeline.hot_state`, in order ("second": the payload type of push's inlined
+# case; "next": the extended sequence number due).
+HOT_INTS = (
+    "second",
+    "ssrc",
+    "next",
+    "ref_ts",
+    "offset",
+    "position",
+    "audio_ts",
+    "audio_length",
+    "received",
+)
+HOT_FLOATS = ("audio_arrival", "jitter", "last_seen")
+
+
 class RtpTimeline:
     """Turns one stream's RTP packets into contiguous audio, silence and sidecar events."""
 
@@ -269,9 +285,9 @@ class RtpTimeline:
         self._emit_audio(self._fast_codec, payload)
         self._position += samples
 
-    def hot_state(self) -> tuple[str, dict[str, int | float]] | None:
-        """(codec, fields) while the next packet may take push's inlined case, i.e. the state
-        fast_lane.FastLane takes over; None otherwise."""
+    def hot_state(self) -> tuple[str, list[int], list[float]] | None:
+        """(codec, HOT_INTS, HOT_FLOATS) while the next packet may take push's inlined case, i.e.
+        the state fast_lane.FastLane takes over; None otherwise."""
         if (
             self._held
             or not self._anchored
@@ -281,32 +297,25 @@ class RtpTimeline:
             or self._clock_rate != 8000
         ):
             return None
-        return self._fast_codec, {
-            "second": self._fast_type,
-            "ssrc": self._ssrc,
-            "next": self._next,
-            "ref_ts": self._ref_ts,
-            "offset": self._offset,
-            "position": self._position,
-            "audio_ts": self._audio_ts,
-            "audio_length": self._audio_length,
-            "received": self._stats.received,
-            "audio_arrival": self._audio_arrival,
-            "jitter": self._jitter,
-            "last_seen": self._last_seen,
-        }
+        ints = [
+            self._fast_type,
+            self._ssrc,
+            self._next,
+            self._ref_ts,
+            self._offset,
+            self._position,
+            self._audio_ts,
+            self._audio_length,
+            self._stats.received,
+        ]
+        return self._fast_codec, ints, [self._audio_arrival, self._jitter, self._last_seen]
 
-    def set_hot_state(self, values: dict[str, int | float]) -> None:
-        """Take back the fields of `hot_state` (the others cannot have changed meanwhile)."""
-        self._next = int(values["next"])
-        self._ref_ts = int(values["ref_ts"])
-        self._position = int(values["position"])
-        self._audio_ts = int(values["audio_ts"])
-        self._audio_length = int(values["audio_length"])
-        self._stats.received = int(values["received"])
-        self._audio_arrival = float(values["audio_arrival"])
-        self._jitter = float(values["jitter"])
-        self._last_seen = float(values["last_seen"])
+    def set_hot_state(self, ints: list[int], floats: list[float]) -> None:
+        """Take back the fields of `hot_state`, in its order (the first two and `offset` cannot
+        have changed meanwhile)."""
+        (_, _, self._next, self._ref_ts, _, self._position, self._audio_ts, self._audio_length,
+         self._stats.received) = ints  # fmt: skip
+        self._audio_arrival, self._jitter, self._last_seen = floats
 
     def _push(self, packet: RtpPacket, arrival: float) -> None:
         self._stats.received += 1
