@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,46 @@ def test_loss_reorder_duplicates_over_real_udp(rtp_server: ServerProcess) -> Non
     assert (rtp["lost"], rtp["duplicate"], rtp["reordered"]) == (1, 1, 1)
     assert rtp["first_timestamp"] == base_ts
     assert rtp["last_timestamp"] == (base_ts + 160 * 19) & 0xFFFFFFFF
+
+
+def live_rtp(server: ServerProcess, name: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{server.base_url}/api/taps/{name}", timeout=5) as response:
+        live: dict[str, Any] = json.load(response)["live"]
+    return live
+
+
+def test_a_gap_is_given_up_after_the_jitter_window_while_the_sender_pauses(
+    make_server: Any,
+) -> None:
+    """Packets held behind a gap are released once the jitter window (200 ms) has passed, even
+    when no further packet arrives to trigger it; afterwards the stream goes on in order."""
+    server: ServerProcess = make_server("--no-auth", "--rtp-idle-timeout", "5")
+    sock = sender()
+    audio = noise(160 * 12, seed=5)
+    chunks = [audio[i * 160 : (i + 1) * 160] for i in range(12)]
+
+    def send(numbers: list[int]) -> None:
+        for n in numbers:
+            sock.sendto(packet(n, 160 * n, chunks[n]), ("127.0.0.1", server.rtp_port))
+            time.sleep(0.005)
+
+    send([0, 1, 2, 3, 4, 6, 7])  # 5 lost: 6 and 7 wait behind it
+    name = tap_name(sock)
+    time.sleep(0.6)
+    live = live_rtp(server, name)
+    assert live["frames"] == 8 * 160  # released, with 5 as silence, before the stream ended
+    assert (live["rtp"]["lost"], live["rtp"]["received"]) == (1, 7)
+    send(list(range(8, 12)))
+    deadline = time.monotonic() + 5
+    while live_rtp(server, name)["frames"] != 12 * 160 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_rtp(server, name)["rtp"]["received"] == 11
+    server.stop()
+    samples, sidecar = finished_recording(server, name)
+    expected = reference.decode("PCMU", audio).copy()
+    expected[5 * 160 : 6 * 160] = 0
+    assert np.array_equal(samples, expected)
+    assert (sidecar["rtp"]["lost"], sidecar["rtp"]["received"]) == (1, 11)
 
 
 def test_dtmf_cn_and_ssrc_change_on_one_source(rtp_server: ServerProcess) -> None:

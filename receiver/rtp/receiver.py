@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import selectors
 import socket
@@ -104,6 +106,7 @@ class RtpStream:
         "lane_key",
         "last_arrival",
         "muted",
+        "queued",
         "registration",
         "slot",
         "socket",
@@ -129,6 +132,7 @@ class RtpStream:
         self.last_arrival = now
         self.registration = registration
         self.muted = False
+        self.queued = False  # in RtpReceiver._due
         self.lane_key = 0  # its key in the fast lane (IPv4 sources), and its slot there
         self.slot = -1
 
@@ -190,7 +194,9 @@ class RtpReceiver:
         self.pool_sockets: dict[int, RtpSocket] = {}  # port -> socket, allocated ports only
         self.by_source: dict[tuple[str, int], Registration] = {}
         self.stream_count = 0
-        self._waiting: set[RtpStream] = set()
+        # Streams holding packets behind a gap, by when the oldest is due: (due, tiebreak, stream)
+        self._due: list[tuple[float, int, RtpStream]] = []
+        self._tiebreak = itertools.count()
         self._refused: set[tuple[str, int]] = set()
         self._refusal_log: dict[str, tuple[int, float]] = {}  # reason -> (suppressed, last line)
         self._next_pool_index = 0
@@ -381,10 +387,16 @@ class RtpReceiver:
         stream.last_arrival = now
         timeline = stream.timeline
         timeline.push(packet, now)
-        if timeline.waiting:
-            self._waiting.add(stream)
-        else:
+        if not timeline.waiting:
             self._arm(stream)
+        elif not stream.queued:
+            self._queue(stream)
+
+    def _queue(self, stream: RtpStream) -> None:
+        """Poll the stream when its oldest held packet has waited the jitter window. (A later
+        hold is due later, so the entry can only be early, never late.)"""
+        stream.queued = True
+        heapq.heappush(self._due, (stream.timeline.due, next(self._tiebreak), stream))
 
     def _arm(self, stream: RtpStream) -> None:
         """Let the fast lane take the stream's next in-order packets, if it can."""
@@ -483,7 +495,6 @@ class RtpReceiver:
         if stream.socket.streams.pop(stream.key, None) is None:
             return
         self.stream_count -= 1
-        self._waiting.discard(stream)
         if stream.slot >= 0:
             self.lane.disarm(stream.slot)
             self.lane.remove(stream.lane_key, stream.slot)
@@ -540,11 +551,20 @@ class RtpReceiver:
         return stream.stats()
 
     def poll(self, now: float) -> None:
-        """Release packets whose gap has waited out the jitter window."""
-        for stream in list(self._waiting):
-            stream.timeline.poll(now)
-            if not stream.timeline.waiting:
-                self._waiting.discard(stream)
+        """Release packets whose gap has waited out the jitter window: only the streams that
+        are due are touched, however many are waiting."""
+        due, ready = self._due, []
+        while due and due[0][0] <= now:
+            ready.append(heapq.heappop(due)[2])
+        for stream in ready:
+            stream.queued = False
+            if stream.socket.streams.get(stream.key) is not stream:
+                continue  # ended meanwhile
+            timeline = stream.timeline
+            timeline.poll(now)
+            if timeline.waiting:
+                self._queue(stream)
+            else:
                 self._arm(stream)
 
     def end_idle(self, now: float) -> None:
@@ -575,7 +595,7 @@ class RtpReceiver:
             await asyncio.sleep(POLL_INTERVAL)
             now = time.monotonic()
             try:
-                if self._waiting:
+                if self._due:
                     self.poll(now)
                 if now >= next_idle_check:
                     next_idle_check = now + IDLE_CHECK_INTERVAL

@@ -242,6 +242,13 @@ class RtpTimeline:
         return bool(self._held)
 
     @property
+    def due(self) -> float:
+        """When the oldest held packet has waited the jitter window (inf if none is held)."""
+        for _, arrival in self._held.values():
+            return arrival + self._jitter_window
+        return float("inf")
+
+    @property
     def stats(self) -> TimelineStats:
         stats = self._stats
         stats.jitter = self._jitter
@@ -398,12 +405,18 @@ class RtpTimeline:
         self._probe = (packet, arrival)
 
     def _expire(self, now: float) -> None:
-        held = self._held
-        while held:
-            oldest = next(iter(held))
-            if now - held[oldest][1] < self._jitter_window:
-                return
-            self._release_through(oldest)
+        # Held packets are in arrival order, so the expired ones come first. Releasing through
+        # the largest of them at once equals releasing through each in turn: either way every
+        # key up to it leaves, in ascending order, and then whatever follows without a gap.
+        window = self._jitter_window
+        limit: int | None = None
+        for ext, (_, arrival) in self._held.items():
+            if now - arrival < window:
+                break
+            if limit is None or ext > limit:
+                limit = ext
+        if limit is not None:
+            self._release_through(limit)
 
     def _release_through(self, limit: int) -> None:
         held = self._held
