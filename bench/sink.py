@@ -2,7 +2,8 @@
 
     python -m bench.sink --port 5004
 
-Same socket setup as the receiver (SO_RCVBUF 4 MiB), same event loop, no parsing. On SIGTERM it
+Same socket setup as the receiver (open_udp_socket, its default rtp_recv_buffer), same event
+loop, no parsing. On SIGTERM it
 prints {"datagrams": N} and exits; it answers nothing.
 """
 
@@ -12,11 +13,15 @@ import argparse
 import asyncio
 import json
 import signal
-import socket
 import sys
 from typing import Any
 
 import uvloop
+
+from receiver.config import from_argv
+from receiver.rtp.receiver import open_udp_socket
+
+DEFAULT_RECV_BUFFER = from_argv([], {}).rtp_recv_buffer
 
 
 class Counter(asyncio.DatagramProtocol):
@@ -28,10 +33,7 @@ class Counter(asyncio.DatagramProtocol):
 
 
 async def serve(host: str, port: int, recv_buffer: int) -> int:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
-    sock.bind((host, port))
-    sock.setblocking(False)
+    sock, _ = open_udp_socket(host, port, recv_buffer)  # the same socket as the receiver's
     counter = Counter()
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(lambda: counter, sock=sock)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--recv-buffer", type=int, default=4 * 1024 * 1024)
+    parser.add_argument("--recv-buffer", type=int, default=DEFAULT_RECV_BUFFER)
     args = parser.parse_args(argv)
     count = uvloop.run(serve(args.host, args.port, args.recv_buffer))
     print(json.dumps({"datagrams": count}), flush=True)

@@ -294,7 +294,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "rtp_recv_buffer",
         "size",
-        4 * 1024 * 1024,
+        32 * 1024 * 1024,
         "SO_RCVBUF requested for the RTP socket (the kernel may grant less).",
         _positive,
     ),

@@ -52,7 +52,7 @@ def test_defaults() -> None:
     assert cfg.recordings == Path("./recordings")
     assert cfg.token == "" and cfg.no_auth is False
     assert cfg.ws_max_message_size == 65536
-    assert cfg.rtp_recv_buffer == 4 * 1024 * 1024
+    assert cfg.rtp_recv_buffer == 32 * 1024 * 1024
 
 
 def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
