@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from receiver.rtp.datagrams import (
     enable_timestamps,
     open_reader,
 )
+from receiver.rtp.receiver import open_udp_socket
 
 FAMILIES = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
 
@@ -106,3 +108,28 @@ def test_an_empty_socket_reads_nothing() -> None:
         assert reader.read(rx) is None
         rx.close()
         tx.close()
+
+
+def net_admin() -> bool:
+    """CAP_NET_ADMIN (bit 12) among this process's effective capabilities (SO_RCVBUFFORCE)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 12 & 1)
+    return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux socket buffer rules")
+def test_socket_buffer_goes_past_rmem_max_as_root() -> None:
+    """The kernel caps SO_RCVBUF at net.core.rmem_max (and reports double what it keeps); with
+    CAP_NET_ADMIN (root, outside a container) SO_RCVBUFFORCE goes past it."""
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    request = 4 * rmem_max
+    sock, granted = open_udp_socket("127.0.0.1", 0, request)
+    try:
+        assert granted == sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if net_admin():
+            assert granted == 2 * request
+        else:
+            assert granted == 2 * rmem_max
+    finally:
+        sock.close()

@@ -22,8 +22,10 @@ import contextlib
 import heapq
 import itertools
 import logging
+import platform
 import selectors
 import socket
+import sys
 import time
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
@@ -155,6 +157,12 @@ class RtpSocket:
         self.streams: dict[Hashable, RtpStream] = {}  # by the reader's source key
 
 
+# Python's socket module does not export it: 33 in Linux's asm-generic/socket.h (x86, ARM, ...).
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", None) or (
+    33 if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64", "i686") else None
+)
+
+
 def open_udp_socket(
     host: str, port: int, recv_buffer: int, *, reuse_port: bool = False
 ) -> tuple[socket.socket, int]:
@@ -168,10 +176,10 @@ def open_udp_socket(
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
-        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        if granted < recv_buffer and hasattr(socket, "SO_RCVBUFFORCE"):
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # Linux: 2x, if allowed
+        if granted < 2 * recv_buffer and SO_RCVBUFFORCE is not None:
             try:  # root (e.g. in a container) may go past net.core.rmem_max
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, recv_buffer)
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, recv_buffer)
                 granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             except OSError:
                 pass
