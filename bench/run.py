@@ -5,14 +5,18 @@
     python -m bench.run --series rtp1 --rtp-steps 3000 --seconds 60    # one point
 
 The receiver is the real thing (`python -m receiver --no-auth`, a subprocess pinned to core 0 with
-taskset), the load comes from separate sender processes pinned to core 1 (bench.rtp_load,
-bench.ws_load). Per step it measures, over the window in which every stream is active:
-receiver CPU (utime+stime from /proc/<pid>/stat, all worker processes), CPU microseconds per
-packet, RSS (idle and loaded, per tap), bytes and write calls from /proc/<pid>/io; after the run:
-loss from the sidecars (`rtp.received` vs sent, `frames_written` vs expected), that every WAV has
-exactly the expected length, and that a sample of them equals the deterministic payloads sample
-for sample (decoded with the stdlib's audioop, independent of the receiver's codec). The same run
-measures a bare counting uvloop sink (bench.sink) on the same core, for the ratio to the limit.
+taskset), the load comes from separate sender processes pinned to core 1 (bench.rtp_load, which
+as root sends whole packets over a raw socket with sendmmsg, a source port per stream; and
+bench.ws_load). Before each step the page cache is written back and dropped (as root), so every
+step starts from the same memory state (see `drop_page_cache`); each step's recordings are kept
+until the run ends (see `Receiver.set_aside`). Per step it measures, over the window in which
+every stream is active: receiver CPU (utime+stime from /proc/<pid>/stat, all worker processes),
+CPU microseconds per packet, RSS (idle and loaded, per tap), bytes and write calls from
+/proc/<pid>/io; after the run: loss from the sidecars (`rtp.received` vs sent, `frames_written`
+vs expected), that every WAV has exactly the expected length, and that a sample of them equals
+the deterministic payloads sample for sample (decoded with the stdlib's audioop, independent of
+the receiver's codec). The same run measures a bare counting uvloop sink (bench.sink) on the
+same core, for the ratio to the limit.
 
 A step is sustainable when nothing was lost, every WAV is exact and complete, and the senders kept
 their pace (otherwise the step is marked sender-limited and the series stops there).
@@ -75,8 +79,22 @@ class Row:
     samples_compared: int = 0
     per_worker: dict[str, int] = field(default_factory=dict)
     sender_kept_pace: bool = True
+    page_cache_dropped: bool = False
     sustainable: bool = False
     note: str = ""
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the page cache before a step (needs root), so each step starts from
+    the same memory state: in a VM, page-cache pages the guest has never touched cost the
+    writer ~4x more kernel time per 16 KiB write (measured here: ~50 against ~13 µs) than
+    reused ones, and the number of untouched pages depends on what ran before."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        return False
+    return True
 
 
 def pinned(cores: str | None, args: list[str]) -> list[str]:
@@ -267,6 +285,7 @@ def rtp_step(
     workdir: Path, streams: int, seconds: float, workers: int, args: argparse.Namespace
 ) -> Row:
     row = Row("rtp", workers, streams, seconds)
+    row.page_cache_dropped = drop_page_cache()
     receiver = Receiver(workdir, workers, args.server_cores if workers == 1 else args.all_cores)
     try:
         time.sleep(0.5)
@@ -334,6 +353,7 @@ def ws_step(
     workdir: Path, taps: int, seconds: float, workers: int, args: argparse.Namespace
 ) -> Row:
     row = Row("ws", workers, taps, seconds)
+    row.page_cache_dropped = drop_page_cache()
     receiver = Receiver(workdir, workers, args.server_cores if workers == 1 else args.all_cores)
     try:
         time.sleep(0.5)
@@ -400,6 +420,7 @@ def ws_step(
 
 def sink_step(workdir: Path, streams: int, seconds: float, args: argparse.Namespace) -> Row:
     row = Row("sink", 1, streams, seconds)
+    row.page_cache_dropped = drop_page_cache()
     port = free_port()
     sink = subprocess.Popen(
         pinned(args.server_cores, [sys.executable, "-m", "bench.sink", "--port", str(port)]),

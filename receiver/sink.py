@@ -181,13 +181,19 @@ class WavSink:
     def write(self, frames: np.ndarray) -> None:
         if self._file is None or len(frames) == 0:
             return
-        try:
-            self._file.write(frames)
-        except soundfile.LibsndfileError as exc:
-            # soundfile reports only "System error."; the handle knows which (e.g. ENOSPC).
-            detail = soundfile._ffi.string(soundfile._snd.sf_strerror(self._file._file))
-            raise OSError(f"{exc}: {detail.decode(errors='replace')}") from None
-        self.frames_written += len(frames)
+        # libsndfile's own write: soundfile's write() wraps it in five seeks per call (to keep
+        # its position and frame count, which nothing here reads).
+        data = np.ascontiguousarray(frames, dtype=np.int16)
+        handle = self._file._file
+        count = len(data)
+        written = soundfile._snd.sf_writef_short(
+            handle, soundfile._ffi.from_buffer("short[]", data), count
+        )
+        if written != count:
+            # The handle knows why (e.g. ENOSPC).
+            detail = soundfile._ffi.string(soundfile._snd.sf_strerror(handle))
+            raise OSError(f"wrote {written} of {count} frames: {detail.decode(errors='replace')}")
+        self.frames_written += count
         _command(self._file, SFC_UPDATE_HEADER_NOW, 0)
 
     def close(self) -> None:
