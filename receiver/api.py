@@ -150,6 +150,8 @@ class RecordingsApi:
         return active
 
     def _live(self, tap: Tap) -> dict[str, Any]:
+        # The RTP side first: it brings the tap's buffer up to date (see fast_lane.py).
+        rtp = self.live_rtp(tap) if self.live_rtp and tap.transport == "rtp" else None
         frames = tap.buffer.frames
         sink = tap.sink
         return {
@@ -157,7 +159,7 @@ class RecordingsApi:
             "frames_written": sink.frames_written if sink is not None else 0,
             "duration_seconds": round(frames / tap.sample_rate, 3),
             "elapsed_seconds": round(time.monotonic() - tap.started_monotonic, 3),
-            "rtp": self.live_rtp(tap) if self.live_rtp and tap.transport == "rtp" else None,
+            "rtp": rtp,
         }
 
     def _summary(self, recording: Recording, tap: Tap | None) -> dict[str, Any]:

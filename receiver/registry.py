@@ -34,6 +34,8 @@ class TapRegistry:
         }
         # Called on the event loop with each final sidecar, once its files are complete.
         self.on_finalized: Callable[[dict[str, Any]], None] | None = None
+        # Called before every flush: whoever holds audio outside the taps' buffers hands it over.
+        self.before_flush: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         # (transport, tap id) -> (the name it should have, sidecar fields): a status callback
         # that named a tap before it connected.
@@ -184,6 +186,8 @@ class TapRegistry:
 
     def flush(self) -> None:
         """Hand every tap's pending audio to the writer as one batch."""
+        for hook in self.before_flush:
+            hook()
         batch = [
             (tap.sink, tap.buffer.take()) for tap in self._active.values() if tap.buffer.pending
         ]

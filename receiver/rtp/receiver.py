@@ -227,6 +227,7 @@ class RtpReceiver:
         self.low_disk = False  # set by the server while the free-space floor is crossed
         self.reader = open_reader()
         self.lane = FastLane()
+        registry.before_flush.append(self.drain)
         self._selector = selectors.DefaultSelector()
         self._pump: asyncio.Handle | None = None
 
@@ -412,6 +413,10 @@ class RtpReceiver:
             buffer = stream.tap.buffer
             assert isinstance(buffer, AudioBuffer)
             self.lane.arm(stream.slot, stream.timeline, buffer.append)
+
+    def drain(self) -> None:
+        """The fast lane's stored audio into the taps' buffers."""
+        self.lane.drain_all()
 
     def _sync(self, stream: RtpStream) -> None:
         """Bring the timeline's fields up to date before reading them."""
