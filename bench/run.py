@@ -1,6 +1,6 @@
 """Benchmark runner: step the load to find the maximum sustainable rate; print a table, write JSON.
 
-    python -m bench.run                 # the full table (about 10 minutes), README "Performance"
+    python -m bench.run                 # the full table (about 6-8 minutes), README "Performance"
     python -m bench.run --quick         # a few streams for a few seconds (the smoke test)
     python -m bench.run --series rtp1 --rtp-steps 3000 --seconds 60    # one point
 
@@ -546,9 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few streams for a few seconds")
     parser.add_argument("--series", default="sink,rtp1,hold,rtp2,ws",
                         help="comma-separated: sink, rtp1, hold, rtp2, ws")  # fmt: skip
-    parser.add_argument("--rtp-steps", default="1000,1500,2000,2500,3000,4000,5000")
-    parser.add_argument("--sink-steps", default="3000,6000")
-    parser.add_argument("--ws-steps", default="500,1000,1500,2000,3000")
+    parser.add_argument("--rtp-steps", default="2000,3000,3500,4000,4500")
+    parser.add_argument("--sink-steps", default="3000,4500")
+    parser.add_argument("--ws-steps", default="1000,1500,2000")
     parser.add_argument("--seconds", type=float, default=15.0, help="per step")
     parser.add_argument("--hold-streams", type=int, default=3000)
     parser.add_argument("--hold-seconds", type=float, default=60.0)
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cores", default="0")
     parser.add_argument("--load-cores", default="1")
     parser.add_argument("--all-cores", default="0,1", help="cores of a multi-worker receiver")
-    parser.add_argument("--budget", type=float, default=660.0, help="seconds; later steps skipped")
+    parser.add_argument("--budget", type=float, default=1300.0, help="seconds; later steps skipped")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/...)")
     parser.add_argument("--label", default="")
     args = parser.parse_args(argv)

@@ -104,9 +104,9 @@ class DiskWriter:
             self._append(sink, pending)
             now = time.perf_counter()
             if now - slice_start > WRITER_SLICE:
-                # Let the event loop have the GIL: each of its callbacks (one per datagram under
-                # uvloop) must take the GIL, and against a busy thread each would wait a whole
-                # switch interval (5 ms): the socket buffer would overflow.
+                # Let the event loop have the GIL: its RTP receive tick (every 5 ms) and each
+                # WebSocket read must take it, and against a busy thread each would wait a whole
+                # switch interval (5 ms).
                 time.sleep(WRITER_PAUSE)
                 slice_start = time.perf_counter()
         self.batches += 1

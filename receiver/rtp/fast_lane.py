@@ -11,10 +11,10 @@ the stream first (`disarm` writes the fields back); after a packet the general p
 `arm` tries again. A packet qualifies only if its stream has no other packet in the batch, so
 packets of one stream are always applied in arrival order.
 
-The audio of applied packets is copied, for the whole batch at once, into a per-slot store (one
-row of a 2-D array) and handed to the tap's buffer as one chunk when the store is full, when the
-stream is synced or disarmed, and before every flush (`drain_all`): so nothing of the lane's runs
-in Python per packet, and the buffer sees audio in exactly the order the timeline made it.
+The audio of applied packets is copied into a per-slot store (one row of a 2-D array; one slice
+assignment per packet) and handed to the tap's buffer as one chunk when the store is full, when
+the stream is synced or disarmed, and before every flush (`drain_all`): no call into the buffer
+per packet, and the buffer sees audio in exactly the order the timeline made it.
 
 The equivalence with the general path is a property test (tests/test_fuzz.py).
 """

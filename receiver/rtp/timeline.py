@@ -405,18 +405,12 @@ class RtpTimeline:
         self._probe = (packet, arrival)
 
     def _expire(self, now: float) -> None:
-        # Held packets are in arrival order, so the expired ones come first. Releasing through
-        # the largest of them at once equals releasing through each in turn: either way every
-        # key up to it leaves, in ascending order, and then whatever follows without a gap.
-        window = self._jitter_window
-        limit: int | None = None
-        for ext, (_, arrival) in self._held.items():
-            if now - arrival < window:
-                break
-            if limit is None or ext > limit:
-                limit = ext
-        if limit is not None:
-            self._release_through(limit)
+        held = self._held
+        while held:
+            oldest = next(iter(held))
+            if now - held[oldest][1] < self._jitter_window:
+                return
+            self._release_through(oldest)
 
     def _release_through(self, limit: int) -> None:
         held = self._held
