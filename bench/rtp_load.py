@@ -24,6 +24,8 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +48,45 @@ def expected_payload(stream: int, packets: int, samples: int, seed: int, period:
         return payload_for(stream, packets * samples, seed)
     cycle = payload_for(stream, period * samples, seed)
     return (cycle * (packets // period + 1))[: packets * samples]
+
+
+class _Pacer:
+    """1 ms slots in real time from `start_at` (a time.time()), and how far behind they ran."""
+
+    def __init__(self, start_at: float | None) -> None:
+        self.start_at = start_at
+        self.worst_lag = 0.0
+        self.late_slots = 0
+        self.elapsed = 0.0
+
+    def slots(self, last_slot: int) -> Iterator[int]:
+        if self.start_at is not None:
+            time.sleep(max(0.0, self.start_at - time.time()))
+        start = time.perf_counter()
+        for slot in range(last_slot + 1):
+            due = start + slot / 1000
+            now = time.perf_counter()
+            if due > now:
+                time.sleep(due - now)
+            else:
+                lag = now - due
+                if lag > 0.005:
+                    self.late_slots += 1
+                self.worst_lag = max(self.worst_lag, lag)
+            yield slot
+        self.elapsed = time.perf_counter() - start
+
+    def summary(self, streams: int, sent: int, packets: int, sender: str) -> dict[str, Any]:
+        return {
+            "streams": streams,
+            "packets_sent": sent,
+            "packets_per_stream": packets,
+            "seconds": round(self.elapsed, 3),
+            "packets_per_second": round(sent / self.elapsed, 1) if self.elapsed else 0.0,
+            "worst_lag_ms": round(self.worst_lag * 1000, 2),
+            "late_slots": self.late_slots,
+            "sender": sender,
+        }
 
 
 RAW_BASE_PORT = 20000  # stream i of the raw sender comes from 127.0.0.1:(RAW_BASE_PORT + i)
@@ -114,7 +155,7 @@ def _send_raw(
     period: int,
     ramp: float,
     start_at: float | None,
-) -> dict[str, float | int | str]:
+) -> dict[str, Any]:
     """`_send` over one raw socket: the same packets, timing and summary."""
     samples = ptime_ms * 8
     packets = int(seconds * 1000 // ptime_ms)
@@ -140,20 +181,8 @@ def _send_raw(
     batch = _RawBatch(max(len(p) for p in by_phase) or 1, size, host, port)
     rows, fd = batch.rows, sock.fileno()
     last_slot = (int(offsets.max()) if count else 0) + (packets - 1) * ptime_ms
-    if start_at is not None:
-        time.sleep(max(0.0, start_at - time.time()))
-    start = time.perf_counter()
-    worst_lag, late_slots, sent = 0.0, 0, 0
-    for slot in range(last_slot + 1):
-        due = start + slot / 1000
-        now = time.perf_counter()
-        if due > now:
-            time.sleep(due - now)
-        else:
-            lag = now - due
-            if lag > 0.005:
-                late_slots += 1
-            worst_lag = max(worst_lag, lag)
+    pacer, sent = _Pacer(start_at), 0
+    for slot in pacer.slots(last_slot):
         phase = by_phase[slot % ptime_ms]
         numbers = (slot - offsets[phase]) // ptime_ms
         live = (numbers >= 0) & (numbers < packets)
@@ -169,18 +198,8 @@ def _send_raw(
         out[:, 40:] = cycles[j, n % cycle_len]
         batch.send(fd, k)
         sent += k
-    elapsed = time.perf_counter() - start
     sock.close()
-    return {
-        "streams": count,
-        "packets_sent": sent,
-        "packets_per_stream": packets,
-        "seconds": round(elapsed, 3),
-        "packets_per_second": round(sent / elapsed, 1) if elapsed else 0.0,
-        "worst_lag_ms": round(worst_lag * 1000, 2),
-        "late_slots": late_slots,
-        "sender": "raw",
-    }
+    return pacer.summary(count, sent, packets, "raw")
 
 
 def _be(values: np.ndarray, width: int) -> np.ndarray:
@@ -202,7 +221,7 @@ def _send(
     ramp: float,
     start_at: float | None,
     sender: str = "auto",
-) -> dict[str, float | int | str]:
+) -> dict[str, Any]:
     """Send streams first..first+count-1 (of `total`, which fixes their start offsets).
 
     `sender`: "raw" (one raw socket, sendmmsg per slot), "sockets" (a UDP socket per stream,
@@ -234,22 +253,8 @@ def _send(
     last_slot = (max(offsets) if offsets else 0) + (packets - 1) * ptime_ms
     target = (host, port)
     pack = _HEADER.pack
-    if start_at is not None:
-        time.sleep(max(0.0, start_at - time.time()))
-    start = time.perf_counter()
-    worst_lag = 0.0
-    late_slots = 0
-    sent = 0
-    for slot in range(last_slot + 1):
-        due = start + slot / 1000
-        now = time.perf_counter()
-        if due > now:
-            time.sleep(due - now)
-        else:
-            lag = now - due
-            if lag > 0.005:
-                late_slots += 1
-            worst_lag = max(worst_lag, lag)
+    pacer, sent = _Pacer(start_at), 0
+    for slot in pacer.slots(last_slot):
         for j in by_phase[slot % ptime_ms]:
             n, rest = divmod(slot - offsets[j], ptime_ms)
             if n < 0 or n >= packets or rest:
@@ -264,19 +269,9 @@ def _send(
             )
             socks[j].sendto(header + chunks[j][n % cycle_len], target)
             sent += 1
-    elapsed = time.perf_counter() - start
     for sock in socks:
         sock.close()
-    return {
-        "streams": count,
-        "packets_sent": sent,
-        "packets_per_stream": packets,
-        "seconds": round(elapsed, 3),
-        "packets_per_second": round(sent / elapsed, 1) if elapsed else 0.0,
-        "worst_lag_ms": round(worst_lag * 1000, 2),
-        "late_slots": late_slots,
-        "sender": "sockets",
-    }
+    return pacer.summary(count, sent, packets, "sockets")
 
 
 def run(
@@ -293,7 +288,7 @@ def run(
     ramp: float = 0.0,
     start_at: float | None = None,
     sender: str = "auto",
-) -> dict[str, float | int | str]:
+) -> dict[str, Any]:
     """Send the load, from `processes` separate sender processes when more than one."""
     if processes <= 1:
         return _send(
