@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -189,6 +190,40 @@ def test_a_gap_is_given_up_after_the_jitter_window_while_the_sender_pauses(
     expected[5 * 160 : 6 * 160] = 0
     assert np.array_equal(samples, expected)
     assert (sidecar["rtp"]["lost"], sidecar["rtp"]["received"]) == (1, 11)
+
+
+def test_a_stall_of_the_receiver_does_not_split_calls(make_server: Any) -> None:
+    """The server process is stopped for 2 s (4x the idle timeout) while 300 calls go on sending.
+    When it resumes, tens of thousands of their packets are still queued in the socket buffer,
+    and working through them takes several receive ticks: no call may be taken for idle
+    meanwhile (their last handled packets look old). Each call stays one complete recording."""
+    server: ServerProcess = make_server("--no-auth", "--rtp-idle-timeout", "0.5")
+    assert server.proc is not None
+    streams, seconds = 300, 5
+    start_at = time.time() + 1.5
+    load = subprocess.Popen(
+        [sys.executable, "-m", "bench.rtp_load", "--port", str(server.rtp_port),
+         "--streams", str(streams), "--seconds", str(seconds), "--seed", "4",
+         "--sender", "sockets", "--start-at", repr(start_at)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(max(0.0, start_at + 1.0 - time.time()))
+    server.proc.send_signal(signal.SIGSTOP)
+    time.sleep(2.0)
+    server.proc.send_signal(signal.SIGCONT)
+    out, _ = load.communicate(timeout=60)
+    assert json.loads(out)["packets_sent"] == streams * seconds * 50
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        sidecars = [json.loads(p.read_text()) for p in server.recordings.glob("rtp-*.json")]
+        if len(sidecars) >= streams and all(s["state"] == "finished" for s in sidecars):
+            break
+        time.sleep(0.2)
+    assert len(sidecars) == streams, f"{len(sidecars) - streams} calls split by the stall"
+    for sidecar in sidecars:
+        assert sidecar["frames_written"] == seconds * 8000  # what the kernel dropped is silence
+        rtp = sidecar["rtp"]
+        assert rtp["received"] + rtp["lost"] == seconds * 50
 
 
 def test_dtmf_cn_and_ssrc_change_on_one_source(rtp_server: ServerProcess) -> None:

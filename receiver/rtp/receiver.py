@@ -322,9 +322,11 @@ class RtpReceiver:
                 log.exception("error receiving RTP")
         self._pump = asyncio.get_running_loop().call_later(RECEIVE_INTERVAL, self._receive_tick)
 
-    def receive(self) -> None:
-        """Drain every readable socket (up to MAX_BATCHES batches each)."""
+    def receive(self) -> bool:
+        """Drain every readable socket (up to MAX_BATCHES batches each). False if one may still
+        hold datagrams (it gave MAX_BATCHES full batches): the receiver is behind."""
         read = self.reader.read
+        drained = True
         for key, _ in self._selector.select(0):
             endpoint: RtpSocket = key.data
             for _ in range(MAX_BATCHES):
@@ -339,7 +341,10 @@ class RtpReceiver:
                 self.handle_batch(endpoint, batch)
                 if batch.count < BATCH:
                     break
+            else:
+                drained = False
         self.counters["truncated"] = self.reader.truncated
+        return drained
 
     def handle_batch(self, sock: RtpSocket, batch: Batch) -> None:
         """The fast lane takes what it can; the rest goes through `handle`, in arrival order."""
@@ -581,14 +586,12 @@ class RtpReceiver:
                 self._arm(stream)
 
     def end_idle(self, now: float) -> None:
-        limit = self.config.rtp_idle_timeout
-        lane_seen = self.lane.last_seen_all()  # the fast lane's streams' last packets
-        for stream in [
-            s
-            for s in self.streams()
-            if now - max(s.last_arrival, lane_seen[s.slot] if s.slot >= 0 else 0.0) > limit
-        ]:
-            self.end_stream(stream, "idle timeout")
+        # Arrival times are the kernel's: after a stall (the process stopped, a long pause of
+        # the loop), a stream's next packets may still sit in the socket buffer while its last
+        # handled one looks old. Read what is queued first, and end nothing while behind, so a
+        # stall of ours never splits a call into two recordings.
+        if self.receive():
+            self._end_idle_streams(now)
         expiry = self.config.rtp_registration_timeout
         registrations = [s.registration for s in self.pool_sockets.values() if s.registration]
         registrations += list(self.by_source.values())
@@ -601,6 +604,16 @@ class RtpReceiver:
                     expiry,
                 )
                 self.release(registration)
+
+    def _end_idle_streams(self, now: float) -> None:
+        limit = self.config.rtp_idle_timeout
+        lane_seen = self.lane.last_seen_all()  # the fast lane's streams' last packets
+        for stream in [
+            s
+            for s in self.streams()
+            if now - max(s.last_arrival, lane_seen[s.slot] if s.slot >= 0 else 0.0) > limit
+        ]:
+            self.end_stream(stream, "idle timeout")
 
     async def run_housekeeping(self) -> None:
         next_idle_check = 0.0
