@@ -9,6 +9,7 @@ import logging
 import signal
 import socket
 import ssl
+import sys
 import time
 from typing import Any
 
@@ -163,6 +164,14 @@ class Server:
             granted,
             f"; per-tap ports {cfg.rtp_port_range}" if cfg.rtp_port_range else "",
         )
+        kept = granted // 2 if sys.platform == "linux" else granted  # Linux reports double
+        if kept < cfg.rtp_recv_buffer:
+            log.warning(
+                "RTP socket buffer is %d bytes, not the %d of rtp_recv_buffer: the kernel caps it "
+                "at net.core.rmem_max (raise it: sysctl -w net.core.rmem_max=%d), and a stall of "
+                "the receiver then loses packets sooner",
+                kept, cfg.rtp_recv_buffer, cfg.rtp_recv_buffer,
+            )  # fmt: skip
         if cfg.webhook_url:
             self.webhooks = WebhookSender(cfg.webhook_url, cfg.webhook_secret)
             self.registry.on_finalized = self.webhooks.submit

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,7 @@ from receiver.rtp.datagrams import (
     open_reader,
 )
 from receiver.rtp.receiver import open_udp_socket
+from tests.conftest import ServerProcess
 
 FAMILIES = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
 
@@ -133,3 +136,20 @@ def test_socket_buffer_goes_past_rmem_max_as_root() -> None:
             assert granted == 2 * rmem_max
     finally:
         sock.close()
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux)")
+def test_server_warns_when_the_socket_buffer_is_capped(make_server: Any) -> None:
+    """Without CAP_NET_ADMIN the kernel caps SO_RCVBUF at net.core.rmem_max: the server says so
+    at start, with the sysctl that fixes it; with a request within the cap it says nothing."""
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    capped: ServerProcess = make_server(
+        "--no-auth", "--rtp-recv-buffer", str(4 * rmem_max), start=False
+    )
+    capped.args = ["setpriv", "--bounding-set=-net_admin", *capped.args]
+    capped.start()
+    assert f"RTP socket buffer is {rmem_max} bytes, not the {4 * rmem_max}" in capped.log()
+    assert f"sysctl -w net.core.rmem_max={4 * rmem_max}" in capped.log()
+    within: ServerProcess = make_server("--no-auth", "--rtp-recv-buffer", str(rmem_max // 2))
+    assert f"kernel granted {rmem_max}" in within.log()
+    assert "RTP socket buffer is" not in within.log()
