@@ -229,6 +229,7 @@ class RtpReceiver:
         self.lane = FastLane()
         registry.before_flush.append(self.drain)
         self._selector = selectors.DefaultSelector()
+        self._closed = False  # sockets and selector closed (shutdown)
         self._pump: asyncio.Handle | None = None
 
     # -- sockets ------------------------------------------------------------------------------
@@ -325,6 +326,8 @@ class RtpReceiver:
     def receive(self) -> bool:
         """Drain every readable socket (up to MAX_BATCHES batches each). False if one may still
         hold datagrams (it gave MAX_BATCHES full batches): the receiver is behind."""
+        if self._closed:
+            return True
         read = self.reader.read
         drained = True
         for key, _ in self._selector.select(0):
@@ -644,6 +647,7 @@ class RtpReceiver:
             self._detach(sock)
         self.pool_sockets.clear()
         self._selector.close()
+        self._closed = True
 
     def packet_totals(self) -> dict[str, int]:
         """For metrics: ended streams' totals plus the live ones."""
