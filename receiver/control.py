@@ -191,6 +191,9 @@ class ControlApi:
     def _rtp_status(
         self, control_id: str, state: str, port: int | None, info: dict[str, Any]
     ) -> str:
+        # Sockets are read every 5 ms: what arrived before this event is read first, so that
+        # "finished" never cuts off (or misses the start of) audio already on this machine.
+        self.rtp.receive()
         sock = self.rtp.pool_sockets.get(port) if port is not None else None
         if sock is None or sock.registration is None:
             if port == self.rtp_port:
