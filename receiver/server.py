@@ -286,6 +286,7 @@ class Server:
     async def shutdown(self) -> None:
         started = time.monotonic()
         log.info("shutting down: finalizing %d open taps", len(self.registry))
+        self.rtp.receive()  # what arrived before the signal (sockets are read every 5 ms)
         self.rtp.close()
         self.rtp.end_all("shutdown")
         # Closing the sockets makes each handler finish its own tap.
