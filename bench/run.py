@@ -531,9 +531,22 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
         out["ratio_max_rate_receiver_to_sink"] = round(
             rtp["packets_per_second"] / sink["packets_per_second"], 3
         )
+        # CPU per packet falls as the rate rises (per-batch costs spread wider): compare the two
+        # at the same rate and length of step, the sink's best, if the receiver sustained it.
+        sink_row, receiver = best(rows, "sink", 1), best(rows, "rtp", 1)
+        assert sink_row is not None and receiver is not None
+        for row in rows:
+            if (row.series, row.workers, row.streams, row.seconds) == (
+                "rtp",
+                1,
+                sink_row.streams,
+                sink_row.seconds,
+            ) and row.sustainable:
+                receiver = row
         out["ratio_cpu_cost_sink_to_receiver"] = round(
-            sink["us_per_packet"] / rtp["us_per_packet"], 3
+            sink_row.us_per_packet / receiver.us_per_packet, 3
         )
+        out["ratio_cpu_cost_at_streams"] = receiver.streams
     if out.get("rtp_2_workers") and rtp:
         out["scaling_2_workers"] = round(
             out["rtp_2_workers"]["packets_per_second"] / rtp["packets_per_second"], 2
@@ -572,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tap-bench-"))
 
     def over_budget() -> bool:
-        return time.monotonic() - started > args.budget
+        return bool(time.monotonic() - started > args.budget)
 
     def stepped(run_step: Any, steps: str) -> None:
         for count in [int(s) for s in steps.split(",") if s.strip()]:

@@ -178,7 +178,7 @@ def open_udp_socket(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
         granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # Linux: 2x, if allowed
         if granted < 2 * recv_buffer and SO_RCVBUFFORCE is not None:
-            try:  # root (e.g. in a container) may go past net.core.rmem_max
+            try:  # with CAP_NET_ADMIN (root, outside a container) past net.core.rmem_max
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, recv_buffer)
                 granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             except OSError:
