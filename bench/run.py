@@ -1,6 +1,6 @@
 """Benchmark runner: step the load to find the maximum sustainable rate; print a table, write JSON.
 
-    python -m bench.run                 # the full table (about 6-8 minutes), README "Performance"
+    python -m bench.run                 # the full table (about 7-8 minutes), README "Performance"
     python -m bench.run --quick         # a few streams for a few seconds (the smoke test)
     python -m bench.run --series rtp1 --rtp-steps 3000 --seconds 60    # one point
 
