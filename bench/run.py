@@ -281,15 +281,27 @@ def measure_window(
     return first, last, rss_bytes(pids_of())
 
 
-def rtp_step(
-    workdir: Path, streams: int, seconds: float, workers: int, args: argparse.Namespace
-) -> Row:
-    row = Row("rtp", workers, streams, seconds)
+def start_step(
+    series: str, workdir: Path, count: int, seconds: float, workers: int, args: argparse.Namespace
+) -> tuple[Row, Receiver]:
+    """A step's row and its receiver, started on a dropped page cache, with its idle RSS."""
+    row = Row(series, workers, count, seconds)
     row.page_cache_dropped = drop_page_cache()
     receiver = Receiver(workdir, workers, args.server_cores if workers == 1 else args.all_cores)
     try:
         time.sleep(0.5)
         row.rss_idle_mib = rss_bytes(receiver.pids) / 2**20
+    except BaseException:
+        receiver.stop()
+        raise
+    return row, receiver
+
+
+def rtp_step(
+    workdir: Path, streams: int, seconds: float, workers: int, args: argparse.Namespace
+) -> Row:
+    row, receiver = start_step("rtp", workdir, streams, seconds, workers, args)
+    try:
         ramp = min(streams / 1000, seconds / 3)
         start_at = time.time() + 1.0 + streams / 1500
         sender = subprocess.Popen(
@@ -352,12 +364,8 @@ def rtp_step(
 def ws_step(
     workdir: Path, taps: int, seconds: float, workers: int, args: argparse.Namespace
 ) -> Row:
-    row = Row("ws", workers, taps, seconds)
-    row.page_cache_dropped = drop_page_cache()
-    receiver = Receiver(workdir, workers, args.server_cores if workers == 1 else args.all_cores)
+    row, receiver = start_step("ws", workdir, taps, seconds, workers, args)
     try:
-        time.sleep(0.5)
-        row.rss_idle_mib = rss_bytes(receiver.pids) / 2**20
         started = time.time()
         sender = subprocess.Popen(
             pinned(args.load_cores, [
