@@ -89,16 +89,14 @@ def _orphans(recordings: Path) -> list[Path]:
     sidecar that cannot be read counts as missing: a tap's first sidecar is not fsynced, so a
     power cut can leave it empty."""
     named: set[str] = set()
-    unreadable: set[str] = set()
+    readable: set[str] = set()  # sidecars that parse: every other WAV has none to speak of
     for sidecar_path in recordings.glob("*.json"):
         try:
             sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            unreadable.add(sidecar_path.name)
             continue
-        if not isinstance(sidecar, dict):
-            unreadable.add(sidecar_path.name)
-        else:
+        if isinstance(sidecar, dict):
+            readable.add(sidecar_path.name)
             named.add(str(sidecar.get("file") or sidecar_path.with_suffix(".wav").name))
             tracks = sidecar.get("track_files")
             if isinstance(tracks, dict):
@@ -108,7 +106,7 @@ def _orphans(recordings: Path) -> list[Path]:
         for wav in sorted(recordings.glob("*.wav"))
         if not wav.name.startswith(".")
         and wav.name not in named
-        and (wav.with_suffix(".json").name in unreadable or not wav.with_suffix(".json").exists())
+        and wav.with_suffix(".json").name not in readable
     ]
 
 
