@@ -34,8 +34,8 @@ class TapRegistry:
         }
         # Called on the event loop with each final sidecar, once its files are complete.
         self.on_finalized: Callable[[dict[str, Any]], None] | None = None
-        # Called before every flush: whoever holds audio outside the taps' buffers hands it over.
-        self.before_flush: list[Callable[[], None]] = []
+        # Whoever holds audio outside the taps' buffers, as a call that hands it over (`gather`).
+        self.audio_holders: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         # (transport, tap id) -> (the name it should have, sidecar fields): a status callback
         # that named a tap before it connected.
@@ -184,10 +184,14 @@ class TapRegistry:
         if self.on_finalized is not None and sidecar:
             self.on_finalized(sidecar)
 
+    def gather(self) -> None:
+        """Bring every tap's buffer up to date, before its length is read or it is taken."""
+        for hand_over in self.audio_holders:
+            hand_over()
+
     def flush(self) -> None:
         """Hand every tap's pending audio to the writer as one batch."""
-        for hook in self.before_flush:
-            hook()
+        self.gather()
         batch = [
             (tap.sink, tap.buffer.take()) for tap in self._active.values() if tap.buffer.pending
         ]

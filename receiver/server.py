@@ -272,7 +272,7 @@ class Server:
         limit = self.config.max_tap_duration
         if not limit:
             return
-        self.rtp.drain()  # every RTP tap's buffer complete: its length, and a split's cut
+        self.registry.gather()  # every buffer complete: its length, and a split's cut
         for tap in [t for t in self.registry.active if t.segment_seconds >= limit]:
             if self.config.max_tap_duration_action == "split":
                 self.registry.split(tap)

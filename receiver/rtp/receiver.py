@@ -227,7 +227,7 @@ class RtpReceiver:
         self.low_disk = False  # set by the server while the free-space floor is crossed
         self.reader = open_reader()
         self.lane = FastLane()
-        registry.before_flush.append(self.drain)
+        registry.audio_holders.append(self.lane.drain_all)
         self._selector = selectors.DefaultSelector()
         self._closed = False  # sockets and selector closed (shutdown)
         self._pump: asyncio.Handle | None = None
@@ -421,10 +421,6 @@ class RtpReceiver:
             buffer = stream.tap.buffer
             assert isinstance(buffer, AudioBuffer)
             self.lane.arm(stream.slot, stream.timeline, buffer.append)
-
-    def drain(self) -> None:
-        """The fast lane's stored audio into the taps' buffers."""
-        self.lane.drain_all()
 
     def _sync(self, stream: RtpStream) -> None:
         """Bring the timeline's fields up to date before reading them."""
