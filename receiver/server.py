@@ -37,6 +37,12 @@ TRY_AGAIN_LATER = 1013  # WebSocket close code
 class StartupError(Exception):
     """A listener could not be opened; the message is one line for the operator."""
 
+    @classmethod
+    def listening(cls, host: str, port: int, kind: str, exc: OSError) -> StartupError:
+        """`kind` "udp" (the rtp_port) or "tcp" (the http_port)."""
+        setting = "rtp_port" if kind == "udp" else "http_port"
+        return cls(f"cannot listen on {host}:{port}/{kind} ({setting}): {exc.strerror or exc}")
+
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
     """Server-side TLS from tls_cert/tls_key, or None. Raises StartupError on a bad pair."""
@@ -153,9 +159,7 @@ class Server:
                 cfg.host, cfg.rtp_port, self.inherited[0] if self.inherited else None
             )
         except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {cfg.host}:{cfg.rtp_port}/udp (rtp_port): {exc.strerror or exc}"
-            ) from None
+            raise StartupError.listening(cfg.host, cfg.rtp_port, "udp", exc) from None
         log.info(
             "RTP on %s:%d/udp, SO_RCVBUF requested %d, kernel granted %d%s",
             cfg.host,
@@ -201,10 +205,7 @@ class Server:
         try:
             await site.start()
         except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {cfg.host}:{cfg.http_port}/tcp (http_port): "
-                f"{exc.strerror or exc}"
-            ) from None
+            raise StartupError.listening(cfg.host, cfg.http_port, "tcp", exc) from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         if sockets:

@@ -64,19 +64,13 @@ def bind_shared(config: Config, count: int) -> tuple[list[socket.socket], list[s
                     config.host, rtp_port, config.rtp_recv_buffer, reuse_port=True
                 )
             except OSError as exc:
-                raise StartupError(
-                    f"cannot listen on {config.host}:{rtp_port}/udp (rtp_port): "
-                    f"{exc.strerror or exc}"
-                ) from None
+                raise StartupError.listening(config.host, rtp_port, "udp", exc) from None
             udp.append(sock)
             rtp_port = int(sock.getsockname()[1])
             try:
                 sock = bind_tcp(config.host, http_port)
             except OSError as exc:
-                raise StartupError(
-                    f"cannot listen on {config.host}:{http_port}/tcp (http_port): "
-                    f"{exc.strerror or exc}"
-                ) from None
+                raise StartupError.listening(config.host, http_port, "tcp", exc) from None
             tcp.append(sock)
             http_port = int(sock.getsockname()[1])
     except BaseException:
