@@ -48,5 +48,5 @@ USER ${UID}:${UID}
 VOLUME ["/recordings"]
 EXPOSE 8080/tcp 5004/udp
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python3", "-m", "receiver.healthcheck"]
+    CMD ["python3", "-m", "receiver.server.healthcheck"]
 ENTRYPOINT ["tap-receiver"]

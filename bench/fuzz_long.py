@@ -98,7 +98,11 @@ def run_atheris(target: str, libfuzzer_args: list[str]) -> int:
     import atheris  # optional: pip install atheris
 
     with atheris.instrument_imports():  # coverage feedback from the code under test
-        for module in ("receiver.rtp.timeline", "receiver.track_timeline", "receiver.dialects"):
+        for module in (
+            "receiver.rtp.timeline",
+            "receiver.ws.track_timeline",
+            "receiver.ws.dialects",
+        ):
             importlib.import_module(module)
     directory = Path(tempfile.mkdtemp(prefix="fuzz-dialects-"))
 

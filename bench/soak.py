@@ -47,7 +47,7 @@ import soundfile
 
 from bench.net import free_port
 from bench.rtp_load import payload_for
-from receiver import g711
+from receiver.codecs import g711
 from receiver.rtp.packet import RtpPacket
 
 FRAME = 160  # samples (= G.711 bytes) per 20 ms frame

@@ -10,13 +10,14 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from receiver import __version__, commands, config
-from receiver.auth import TOKEN_FILE, load_or_create_token
-from receiver.logs import setup_logging
-from receiver.loop import run
-from receiver.recovery import recover
-from receiver.server import Server, StartupError, tls_context
-from receiver.workers import run_workers
+from receiver import __version__, config
+from receiver.http.auth import TOKEN_FILE, load_or_create_token
+from receiver.inspect import commands
+from receiver.server.lifecycle import Server, StartupError, tls_context
+from receiver.server.logs import setup_logging
+from receiver.server.loop import run
+from receiver.server.workers import run_workers
+from receiver.storage.recovery import recover
 
 log = logging.getLogger("receiver")
 

@@ -1,5 +1,5 @@
 """Independent references for checking audio: the stdlib C codec, a scalar G.191 transliteration
-and ffmpeg. None of them shares code with receiver.g711."""
+and ffmpeg. None of them shares code with receiver.codecs.g711."""
 
 from __future__ import annotations
 

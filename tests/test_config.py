@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from receiver import config
-from receiver.audio_format import FormatError, parse_content_type, parse_format_header
-from receiver.tap_id import file_safe_id, is_valid_tap_id
+from receiver.codecs.formats import FormatError, parse_content_type, parse_format_header
+from receiver.taps.tap_id import file_safe_id, is_valid_tap_id
 from tests.conftest import ROOT
 
 

@@ -24,18 +24,18 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from receiver.audio_buffer import PCM16, PCM16_BE, AudioBuffer, ChannelBuffer
-from receiver.audio_format import AudioFormat, FormatError
+from receiver.codecs.formats import AudioFormat, FormatError
 from receiver.config import from_argv
-from receiver.dialects import SessionContext, choose_session
-from receiver.dialects.media_streams import MediaStreamsSession
-from receiver.registry import TapRegistry
 from receiver.rtp.datagrams import MAX_DATAGRAM, Batch
 from receiver.rtp.fast_lane import STORE_BYTES, FastLane
 from receiver.rtp.packet import RtpPacket, RtpParseError, TelephoneEvent, is_rtcp
 from receiver.rtp.timeline import MAX_HELD, RtpTimeline
-from receiver.track_timeline import MAX_GAP_SECONDS, TrackTimeline
-from receiver.writer import DiskWriter
+from receiver.storage.writer import DiskWriter
+from receiver.taps.audio_buffer import PCM16, PCM16_BE, AudioBuffer, ChannelBuffer
+from receiver.taps.registry import TapRegistry
+from receiver.ws.dialects import SessionContext, choose_session
+from receiver.ws.dialects.media_streams import MediaStreamsSession
+from receiver.ws.track_timeline import MAX_GAP_SECONDS, TrackTimeline
 from tests.conftest import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
 
 #: Examples per property in the default suite; bench/fuzz_long.py raises it (FUZZ_EXAMPLES) and

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from receiver import g711
+from receiver.codecs import g711
 from tests import reference
 from tests.conftest import require_tool
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from receiver.wav_header import repair_wav
+from receiver.storage.wav_header import repair_wav
 from tests.conftest import ROOT, ServerProcess, assert_header_matches_data, noise, wait_for_sidecar
 from tests.test_ws_tap import new_id, send_tap, tap_url
 

@@ -145,10 +145,10 @@ def test_token_is_generated_once_and_reused(make_server: Any, tmp_path: Path) ->
 def test_healthcheck_command_follows_the_settings(make_server: Any) -> None:
     server = make_server("--no-auth")
     env = {**os.environ, "RECEIVER_HTTP_PORT": str(server.http_port), "RECEIVER_HOST": "127.0.0.1"}
-    ok = subprocess.run([sys.executable, "-m", "receiver.healthcheck"], env=env, timeout=30)
+    ok = subprocess.run([sys.executable, "-m", "receiver.server.healthcheck"], env=env, timeout=30)
     assert ok.returncode == 0
     env["RECEIVER_HTTP_PORT"] = str(server.http_port + 1 if server.http_port < 65535 else 1)
-    bad = subprocess.run([sys.executable, "-m", "receiver.healthcheck"], env=env, timeout=30,
+    bad = subprocess.run([sys.executable, "-m", "receiver.server.healthcheck"], env=env, timeout=30,
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 1 and "healthcheck:" in bad.stderr
 

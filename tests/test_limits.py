@@ -16,8 +16,8 @@ import aiohttp
 import numpy as np
 import soundfile
 
-from receiver.limits import AddressFilter, RateLimiter
 from receiver.rtp.packet import RtpPacket
+from receiver.taps.admission import AddressFilter, RateLimiter
 from tests import reference
 from tests.conftest import (
     ServerProcess,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from receiver.audio_buffer import PCM16, SILENCE
-from receiver.track_timeline import TrackTimeline
+from receiver.taps.audio_buffer import PCM16, SILENCE
+from receiver.ws.track_timeline import TrackTimeline
 
 RATE = 8000
 CHUNK = 160  # 20 ms of G.711

@@ -1,1 +1,2 @@
-"""RTP packet parsing and per-stream timeline reconstruction (pure, no I/O)."""
+"""RTP taps: UDP sockets read in batches, per-source streams, packet parsing, the per-stream
+timeline and the vectorised fast lane for in-order audio."""

@@ -33,16 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from receiver.audio_buffer import AudioBuffer
 from receiver.config import Config, parse_port_range
-from receiver.limits import AddressFilter, RateLimiter
-from receiver.registry import TapRegistry
 from receiver.rtp.datagrams import BATCH, Batch, enable_timestamps, open_reader
 from receiver.rtp.fast_lane import FastLane
 from receiver.rtp.packet import AUDIO_CODECS, RtpPacket, RtpParseError, is_rtcp
 from receiver.rtp.timeline import RtpTimeline
-from receiver.tap import Tap
-from receiver.tap_id import file_safe_id
+from receiver.taps.admission import AddressFilter, RateLimiter
+from receiver.taps.audio_buffer import AudioBuffer
+from receiver.taps.registry import TapRegistry
+from receiver.taps.tap import Tap
+from receiver.taps.tap_id import file_safe_id
 
 log = logging.getLogger("receiver.rtp")
 

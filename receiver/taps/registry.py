@@ -11,9 +11,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from receiver.sink import WavSink
-from receiver.tap import FAILED, Tap, utc_now_iso
-from receiver.writer import DiskWriter
+from receiver.storage.wav_sink import WavSink
+from receiver.storage.writer import DiskWriter
+from receiver.taps.tap import FAILED, Tap, utc_now_iso
 
 log = logging.getLogger("receiver.taps")
 LINK_LIFETIME = 600.0  # seconds a name given before the tap started is kept

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from receiver import g711
+from receiver.codecs import g711
 
 SILENCE = "silence"
 PCM16 = "L16"  # 16-bit little-endian linear PCM, interleaved channels

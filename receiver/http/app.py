@@ -9,8 +9,8 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from receiver import __version__
-from receiver.limits import AddressFilter
-from receiver.ws_tap import WsTapEndpoint, json_error
+from receiver.taps.admission import AddressFilter
+from receiver.ws.endpoint import WsTapEndpoint, json_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

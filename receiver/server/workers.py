@@ -26,9 +26,9 @@ import time
 from typing import Any
 
 from receiver.config import Config
-from receiver.loop import run
 from receiver.rtp.receiver import open_udp_socket
-from receiver.server import Server, StartupError
+from receiver.server.lifecycle import Server, StartupError
+from receiver.server.loop import run
 
 log = logging.getLogger("receiver.workers")
 RESEND_INTERVAL = 1.0  # seconds between repeated stop signals to workers still running

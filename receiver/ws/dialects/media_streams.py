@@ -17,11 +17,11 @@ from typing import Any
 
 import orjson
 
-from receiver import g711
-from receiver.audio_buffer import PCM16, PCM16_BE, AudioBuffer, ChannelBuffer
-from receiver.audio_format import SUPPORTED_RATES, AudioFormat, FormatError
-from receiver.dialects.base import Session, SessionContext, too_deep
-from receiver.track_timeline import TrackTimeline
+from receiver.codecs import g711
+from receiver.codecs.formats import SUPPORTED_RATES, AudioFormat, FormatError
+from receiver.taps.audio_buffer import PCM16, PCM16_BE, AudioBuffer, ChannelBuffer
+from receiver.ws.dialects.base import Session, SessionContext, too_deep
+from receiver.ws.track_timeline import TrackTimeline
 
 INBOUND, OUTBOUND = "inbound", "outbound"
 MAX_NAME = 256  # characters of a mark's name kept in the sidecar

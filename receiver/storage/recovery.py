@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from receiver.sink import write_json_atomic
-from receiver.tap import FINISHED, RECORDING
-from receiver.wav_header import repair_wav
+from receiver.storage.wav_header import repair_wav
+from receiver.storage.wav_sink import write_json_atomic
+from receiver.taps.tap import FINISHED, RECORDING
 
 log = logging.getLogger("receiver.recovery")
 

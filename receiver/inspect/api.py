@@ -21,16 +21,16 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from receiver import analysis
-from receiver.auth import Auth
-from receiver.recordings import RECORDING, STATES, Catalog, Recording, loss_percent, markers
-from receiver.registry import TapRegistry
-from receiver.tap import Tap, utc_now_iso
-from receiver.tap_id import TAP_ID_RULE, is_valid_tap_id
-from receiver.wav_header import WavError, check_wav
-from receiver.ws_tap import json_error
+from receiver.http.auth import Auth
+from receiver.inspect import analysis
+from receiver.inspect.catalog import RECORDING, STATES, Catalog, Recording, loss_percent, markers
+from receiver.storage.wav_header import WavError, check_wav
+from receiver.taps.registry import TapRegistry
+from receiver.taps.tap import Tap, utc_now_iso
+from receiver.taps.tap_id import TAP_ID_RULE, is_valid_tap_id
+from receiver.ws.endpoint import json_error
 
-WEB_DIR = Path(__file__).parent / "web"
+PAGE_DIR = Path(__file__).parent / "page"
 STATIC_FILES = {"app.js", "style.css", "favicon.svg"}
 ACTIONS = ("audio", "waveform", "spectrogram", "levels")
 CACHE_ENTRIES = 64
@@ -121,7 +121,7 @@ class RecordingsApi:
     # -- the page -------------------------------------------------------------------------------
 
     async def page(self, _: web.Request) -> web.StreamResponse:
-        return web.FileResponse(WEB_DIR / "index.html", headers=_page_headers("text/html"))
+        return web.FileResponse(PAGE_DIR / "index.html", headers=_page_headers("text/html"))
 
     async def page_with_slash(self, request: web.Request) -> web.StreamResponse:
         query = f"?{request.query_string}" if request.query_string else ""
@@ -133,7 +133,7 @@ class RecordingsApi:
             return json_error(404, "not found")
         kinds = {"js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
         kind = kinds[name.rpartition(".")[2]]
-        return web.FileResponse(WEB_DIR / name, headers=_page_headers(kind))
+        return web.FileResponse(PAGE_DIR / name, headers=_page_headers(kind))
 
     # -- the API --------------------------------------------------------------------------------
 

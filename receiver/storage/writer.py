@@ -13,9 +13,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from receiver.audio_buffer import Pending
-from receiver.sink import WavSink, write_json_atomic
-from receiver.tap import FAILED, FINISHED
+from receiver.storage.wav_sink import WavSink, write_json_atomic
+from receiver.taps.audio_buffer import Pending
+from receiver.taps.tap import FAILED, FINISHED
 
 log = logging.getLogger("receiver.writer")
 WRITER_SLICE = 0.002  # seconds of batch work (holding the GIL) between pauses

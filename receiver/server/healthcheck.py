@@ -1,4 +1,4 @@
-"""`python -m receiver.healthcheck`: exit 0 when this machine's server answers /healthz.
+"""`python -m receiver.server.healthcheck`: exit 0 when this machine's server answers /healthz.
 
 Reads the same settings as the server (flags, RECEIVER_* variables, the RECEIVER_CONFIG file), so
 the container's HEALTHCHECK follows whatever port and TLS the server was given. The certificate
@@ -18,7 +18,7 @@ from receiver import config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m receiver.healthcheck")
+    parser = argparse.ArgumentParser(prog="python -m receiver.server.healthcheck")
     config.add_arguments(parser)
     try:
         cfg, _ = config.load(parser.parse_args(argv), os.environ)

@@ -7,11 +7,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from receiver.audio_buffer import PCM16, AudioBuffer, ChannelBuffer
-from receiver.audio_format import AudioFormat
+from receiver.codecs.formats import AudioFormat
 from receiver.config import Config
-from receiver.registry import TapRegistry
-from receiver.tap import MAX_EVENTS, Tap
+from receiver.taps.audio_buffer import PCM16, AudioBuffer, ChannelBuffer
+from receiver.taps.registry import TapRegistry
+from receiver.taps.tap import MAX_EVENTS, Tap
 
 log = logging.getLogger("receiver.ws")
 

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from receiver.analysis import DEFAULT_SILENCE_DBFS, Levels, measure_levels, open_audio
-from receiver.recordings import STATES, Catalog, markers, read_sidecar
-from receiver.tap_id import is_valid_tap_id
-from receiver.wav_header import RepairPlan, WavError, apply_repair, check_wav
+from receiver.inspect.analysis import DEFAULT_SILENCE_DBFS, Levels, measure_levels, open_audio
+from receiver.inspect.catalog import STATES, Catalog, markers, read_sidecar
+from receiver.storage.wav_header import RepairPlan, WavError, apply_repair, check_wav
+from receiver.taps.tap_id import is_valid_tap_id
 
 COMMANDS = ("ls", "inspect", "repair")
 RECENT_SECONDS = 5.0  # a WAV written this recently may belong to a running server

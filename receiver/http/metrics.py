@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from receiver.auth import Auth
+from receiver.http.auth import Auth
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Snapshot = Callable[[], dict[str, Any]]

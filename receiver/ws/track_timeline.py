@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from receiver.audio_buffer import PCM16, PCM16_BE
+from receiver.taps.audio_buffer import PCM16, PCM16_BE
 
 TIMESTAMP_TOLERANCE = 0.06  # seconds: timestamp jitter absorbed before the timestamp wins
 MAX_GAP_SECONDS = 30.0  # the longest jump filled with silence (as the RTP timeline's max_gap)

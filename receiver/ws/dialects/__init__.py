@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import orjson
 
-from receiver.audio_format import AudioFormat
-from receiver.dialects.base import Session, SessionContext
-from receiver.dialects.l16_fork import (
+from receiver.codecs.formats import AudioFormat
+from receiver.ws.dialects.base import Session, SessionContext
+from receiver.ws.dialects.l16_fork import (
     FORK_SUBPROTOCOLS,
     L16ForkSession,
     looks_like_fork_metadata,
     looks_like_vonage,
 )
-from receiver.dialects.media_streams import MediaStreamsSession, looks_like_media_streams
-from receiver.dialects.raw_tap import RawTapSession
+from receiver.ws.dialects.media_streams import MediaStreamsSession, looks_like_media_streams
+from receiver.ws.dialects.raw_tap import RawTapSession
 
 __all__ = ["FORK_SUBPROTOCOLS", "Session", "SessionContext", "choose_session"]
 

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from receiver.tap_id import is_valid_tap_id
-from receiver.wav_header import U32_MAX, WavError, read_layout_of
+from receiver.storage.wav_header import U32_MAX, WavError, read_layout_of
+from receiver.taps.tap_id import is_valid_tap_id
 
 RECORDING = "recording"
 FINISHED = "finished"

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import soundfile
 
-from receiver.png import encode_rgb
-from receiver.wav_header import U32_MAX, WavError, WavLayout, read_layout_of
+from receiver.inspect.png import encode_rgb
+from receiver.storage.wav_header import U32_MAX, WavError, WavLayout, read_layout_of
 
 FULL_SCALE = 32768.0
 BLOCK_FRAMES = 1 << 20  # frames per block when scanning a whole file

@@ -15,19 +15,19 @@ from typing import Any
 
 from aiohttp import web
 
-from receiver.api import RecordingsApi
-from receiver.auth import Auth
 from receiver.config import Config
-from receiver.control import ControlApi
-from receiver.http_app import build_app
-from receiver.limits import AddressFilter, free_bytes, raise_open_file_limit
-from receiver.loop import loop_name
-from receiver.metrics import Metrics
-from receiver.registry import TapRegistry
+from receiver.control.api import ControlApi
+from receiver.control.webhooks import WebhookSender
+from receiver.http.app import build_app
+from receiver.http.auth import Auth
+from receiver.http.metrics import Metrics
+from receiver.inspect.api import RecordingsApi
 from receiver.rtp.receiver import RtpReceiver
-from receiver.webhooks import WebhookSender
-from receiver.writer import DiskWriter
-from receiver.ws_tap import WsTapEndpoint
+from receiver.server.loop import loop_name
+from receiver.storage.writer import DiskWriter
+from receiver.taps.admission import AddressFilter, free_bytes, raise_open_file_limit
+from receiver.taps.registry import TapRegistry
+from receiver.ws.endpoint import WsTapEndpoint
 
 log = logging.getLogger("receiver.server")
 GUARD_INTERVAL = 1.0  # seconds between free-space and duration checks

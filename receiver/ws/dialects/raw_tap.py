@@ -3,8 +3,8 @@ preceded by one text frame that declares the format. Later text frames are ignor
 
 from __future__ import annotations
 
-from receiver.audio_format import AudioFormat, parse_format_header
-from receiver.dialects.base import Session, SessionContext
+from receiver.codecs.formats import AudioFormat, parse_format_header
+from receiver.ws.dialects.base import Session, SessionContext
 
 
 class RawTapSession(Session):

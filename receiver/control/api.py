@@ -19,13 +19,13 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
-from receiver.auth import Auth
 from receiver.config import Config
-from receiver.dialects.base import too_deep
-from receiver.registry import TapRegistry
+from receiver.http.auth import Auth
 from receiver.rtp.receiver import NoFreePort, Registration, RtpReceiver
-from receiver.tap_id import TAP_ID_RULE, is_valid_tap_id
-from receiver.ws_tap import WsTapEndpoint, json_error
+from receiver.taps.registry import TapRegistry
+from receiver.taps.tap_id import TAP_ID_RULE, is_valid_tap_id
+from receiver.ws.dialects.base import too_deep
+from receiver.ws.endpoint import WsTapEndpoint, json_error
 
 log = logging.getLogger("receiver.control")
 _CODECS = {"PCMU", "PCMA"}

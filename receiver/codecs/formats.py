@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from receiver import g711
-from receiver.audio_buffer import PCM16
+from receiver.codecs import g711
+from receiver.taps.audio_buffer import PCM16
 
 _ENCODINGS = {
     "audio/mulaw": g711.PCMU,

@@ -7,8 +7,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from receiver.audio_buffer import AudioBuffer, ChannelBuffer
-from receiver.sink import WavSink
+from receiver.storage.wav_sink import WavSink
+from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
 
 _serial = itertools.count(1)
 

@@ -2,7 +2,7 @@
 `/stream/{tap_id}` (also under `/t/{token}/`).
 
 Checks the tap id, the token and the codec before the upgrade; then the dialect is chosen from
-the offered subprotocol and the first frame (`receiver.dialects`), and the session records it.
+the offered subprotocol and the first frame (`receiver.ws.dialects`), and the session records it.
 The tap ends when the socket closes, cleanly or not.
 """
 
@@ -14,14 +14,14 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from receiver.audio_format import AudioFormat, FormatError, codec_from_query
-from receiver.auth import Auth
+from receiver.codecs.formats import AudioFormat, FormatError, codec_from_query
 from receiver.config import Config
-from receiver.dialects import FORK_SUBPROTOCOLS, Session, SessionContext, choose_session
-from receiver.limits import RateLimiter
-from receiver.registry import TapRegistry
-from receiver.tap import Tap
-from receiver.tap_id import TAP_ID_RULE, is_valid_tap_id
+from receiver.http.auth import Auth
+from receiver.taps.admission import RateLimiter
+from receiver.taps.registry import TapRegistry
+from receiver.taps.tap import Tap
+from receiver.taps.tap_id import TAP_ID_RULE, is_valid_tap_id
+from receiver.ws.dialects import FORK_SUBPROTOCOLS, Session, SessionContext, choose_session
 
 log = logging.getLogger("receiver.ws")
 

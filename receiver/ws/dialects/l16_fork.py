@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
-from receiver.audio_buffer import PCM16
-from receiver.audio_format import SUPPORTED_RATES, AudioFormat, FormatError, parse_content_type
-from receiver.dialects.base import Session, too_deep
+from receiver.codecs.formats import SUPPORTED_RATES, AudioFormat, FormatError, parse_content_type
+from receiver.taps.audio_buffer import PCM16
+from receiver.ws.dialects.base import Session, too_deep
 
 FORK_SUBPROTOCOLS = ("audio.drachtio.org", "audio.jambonz.org")
 _METADATA_KEYS = ("sampleRate", "mixType", "sample_rate", "mix_type")

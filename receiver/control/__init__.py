@@ -1,0 +1,1 @@
+"""The control plane: registrations and SignalWire status callbacks, completion webhooks."""
