@@ -19,9 +19,9 @@ from typing import Any
 import uvloop
 
 from receiver.config import from_argv
-from receiver.rtp.receiver import open_udp_socket
+from receiver.rtp.sockets import open_udp_socket
 
-DEFAULT_RECV_BUFFER = from_argv([], {}).rtp_recv_buffer
+DEFAULT_RECV_BUFFER = from_argv([], {}).rtp.recv_buffer
 
 
 class Counter(asyncio.DatagramProtocol):

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg, warnings = config.load(args, os.environ)
-        prepare_recordings(cfg.recordings)
+        prepare_recordings(cfg.storage.recordings)
     except config.ConfigError as exc:
         print(f"tap-receiver: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -69,33 +69,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"tap-receiver: {exc}", file=sys.stderr)
         return 1
-    setup_logging(cfg.log_level, cfg.log_format)
+    setup_logging(cfg.log.level, cfg.log.format)
     for warning in warnings:
         log.warning("%s", warning)
     token: str | None
-    if cfg.no_auth:
+    recordings = cfg.storage.recordings
+    if cfg.auth.no_auth:
         token = None
         log.warning("authentication is OFF (--no-auth): anyone who reaches this port can tap")
-    elif cfg.token:
-        token = cfg.token
+    elif cfg.auth.token:
+        token = cfg.auth.token
     else:
         try:
-            token, created = load_or_create_token(cfg.recordings)
+            token, created = load_or_create_token(recordings)
         except OSError as exc:
             print(f"tap-receiver: cannot read or create the token file: {exc}", file=sys.stderr)
             return 2
-        where = cfg.recordings / TOKEN_FILE
+        where = recordings / TOKEN_FILE
         log.info("%s token in %s", "generated a new" if created else "using the", where)
-    recover(cfg.recordings)  # once, before any listener or worker: nothing else writes yet
-    workers = config.worker_count(cfg.workers)
+    recover(recordings)  # once, before any listener or worker: nothing else writes yet
+    workers = cfg.server.workers
     try:
         server = Server(cfg, token, ssl_context) if workers == 1 else None
         path = f"/t/{token}/tap/{{tap_id}}" if token is not None else "/tap/{tap_id}"
         log.info(
             "tap URI (paste into device.params.uri): wss://<your-host>:%d%s%s",
-            cfg.http_port,
+            cfg.server.http_port,
             path,
-            "" if cfg.tls_cert else "  (TLS terminated by your proxy, or --tls-cert/--tls-key)",
+            ""
+            if cfg.server.tls_cert
+            else "  (TLS terminated by your proxy, or --tls-cert/--tls-key)",
         )
         if server is None:
             return run_workers(cfg, token, ssl_context, workers)

@@ -8,7 +8,6 @@ once in `SETTINGS`; the argument parser, the environment reader, the file reader
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import os
 import re
@@ -350,51 +349,157 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_KEY = {s.key: s for s in SETTINGS}
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True, slots=True)
-class Config:
-    """The merged settings. Built only by `load` (or `from_argv`); defaults live in SETTINGS."""
+class ServerSettings:
+    """Where the server listens and how it starts and stops."""
 
     host: str
     http_port: int
     rtp_port: int
-    recordings: Path
-    log_level: str
-    token: str
-    no_auth: bool
     tls_cert: str
     tls_key: str
-    workers: str
-    ws_max_taps: int
-    max_tap_duration: float
-    max_tap_duration_action: str
-    new_tap_rate_limit: float
-    min_free_space: int
-    http_allow: str
-    rtp_allow: str
+    workers: int  # `workers`, with 'auto' resolved to the CPU cores
+    public_address: str
     http_request_timeout: float
+    shutdown_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    token: str
+    no_auth: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    recordings: Path
     flush_interval: float
-    ws_max_message_size: int
-    ws_heartbeat: float
+    min_free_space: int
+    max_tap_duration: float
+    max_tap_duration_action: str  # "split" or "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """Who may start a tap and how many may run (see receiver.taps.admission)."""
+
+    ws_max_taps: int
+    rtp_max_streams: int
+    new_tap_rate_limit: float
+    http_allow: tuple[IPNetwork, ...]
+    rtp_allow: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WsSettings:
+    max_message_size: int
+    heartbeat: float
     stream_jitter_ms: int
     stream_split_tracks: bool
-    stream_l16_byte_order: str
-    shutdown_timeout: float
-    rtp_idle_timeout: float
-    rtp_jitter_ms: int
-    rtp_max_gap: float
-    rtp_max_streams: int
-    rtp_recv_buffer: int
-    rtp_port_range: str
-    rtp_registration_timeout: float
-    public_address: str
-    webhook_url: str
-    webhook_secret: str
-    log_format: str
-    rtp_dtmf_payload_type: int
+    stream_l16_big_endian: bool  # `stream_l16_byte_order = "big"`
+
+
+@dataclass(frozen=True, slots=True)
+class RtpSettings:
+    idle_timeout: float
+    jitter_window: float  # seconds (the setting `rtp_jitter_ms`)
+    max_gap: float
+    recv_buffer: int
+    port_range: range | None
+    registration_timeout: float
+    dtmf_payload_type: int
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    url: str
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The merged settings, parsed once into typed groups; each part of the server receives the
+    group it needs. Built only by `load` (or `from_argv`); defaults live in SETTINGS."""
+
+    server: ServerSettings
+    auth: AuthSettings
+    storage: StorageSettings
+    limits: LimitSettings
+    ws: WsSettings
+    rtp: RtpSettings
+    webhooks: WebhookSettings
+    log: LogSettings
+    settings: Mapping[str, Any]  # every setting by its key, as merged (before grouping)
     config_file: Path | None = None
 
     def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
+        """The same settings with some changed, by key (`rtp_port=5006`)."""
+        unknown = set(changes) - _BY_KEY.keys()
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return build({**self.settings, **changes}, self.config_file)
+
+
+def build(values: Mapping[str, Any], config_file: Path | None = None) -> Config:
+    """Typed groups from merged, converted values (one per key of SETTINGS)."""
+    v = dict(values)
+    return Config(
+        server=ServerSettings(
+            host=v["host"],
+            http_port=v["http_port"],
+            rtp_port=v["rtp_port"],
+            tls_cert=v["tls_cert"],
+            tls_key=v["tls_key"],
+            workers=worker_count(v["workers"]),
+            public_address=v["public_address"],
+            http_request_timeout=v["http_request_timeout"],
+            shutdown_timeout=v["shutdown_timeout"],
+        ),
+        auth=AuthSettings(token=v["token"], no_auth=v["no_auth"]),
+        storage=StorageSettings(
+            recordings=v["recordings"],
+            flush_interval=v["flush_interval"],
+            min_free_space=v["min_free_space"],
+            max_tap_duration=v["max_tap_duration"],
+            max_tap_duration_action=v["max_tap_duration_action"],
+        ),
+        limits=LimitSettings(
+            ws_max_taps=v["ws_max_taps"],
+            rtp_max_streams=v["rtp_max_streams"],
+            new_tap_rate_limit=v["new_tap_rate_limit"],
+            http_allow=tuple(parse_cidrs(v["http_allow"])),
+            rtp_allow=tuple(parse_cidrs(v["rtp_allow"])),
+        ),
+        ws=WsSettings(
+            max_message_size=v["ws_max_message_size"],
+            heartbeat=v["ws_heartbeat"],
+            stream_jitter_ms=v["stream_jitter_ms"],
+            stream_split_tracks=v["stream_split_tracks"],
+            stream_l16_big_endian=v["stream_l16_byte_order"] == "big",
+        ),
+        rtp=RtpSettings(
+            idle_timeout=v["rtp_idle_timeout"],
+            jitter_window=v["rtp_jitter_ms"] / 1000,
+            max_gap=v["rtp_max_gap"],
+            recv_buffer=v["rtp_recv_buffer"],
+            port_range=parse_port_range(v["rtp_port_range"]),
+            registration_timeout=v["rtp_registration_timeout"],
+            dtmf_payload_type=v["rtp_dtmf_payload_type"],
+        ),
+        webhooks=WebhookSettings(url=v["webhook_url"], secret=v["webhook_secret"]),
+        log=LogSettings(level=v["log_level"], format=v["log_format"]),
+        settings=v,
+        config_file=config_file,
+    )
 
 
 def parse_size(text: str) -> int:
@@ -508,8 +613,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Config, 
         raise ConfigError("webhook_secret: required when webhook_url is set (it signs the body)")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("tls_cert, tls_key: give both (certificate and private key) or neither")
-    config = Config(**values, config_file=Path(config_path) if config_path else None)
-    return config, warnings
+    return build(values, Path(config_path) if config_path else None), warnings
 
 
 def from_argv(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -518,3 +622,18 @@ def from_argv(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> 
     add_arguments(parser)
     config, _ = load(parser.parse_args(list(argv)), os.environ if environ is None else environ)
     return config
+
+
+def one_setting(key: str, environ: Mapping[str, str]) -> Any:
+    """One setting without the command line: environment > config file (RECEIVER_CONFIG) >
+    default; for commands that need only it (`tap-receiver ls` and the recordings directory).
+    Raises ConfigError."""
+    setting = _BY_KEY[key]
+    if setting.env in environ:
+        return _convert(setting, environ[setting.env], setting.env)
+    config_path = environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        file_values = _read_file(Path(config_path))
+        if key in file_values:
+            return _convert(setting, file_values[key], config_path)
+    return _convert(setting, setting.default, "default")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import tomllib
@@ -24,12 +25,8 @@ def test_shipped_config_file_lists_every_key_with_its_default() -> None:
     cfg, warnings = config.load(_args(["--config", str(path)]), {})
     assert warnings == []
     defaults = config.from_argv([], {})
-    assert {**_fields(cfg), "config_file": None} == _fields(defaults)
+    assert dataclasses.replace(cfg, config_file=None) == defaults
     assert cfg.config_file == path
-
-
-def _fields(cfg: config.Config) -> dict[str, object]:
-    return {name: getattr(cfg, name) for name in cfg.__dataclass_fields__}
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -43,16 +40,50 @@ def test_names_follow_one_rule() -> None:
         assert s.env == "RECEIVER_" + s.key.upper()
         assert s.flag == "--" + s.key.replace("_", "-")
     cfg = config.from_argv([], {})
-    assert {s.key for s in config.SETTINGS} == set(_fields(cfg)) - {"config_file"}
+    assert {s.key for s in config.SETTINGS} == set(cfg.settings)
 
 
-def test_defaults() -> None:
+def test_defaults_parsed_into_typed_groups() -> None:
     cfg = config.from_argv([], {})
-    assert (cfg.host, cfg.http_port, cfg.rtp_port) == ("0.0.0.0", 8080, 5004)
-    assert cfg.recordings == Path("./recordings")
-    assert cfg.token == "" and cfg.no_auth is False
-    assert cfg.ws_max_message_size == 65536
-    assert cfg.rtp_recv_buffer == 32 * 1024 * 1024
+    server = cfg.server
+    assert (server.host, server.http_port, server.rtp_port) == ("0.0.0.0", 8080, 5004)
+    assert server.workers == 1
+    assert cfg.storage.recordings == Path("./recordings")
+    assert cfg.auth.token == "" and cfg.auth.no_auth is False
+    assert cfg.ws.max_message_size == 65536
+    assert cfg.rtp.recv_buffer == 32 * 1024 * 1024
+    assert cfg.rtp.jitter_window == 0.2  # rtp_jitter_ms, in seconds
+    assert cfg.rtp.port_range is None
+    assert cfg.limits.http_allow == ()
+
+
+def test_settings_that_need_parsing_are_parsed_once() -> None:
+    cfg = config.from_argv(
+        [
+            "--rtp-port-range=20000-20009",
+            "--rtp-allow=10.0.0.0/8, 2001:db8::/32",
+            "--workers=3",
+            "--stream-l16-byte-order=big",
+        ],
+        {},
+    )
+    assert cfg.rtp.port_range == range(20000, 20010)
+    assert [str(n) for n in cfg.limits.rtp_allow] == ["10.0.0.0/8", "2001:db8::/32"]
+    assert cfg.server.workers == 3
+    assert cfg.ws.stream_l16_big_endian is True
+    changed = cfg.replace(rtp_port=6000)
+    assert changed.server.rtp_port == 6000 and changed.rtp.port_range == range(20000, 20010)
+    with pytest.raises(TypeError):
+        cfg.replace(rtp_prot=6000)
+
+
+def test_one_setting_without_the_command_line(tmp_path: Path) -> None:
+    file = tmp_path / "r.toml"
+    file.write_text('recordings = "/srv/taps"\n')
+    assert config.one_setting("recordings", {}) == Path("./recordings")
+    assert config.one_setting("recordings", {"RECEIVER_CONFIG": str(file)}) == Path("/srv/taps")
+    env = {"RECEIVER_CONFIG": str(file), "RECEIVER_RECORDINGS": "/data"}
+    assert config.one_setting("recordings", env) == Path("/data")
 
 
 def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
@@ -60,10 +91,10 @@ def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
     file.write_text('http_port = 1111\nrtp_port = 2222\nlog_level = "debug"\n')
     env = {"RECEIVER_CONFIG": str(file), "RECEIVER_HTTP_PORT": "3333", "RECEIVER_RTP_PORT": "4444"}
     cfg = config.from_argv(["--http-port", "5555"], env)
-    assert cfg.http_port == 5555  # flag
-    assert cfg.rtp_port == 4444  # environment
-    assert cfg.log_level == "debug"  # file
-    assert cfg.flush_interval == 1.0  # default
+    assert cfg.server.http_port == 5555  # flag
+    assert cfg.server.rtp_port == 4444  # environment
+    assert cfg.log.level == "debug"  # file
+    assert cfg.storage.flush_interval == 1.0  # default
     assert cfg.config_file == file
 
 
@@ -72,7 +103,7 @@ def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
     [("1", True), ("true", True), ("YES", True), ("0", False), ("false", False), ("", False)],
 )
 def test_bool_from_environment(env: str, expected: bool) -> None:
-    assert config.from_argv([], {"RECEIVER_NO_AUTH": env}).no_auth is expected
+    assert config.from_argv([], {"RECEIVER_NO_AUTH": env}).auth.no_auth is expected
 
 
 @pytest.mark.parametrize(
@@ -81,7 +112,7 @@ def test_bool_from_environment(env: str, expected: bool) -> None:
 )
 def test_sizes(text: str, size: int) -> None:
     assert config.parse_size(text) == size
-    assert config.from_argv(["--ws-max-message-size", text], {}).ws_max_message_size == size
+    assert config.from_argv(["--ws-max-message-size", text], {}).ws.max_message_size == size
 
 
 @pytest.mark.parametrize(

@@ -598,7 +598,8 @@ def run_session(
         config = from_argv([f"--recordings={recordings}", "--stream-jitter-ms=200"], {})
         writer = DiskWriter()
         registry = TapRegistry(recordings, writer, 0.2)
-        ctx = SessionContext(f"fuzz-{uuid.uuid4().hex[:12]}", "127.0.0.1", registry, config)
+        tap_id = f"fuzz-{uuid.uuid4().hex[:12]}"
+        ctx = SessionContext(tap_id, "127.0.0.1", config.ws, registry.start)
         fmt = AudioFormat("PCMU")
         session = None
         reason = "closed"
@@ -839,7 +840,7 @@ def test_new_track_names_after_the_start_are_not_collected(tmp_path: Path) -> No
         config = from_argv([f"--recordings={tmp_path}"], {})
         writer = DiskWriter()
         registry = TapRegistry(tmp_path, writer, 1.0)
-        ctx = SessionContext("tracks", None, registry, config)
+        ctx = SessionContext("tracks", None, config.ws, registry.start)
         session = choose_session(ctx, START_INBOUND, AudioFormat("PCMU"))
         session.text(START_INBOUND)
         for n in range(5000):

@@ -358,3 +358,51 @@ def test_split_keeps_stereo_tracks_aligned(make_server: Any) -> None:
     whole = np.concatenate(parts)
     assert np.array_equal(whole[:, 0], reference.decode("PCMU", inbound))
     assert np.array_equal(whole[:, 1], reference.decode("PCMU", outbound))
+
+
+def test_max_tap_duration_stop_flushes_a_media_streams_timeline(make_server: Any) -> None:
+    """`stop` ends a Media Streams tap through its session: chunks held behind a hole are
+    placed and the hole becomes silence, as when the sender closes. (Before, the tap was
+    finished before its track timeline was flushed: 1120 of 1600 frames and `tracks: {}`.)"""
+    server = make_server("--no-auth", "--max-tap-duration", "0.1",
+                         "--max-tap-duration-action", "stop")  # fmt: skip
+    chunks = {n: noise(160, seed=n) for n in range(1, 11)}
+
+    def media(n: int) -> str:
+        payload = base64.b64encode(chunks[n]).decode()
+        body = {"track": "inbound", "chunk": str(n), "timestamp": str((n - 1) * 20),
+                "payload": payload}  # fmt: skip
+        return json.dumps({"event": "media", "streamSid": "MZ1", "media": body})
+
+    start = {"event": "start", "start": {"streamSid": "MZ1", "tracks": ["inbound"],
+             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000}}}  # fmt: skip
+    # 1, 3-7 and 9-10 wait behind the holes at 2 and 8; chunk 2, sent last, releases 1-7
+    # (0.14 s, past the limit) while 9 and 10 still wait behind the hole at 8.
+    order = [1, 3, 4, 5, 6, 7, 9, 10, 2]
+
+    async def run() -> int:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{server.ws_url}/stream/held") as ws,
+        ):
+            await ws.send_str(json.dumps(start))
+            for n in order:
+                await ws.send_str(media(n))
+            msg = await ws.receive(timeout=30)  # the server stops the tap at the limit
+            assert msg.type == aiohttp.WSMsgType.CLOSE
+            return int(msg.data)
+
+    assert asyncio.run(run()) == 1000
+    sidecar = wait_for_sidecar(server.recordings, "held")
+    assert sidecar["end_reason"] == "max_tap_duration"
+    assert sidecar["close_code"] == 1000
+    expected = np.concatenate(
+        [reference.decode("PCMU", chunks[n]) if n != 8 else np.zeros(160, np.int16)
+         for n in range(1, 11)]  # fmt: skip
+    )
+    samples, rate = read_wav(server.recordings / "held.wav")
+    assert rate == 8000
+    assert sidecar["frames_written"] == len(expected) == 1600
+    np.testing.assert_array_equal(samples, expected)
+    track = sidecar["tracks"]["inbound"]
+    assert (track["missing_chunks"], track["out_of_order"]) == (1, 1)

@@ -21,11 +21,14 @@ from aiohttp import web
 
 from receiver.config import Config
 from receiver.http.auth import Auth
-from receiver.rtp.receiver import NoFreePort, Registration, RtpReceiver
+from receiver.http.errors import json_error
+from receiver.rtp.receiver import NoFreePort, RtpReceiver
+from receiver.taps.naming import Expected, Naming, rtp_port_key, rtp_source_key, websocket_key
 from receiver.taps.registry import TapRegistry
+from receiver.taps.tap import Tap
 from receiver.taps.tap_id import TAP_ID_RULE, is_valid_tap_id
+from receiver.taps.transport import Transport
 from receiver.ws.dialects.base import too_deep
-from receiver.ws.endpoint import WsTapEndpoint, json_error
 
 log = logging.getLogger("receiver.control")
 _CODECS = {"PCMU", "PCMA"}
@@ -62,30 +65,33 @@ class ControlApi:
         self,
         config: Config,
         auth: Auth,
+        naming: Naming,
         registry: TapRegistry,
+        transports: dict[str, Transport],
         rtp: RtpReceiver,
-        ws: WsTapEndpoint,
         rtp_port: int,
     ) -> None:
-        self.config = config
+        self.public_address = config.server.public_address
+        self.registration_timeout = config.rtp.registration_timeout
         self.auth = auth
+        self.naming = naming
         self.registry = registry
-        self.rtp = rtp
-        self.ws = ws
+        self.transports = transports
+        self.rtp = rtp  # for its pool of ports
         self.rtp_port = rtp_port
         self.counters: dict[str, int] = {}
 
     def add_routes(self, app: web.Application) -> None:
         for prefix in ("", "/t/{token}"):
-            app.router.add_post(prefix + "/api/taps", self.register)
-            app.router.add_post(prefix + "/signalwire/tap-status", self.tap_status)
+            app.router.add_post(prefix + "/api/taps", self.auth.required(self.register))
+            app.router.add_post(
+                prefix + "/signalwire/tap-status", self.auth.required(self.tap_status)
+            )
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 
     async def _json_body(self, request: web.Request) -> dict[str, Any] | web.Response:
-        if not self.auth.allows(request):
-            return json_error(401, "missing or wrong token")
         try:
             body = await request.json()
         except ValueError:
@@ -97,7 +103,7 @@ class ControlApi:
         return body
 
     def _public_address(self, request: web.Request) -> str:
-        return self.config.public_address or request.url.host or "localhost"
+        return self.public_address or request.url.host or "localhost"
 
     # -- registration -------------------------------------------------------------------------
 
@@ -114,22 +120,26 @@ class ControlApi:
         ptime = _int(body.get("ptime", 20))
         if ptime is None or not 10 <= ptime <= 120 or ptime % 10:
             return json_error(400, "ptime must be a multiple of 10 from 10 to 120")
-        registration = Registration(tap_id, codec)
+        source = None
         if body.get("source") is not None:
             source = _source(body["source"])
             if source is None:
                 return json_error(400, "source must be ip:port")
-            registration.source = source
-            self.rtp.register_source(registration)
+            self._name_source(source, tap_id, codec)
             port = self.rtp_port
         else:
             try:
-                port = await self.rtp.allocate(registration)
+                port = self.rtp.reserve_port()
             except NoFreePort as exc:
-                return json_error(503 if self.rtp.pool_range else 409, str(exc))
+                return json_error(503 if self.rtp.settings.port_range else 409, str(exc))
+            self.naming.expect(
+                rtp_port_key(port),
+                Expected(tap_id, codec=codec, release=lambda: self.rtp.release_port(port)),
+                self.registration_timeout,
+            )
         self._count("registrations")
         log.info("registered RTP tap %s on port %d%s", tap_id, port,
-                 f" from {body['source']}" if registration.source else "")  # fmt: skip
+                 f" from {body['source']}" if source else "")  # fmt: skip
         address = self._public_address(request)
         answer: dict[str, Any] = {
             "tap_id": tap_id,
@@ -139,9 +149,19 @@ class ControlApi:
                 "params": {"addr": address, "port": port, "codec": codec, "ptime": ptime},
             },
         }
-        if registration.source:
-            answer["source"] = f"{registration.source[0]}:{registration.source[1]}"
+        if source:
+            answer["source"] = f"{source[0]}:{source[1]}"
         return web.json_response(answer, status=201)
+
+    def _name_source(self, source: tuple[str, int], tap_id: str, codec: str) -> None:
+        """The stream from `source` on the shared port is `tap_id`: now, if it is streaming
+        already (its files are renamed), else when it comes."""
+        key = rtp_source_key(*source)
+        tap = self.registry.find(key)
+        if tap is not None:
+            self.registry.rename(tap, tap_id)
+        else:
+            self.naming.expect(key, Expected(tap_id, codec=codec), self.registration_timeout)
 
     # -- status callbacks ---------------------------------------------------------------------
 
@@ -181,7 +201,7 @@ class ControlApi:
             result = self._rtp_status(control_id, state, _int(device_params.get("port")), info)
         elif kind == "ws":
             uri_id = tap_id_from_uri(str(device_params.get("uri", "")))
-            result = await self._ws_status(control_id, state, uri_id, info)
+            result = self._ws_status(control_id, state, uri_id, info)
         else:
             result = "unknown device type"
         self._count(f"status_{state}")
@@ -191,43 +211,47 @@ class ControlApi:
     def _rtp_status(
         self, control_id: str, state: str, port: int | None, info: dict[str, Any]
     ) -> str:
-        # Sockets are read every 5 ms: what arrived before this event is read first, so that
-        # "finished" never cuts off (or misses the start of) audio already on this machine.
+        if port is None:
+            return "no registered port matches"
+        # Sockets are read every 5 ms: read what arrived before this event, so a stream that
+        # has started is found (and named) now.
         self.rtp.receive()
-        sock = self.rtp.pool_sockets.get(port) if port is not None else None
-        if sock is None or sock.registration is None:
+        key = rtp_port_key(port)
+        tap = self.registry.find(key)
+        if tap is not None:
+            return self._apply(tap, control_id, state, info)
+        expected = self.naming.get(key)
+        if expected is None:
             if port == self.rtp_port:
                 return "shared port: register the tap's source_device to name its stream"
             return "no registered port matches"
-        registration = sock.registration
-        registration.tap_id = control_id
-        registration.extra.update(info)
-        stream = registration.stream
-        if stream is None:
-            if state == "finished":
-                self.rtp.release(registration)
-                return "released: no packet had arrived"
-            return "linked; waiting for the first packet"
-        self.rtp.rename(stream, control_id, info)
         if state == "finished":
-            self.rtp.end_stream(stream, "signalwire finished")
-            return "ended"
-        return "linked"
+            self.naming.cancel(key)  # the port goes back to the pool
+            return "released: no packet had arrived"
+        expected.tap_id = control_id
+        expected.extra.update(info)
+        return "linked; waiting for the first packet"
 
-    async def _ws_status(
+    def _ws_status(
         self, control_id: str, state: str, uri_id: str | None, info: dict[str, Any]
     ) -> str:
         if uri_id is None:
             return "the device uri names no tap"
-        tap = self.registry.find(uri_id, "websocket") or self.registry.find(control_id, "websocket")
-        if tap is None:
-            if state == "tapping":
-                self.registry.link("websocket", uri_id, control_id, info)
-                return "linked; waiting for the connection"
-            return "no active tap matches"
-        tap.extra.update(info)
-        self.registry.rename(tap, control_id)
+        tap = self.registry.find(websocket_key(uri_id)) or self.registry.find_by_id(
+            control_id, "websocket"
+        )
+        if tap is not None:
+            return self._apply(tap, control_id, state, info)
+        if state == "tapping":
+            self.naming.expect(websocket_key(uri_id), Expected(control_id, info))
+            return "linked; waiting for the connection"
+        return "no active tap matches"
+
+    def _apply(self, tap: Tap, control_id: str, state: str, info: dict[str, Any]) -> str:
+        """A status callback for a tap that is recording: name it, and end it if finished."""
+        self.registry.rename(tap, control_id, info)
         if state == "finished":
-            self.ws.close_tap(tap, "tap finished")
+            reason = "signalwire finished" if tap.transport == "rtp" else "tap finished"
+            self.transports[tap.transport].stop_tap(tap, reason)
             return "ended"
         return "linked"

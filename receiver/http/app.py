@@ -1,29 +1,17 @@
-"""The aiohttp application: routes for health and the tap endpoint, JSON errors everywhere."""
+"""The aiohttp application: `/healthz`, the routes of every part that serves HTTP, JSON errors
+everywhere, and the `http_allow` list in front of all but `/healthz`."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from receiver import __version__
+from receiver.http.errors import Handler, json_error, json_errors
 from receiver.taps.admission import AddressFilter
-from receiver.ws.endpoint import WsTapEndpoint, json_error
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own 404/405 pages are HTML; clients of this server read JSON."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return json_error(exc.status, exc.reason)
 
 
 class RouteProvider(Protocol):
@@ -43,7 +31,6 @@ def allow_list(allowed: AddressFilter) -> Any:
 
 
 def build_app(
-    ws_endpoint: WsTapEndpoint,
     health: Callable[[], dict[str, Any]],
     *providers: RouteProvider,
     allowed: AddressFilter | None = None,
@@ -64,13 +51,7 @@ def build_app(
             }
         )
 
-    # `{tap_id:.*}` so that bad ids (empty, dots, encoded slashes) reach the handler and get a
-    # clear 400 instead of a 404.
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/tap/{tap_id:.*}", ws_endpoint.handle)
-    app.router.add_get("/t/{token}/tap/{tap_id:.*}", ws_endpoint.handle)
-    app.router.add_get("/stream/{tap_id:.*}", ws_endpoint.handle)
-    app.router.add_get("/t/{token}/stream/{tap_id:.*}", ws_endpoint.handle)
-    for provider in providers:  # the recordings API and page, the control plane, metrics
+    for provider in providers:  # the tap endpoint, the recordings API and page, control, metrics
         provider.add_routes(app)
     return app

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from receiver.http.errors import Handler, json_error
+
 log = logging.getLogger("receiver.auth")
 TOKEN_FILE = ".receiver-token"
 
@@ -37,9 +39,24 @@ class Auth:
         ok = False
         for candidate in offered:
             if candidate is not None:
-                # compare every candidate, so timing tells nothing about which one matched
-                ok |= hmac.compare_digest(candidate.encode(), self._token)
+                # compare every candidate, so timing tells nothing about which one matched;
+                # headers arrive decoded with surrogateescape, so any bytes encode back
+                encoded = candidate.encode("utf-8", "surrogateescape")
+                ok |= hmac.compare_digest(encoded, self._token)
         return ok
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """The 401 answer when the request lacks the token, else None."""
+        return None if self.allows(request) else json_error(401, "missing or wrong token")
+
+    def required(self, handler: Handler) -> Handler:
+        """`handler`, answering 401 JSON to requests without the token."""
+
+        async def checked(request: web.Request) -> web.StreamResponse:
+            refused = self.refusal(request)
+            return refused if refused is not None else await handler(request)
+
+        return checked
 
 
 def load_or_create_token(recordings: Path) -> tuple[str, bool]:

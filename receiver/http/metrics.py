@@ -1,6 +1,6 @@
 """`GET /metrics`: Prometheus text format, through the maintained `prometheus_client` library.
 
-Counters live where the work happens (registry, RTP receiver, writer, webhooks) as plain ints;
+Counters live where the work happens (registry, transports, writer, webhooks) as plain ints;
 a collector reads them at scrape time, so the packet path pays nothing for metrics. The two
 latencies (disk write batches and event-loop lag) are histograms observed as they happen.
 """
@@ -80,12 +80,10 @@ class Metrics:
         return generate_latest(self.registry)
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/metrics", self.handle)
-        app.router.add_get("/t/{token}/metrics", self.handle)
+        app.router.add_get("/metrics", self.auth.required(self.handle))
+        app.router.add_get("/t/{token}/metrics", self.auth.required(self.handle))
 
     async def handle(self, request: web.Request) -> web.Response:
-        if not self.auth.allows(request):
-            return web.json_response({"error": "missing or wrong token", "status": 401}, status=401)
         return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def watch_loop_lag(self, interval: float = 0.25) -> None:

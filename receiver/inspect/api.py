@@ -22,13 +22,14 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from receiver.http.auth import Auth
+from receiver.http.errors import json_error
 from receiver.inspect import analysis
-from receiver.inspect.catalog import RECORDING, STATES, Catalog, Recording, loss_percent, markers
+from receiver.inspect.catalog import STATES, Catalog, Recording, loss_percent, markers
+from receiver.storage.sidecar import TapState
 from receiver.storage.wav_header import WavError, check_wav
 from receiver.taps.registry import TapRegistry
 from receiver.taps.tap import Tap, utc_now_iso
 from receiver.taps.tap_id import TAP_ID_RULE, is_valid_tap_id
-from receiver.ws.endpoint import json_error
 
 PAGE_DIR = Path(__file__).parent / "page"
 STATIC_FILES = {"app.js", "style.css", "favicon.svg"}
@@ -37,7 +38,7 @@ CACHE_ENTRIES = 64
 MAX_PAGE = 1000
 
 T = TypeVar("T")
-LiveRtp = Callable[[Tap], dict[str, Any] | None]
+LiveStats = Callable[[Tap], dict[str, Any] | None]  # a transport's counters of a live tap
 
 
 class BadRequest(ValueError):
@@ -90,21 +91,23 @@ class RecordingsApi:
         recordings: Path,
         auth: Auth,
         registry: TapRegistry,
-        live_rtp: LiveRtp | None = None,
+        live_stats: dict[str, LiveStats] | None = None,
     ) -> None:
         self.auth = auth
         self.registry = registry
-        self.live_rtp = live_rtp
+        self.live_stats = live_stats or {}  # by transport
         self.catalog = Catalog(recordings, run_started_at=utc_now_iso())
         self.cache = ResultCache(CACHE_ENTRIES)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect")
 
     def add_routes(self, app: web.Application) -> None:
         for prefix in ("", "/t/{token}"):
-            app.router.add_get(prefix + "/api/taps", self.list_taps)
+            app.router.add_get(prefix + "/api/taps", self.auth.required(self.list_taps))
             # `{rest:.*}` so that bad ids (dots, encoded slashes) get a clear 400, not a 404
-            app.router.add_get(prefix + "/api/taps/{rest:.*}", self.get_tap)
-            app.router.add_delete(prefix + "/api/taps/{rest:.*}", self.delete_tap)
+            app.router.add_get(prefix + "/api/taps/{rest:.*}", self.auth.required(self.get_tap))
+            app.router.add_delete(
+                prefix + "/api/taps/{rest:.*}", self.auth.required(self.delete_tap)
+            )
             app.router.add_get(prefix + "/static/{file}", self.static)
         app.router.add_get("/", self.page)
         app.router.add_get("/t/{token}/", self.page)
@@ -144,19 +147,19 @@ class RecordingsApi:
             if tap.name:
                 active[tap.name] = tap
                 if tap.sink is not None:
-                    for track_sink in tap.sink.track_sinks.values():
-                        if track_sink.name:
-                            active[track_sink.name] = tap
+                    for track_name in tap.sink.info.track_names:
+                        active[track_name] = tap
         return active
 
     def _live(self, tap: Tap) -> dict[str, Any]:
-        # The RTP side first: it brings the tap's buffer up to date (see fast_lane.py).
-        rtp = self.live_rtp(tap) if self.live_rtp and tap.transport == "rtp" else None
+        # The transport's counters first: reading them brings the tap's buffer up to date.
+        stats = self.live_stats.get(tap.transport)
+        rtp = stats(tap) if stats is not None else None
         frames = tap.buffer.frames
         sink = tap.sink
         return {
             "frames": frames,
-            "frames_written": sink.frames_written if sink is not None else 0,
+            "frames_written": sink.info.frames_written if sink is not None else 0,
             "duration_seconds": round(frames / tap.sample_rate, 3),
             "elapsed_seconds": round(time.monotonic() - tap.started_monotonic, 3),
             "rtp": rtp,
@@ -166,15 +169,13 @@ class RecordingsApi:
         summary = recording.summary()
         if tap is not None:
             live = self._live(tap)
-            summary["state"] = RECORDING
+            summary["state"] = TapState.RECORDING
             summary["duration_seconds"] = live["duration_seconds"]
             summary["loss_percent"] = loss_percent(live["rtp"])
         return summary
 
     async def list_taps(self, request: web.Request) -> web.StreamResponse:
         """`?state=&transport=&q=&limit=&offset=`: newest first."""
-        if not self.auth.allows(request):
-            return json_error(401, "missing or wrong token")
         try:
             limit = int_param(request, "limit", 100, 1, MAX_PAGE)
             offset = int_param(request, "offset", 0, 0, 10**9)
@@ -207,8 +208,6 @@ class RecordingsApi:
         )
 
     async def get_tap(self, request: web.Request) -> web.StreamResponse:
-        if not self.auth.allows(request):
-            return json_error(401, "missing or wrong token")
         name, action = _split(request.match_info["rest"])
         if not is_valid_tap_id(name):
             return json_error(400, TAP_ID_RULE)
@@ -235,7 +234,9 @@ class RecordingsApi:
         if recording is None and tap is None:
             return json_error(404, f"no recording {name!r}")
         if recording is None:  # an active tap whose files are being created right now
-            recording = Recording(name, None, RECORDING, 0.0, None, tap.started_at if tap else None)
+            recording = Recording(
+                name, None, TapState.RECORDING, 0.0, None, tap.started_at if tap else None
+            )
         body = self._summary(recording, tap)
         sidecar = dict(recording.sidecar or {})
         live = None
@@ -282,8 +283,6 @@ class RecordingsApi:
         return self.cache.get_or_compute(key, lambda: _render(path, kind, params))
 
     async def delete_tap(self, request: web.Request) -> web.StreamResponse:
-        if not self.auth.allows(request):
-            return json_error(401, "missing or wrong token")
         name, action = _split(request.match_info["rest"])
         if not is_valid_tap_id(name):
             return json_error(400, TAP_ID_RULE)
@@ -294,7 +293,9 @@ class RecordingsApi:
         recording = await self._run(self.catalog.load, name)
         if recording is None:
             return json_error(404, f"no recording {name!r}")
-        if recording.state == RECORDING:  # finished a moment ago; its sidecar is on its way
+        if (
+            recording.state == TapState.RECORDING
+        ):  # finished a moment ago; its sidecar is on its way
             return json_error(409, f"{name!r} is being finalized; try again in a moment")
         removed = await self._run(self.catalog.delete, name)
         return web.json_response({"deleted": name, "files": removed})

@@ -6,7 +6,6 @@ Synchronous file reads: on the event loop, call `Catalog.scan` and friends in an
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass
@@ -14,15 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from receiver.storage.sidecar import TapState, read_sidecar
 from receiver.storage.wav_header import U32_MAX, WavError, read_layout_of
 from receiver.taps.tap_id import is_valid_tap_id
 
-RECORDING = "recording"
-FINISHED = "finished"
-FAILED = "failed"
-INTERRUPTED = "interrupted"  # the sidecar says recording, but the server that wrote it is gone
-UNKNOWN = "unknown"  # a WAV without a sidecar
-STATES = (RECORDING, FINISHED, FAILED, INTERRUPTED, UNKNOWN)
+STATES = tuple(state.value for state in TapState)
 
 
 @dataclass(slots=True)
@@ -81,14 +76,6 @@ def wav_duration(path: Path) -> float | None:
     declared = available if layout.data_size in (0, U32_MAX) else layout.data_size
     frames = max(0, min(declared, available)) // layout.block_align
     return round(frames / layout.sample_rate, 6) if layout.sample_rate else None
-
-
-def read_sidecar(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def markers(sidecar: dict[str, Any]) -> list[dict[str, Any]]:
@@ -185,12 +172,19 @@ class Catalog:
         if cached is not None and cached[0] == key:
             return cached[1]
         sidecar = read_sidecar(side) if key[0] is not None else None
-        state = str(sidecar.get("state", UNKNOWN)) if sidecar else UNKNOWN
+        state = str(sidecar.get("state", TapState.UNKNOWN)) if sidecar else TapState.UNKNOWN
         started = sidecar.get("started_at") if sidecar else None
-        if state == RECORDING and self.run_started_at and (started or "") < self.run_started_at:
-            state = INTERRUPTED
+        if (
+            state == TapState.RECORDING
+            and self.run_started_at
+            and (started or "") < self.run_started_at
+        ):
+            state = TapState.INTERRUPTED
         duration = sidecar.get("duration_seconds") if sidecar else None
-        if not isinstance(duration, int | float) or state in (RECORDING, INTERRUPTED):
+        if not isinstance(duration, int | float) or state in (
+            TapState.RECORDING,
+            TapState.INTERRUPTED,
+        ):
             duration = wav_duration(wav) if key[1] is not None else None
         recording = Recording(
             name=name,

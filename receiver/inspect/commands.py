@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from receiver import config
 from receiver.inspect.analysis import DEFAULT_SILENCE_DBFS, Levels, measure_levels, open_audio
-from receiver.inspect.catalog import STATES, Catalog, markers, read_sidecar
+from receiver.inspect.catalog import STATES, Catalog, markers
+from receiver.storage.sidecar import read_sidecar
 from receiver.storage.wav_header import RepairPlan, WavError, apply_repair, check_wav
 from receiver.taps.tap_id import is_valid_tap_id
 
@@ -22,7 +24,11 @@ RECENT_SECONDS = 5.0  # a WAV written this recently may belong to a running serv
 
 
 def _recordings_default() -> Path:
-    return Path(os.environ.get("RECEIVER_RECORDINGS") or "./recordings")
+    """The `recordings` setting (RECEIVER_RECORDINGS, the RECEIVER_CONFIG file, ./recordings)."""
+    try:
+        return Path(config.one_setting("recordings", os.environ))
+    except config.ConfigError:
+        return Path("./recordings")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,10 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"healthcheck: {exc}", file=sys.stderr)
         return 1
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(cfg.host, cfg.host)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        cfg.server.host, cfg.server.host
+    )
     host = f"[{host}]" if ":" in host else host
-    scheme = "https" if cfg.tls_cert else "http"
-    url = f"{scheme}://{host}:{cfg.http_port}/healthz"
+    scheme = "https" if cfg.server.tls_cert else "http"
+    url = f"{scheme}://{host}:{cfg.server.http_port}/healthz"
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}),
         urllib.request.HTTPSHandler(context=ssl._create_unverified_context()),

@@ -24,14 +24,18 @@ from receiver.http.metrics import Metrics
 from receiver.inspect.api import RecordingsApi
 from receiver.rtp.receiver import RtpReceiver
 from receiver.server.loop import loop_name
+from receiver.storage.disk_space import free_bytes
 from receiver.storage.writer import DiskWriter
-from receiver.taps.admission import AddressFilter, free_bytes, raise_open_file_limit
+from receiver.taps.admission import Admission
+from receiver.taps.naming import Naming
 from receiver.taps.registry import TapRegistry
+from receiver.taps.transport import Transport
 from receiver.ws.endpoint import WsTapEndpoint
 
 log = logging.getLogger("receiver.server")
 GUARD_INTERVAL = 1.0  # seconds between free-space and duration checks
-TRY_AGAIN_LATER = 1013  # WebSocket close code
+TRY_AGAIN_LATER = 1013  # WebSocket close codes
+GOING_AWAY = 1001
 
 
 class StartupError(Exception):
@@ -46,20 +50,23 @@ class StartupError(Exception):
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
     """Server-side TLS from tls_cert/tls_key, or None. Raises StartupError on a bad pair."""
-    if not config.tls_cert:
+    cert, key = config.server.tls_cert, config.server.tls_key
+    if not cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(config.tls_cert, config.tls_key or None)
+        context.load_cert_chain(cert, key or None)
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(
-            f"tls_cert/tls_key: cannot load the certificate {config.tls_cert!r} with the key "
-            f"{config.tls_key!r}: {exc}"
+            f"tls_cert/tls_key: cannot load the certificate {cert!r} with the key {key!r}: {exc}"
         ) from None
     return context
 
 
 class Server:
+    """Owns the lifecycle: builds the parts, starts the listeners, runs the guards, and shuts
+    down by asking each transport to end its own taps."""
+
     def __init__(
         self,
         config: Config,
@@ -71,26 +78,34 @@ class Server:
         self.config = config
         self.worker = worker  # index under --workers N (in sidecars and /healthz), else None
         self.inherited = inherited  # (UDP, TCP) sockets bound by the --workers parent
+        self.ssl_context = ssl_context
+        storage = config.storage
         self.auth = Auth(token)
+        self.admission = Admission(config.limits)
+        self.naming = Naming()
         self.writer = DiskWriter()
         self.writer.worker = worker
-        self.registry = TapRegistry(config.recordings, self.writer, config.flush_interval)
-        self.ws = WsTapEndpoint(config, self.auth, self.registry)
-        self.rtp = RtpReceiver(config, self.registry)
+        self.registry = TapRegistry(storage.recordings, self.writer, storage.flush_interval)
+        self.ws = WsTapEndpoint(config.ws, self.auth, self.admission, self.naming, self.registry)
+        self.rtp = RtpReceiver(
+            config.rtp, config.server.host, self.admission, self.naming, self.registry
+        )
+        self.transports: dict[str, Transport] = {t.name: t for t in (self.ws, self.rtp)}
+        self.registry.audio_holders = [t.gather for t in self.transports.values()]
         self.recordings_api = RecordingsApi(
-            config.recordings, self.auth, self.registry, self.rtp.live_stats
+            storage.recordings,
+            self.auth,
+            self.registry,
+            {name: t.live_stats for name, t in self.transports.items()},
         )
         self.webhooks: WebhookSender | None = None
         self.metrics = Metrics(self.metrics_snapshot, self.auth)
         self.writer.observe_batch = self.metrics.write_batch_seconds.observe
-        self.http_port = config.http_port
-        self.rtp_port = config.rtp_port
+        self.http_port = config.server.http_port
+        self.rtp_port = config.server.rtp_port
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self.low_disk = False
-        self.open_file_limit = 0
         self.writer_stuck = False  # shutdown gave up on the disk writer
-        self.ssl_context = ssl_context
 
     @property
     def scheme(self) -> str:
@@ -98,23 +113,19 @@ class Server:
 
     def metrics_snapshot(self) -> dict[str, Any]:
         counts = self.registry.counts
-        transports = ("websocket", "rtp")
-        ws = self.ws.counters
-        return {
-            "active_taps": {t: self.registry.active_by_transport()[t] for t in transports},
-            "taps_started": {t: counts["started"][t] for t in transports},
-            "taps_finished": {t: counts["finished"][t] for t in transports},
-            "taps_failed": {t: counts["failed"][t] for t in transports},
-            "rtp_packets": self.rtp.packet_totals(),
-            "rtp_streams_refused": self.rtp.counters["streams_refused"],
-            "ws_messages": self.ws.messages,
-            "ws_rejected": {
-                k.removeprefix("rejected_"): v for k, v in ws.items() if k.startswith("rejected_")
-            },
+        active = self.registry.active_by_transport()
+        snapshot: dict[str, Any] = {
+            "active_taps": {t: active[t] for t in self.transports},
+            "taps_started": {t: counts["started"][t] for t in self.transports},
+            "taps_finished": {t: counts["finished"][t] for t in self.transports},
+            "taps_failed": {t: counts["failed"][t] for t in self.transports},
             "bytes_written": self.writer.bytes_written,
             "write_errors": self.writer.errors,
             "webhooks": dict(self.webhooks.counters) if self.webhooks else {},
         }
+        for transport in self.transports.values():
+            snapshot.update(transport.metrics())
+        return snapshot
 
     def health(self) -> dict[str, Any]:
         return {
@@ -124,15 +135,10 @@ class Server:
             "active_taps": len(self.registry),
             "taps_started": self.registry.started,
             "auth": self.auth.enabled,
-            "low_disk": self.low_disk,
-            "limits": {
-                "ws_max_taps": self.ws.max_taps,
-                "rtp_max_streams": self.rtp.max_streams,
-                "open_files": self.open_file_limit,
-                "min_free_space": self.config.min_free_space,
-            },
-            "websocket": self.ws.stats(),
-            "rtp": self.rtp.stats(),
+            "low_disk": self.admission.low_disk,
+            "limits": self.admission.describe(self.config.storage.min_free_space),
+            **{name: t.stats() for name, t in self.transports.items()},
+            "names": self.naming.stats(),
             "webhooks": dict(self.webhooks.counters) if self.webhooks else None,
             "writer": {
                 "batches": self.writer.batches,
@@ -143,9 +149,8 @@ class Server:
 
     async def startup(self) -> None:
         cfg = self.config
-        budget = raise_open_file_limit(cfg.ws_max_taps, cfg.rtp_max_streams)
-        self.ws.max_taps, self.rtp.max_streams = budget.ws_taps, budget.rtp_streams
-        self.open_file_limit = budget.limit
+        host = cfg.server.host
+        budget = self.admission.fit_open_file_limit()
         log.info(
             "open-file limit %d: room for %d WebSocket taps and %d RTP streams",
             budget.limit,
@@ -156,60 +161,63 @@ class Server:
         # UDP first: once /healthz answers, both listeners are up.
         try:
             self.rtp_port, granted = await self.rtp.open_shared(
-                cfg.host, cfg.rtp_port, self.inherited[0] if self.inherited else None
+                cfg.server.rtp_port, self.inherited[0] if self.inherited else None
             )
         except OSError as exc:
-            raise StartupError.listening(cfg.host, cfg.rtp_port, "udp", exc) from None
+            raise StartupError.listening(host, cfg.server.rtp_port, "udp", exc) from None
+        asked = cfg.rtp.recv_buffer
+        pool = cfg.settings["rtp_port_range"]
         log.info(
             "RTP on %s:%d/udp, SO_RCVBUF requested %d, kernel granted %d%s",
-            cfg.host,
+            host,
             self.rtp_port,
-            cfg.rtp_recv_buffer,
+            asked,
             granted,
-            f"; per-tap ports {cfg.rtp_port_range}" if cfg.rtp_port_range else "",
+            f"; per-tap ports {pool}" if pool else "",
         )
         kept = granted // 2 if sys.platform == "linux" else granted  # Linux reports double
-        if kept < cfg.rtp_recv_buffer:
+        if kept < asked:
             log.warning(
                 "RTP socket buffer is %d bytes, not the %d of rtp_recv_buffer: the kernel caps it "
                 "at net.core.rmem_max (raise it: sysctl -w net.core.rmem_max=%d), and a stall of "
                 "the receiver then loses packets sooner",
-                kept, cfg.rtp_recv_buffer, cfg.rtp_recv_buffer,
+                kept, asked, asked,
             )  # fmt: skip
-        if cfg.webhook_url:
-            self.webhooks = WebhookSender(cfg.webhook_url, cfg.webhook_secret)
+        if cfg.webhooks.url:
+            self.webhooks = WebhookSender(cfg.webhooks.url, cfg.webhooks.secret)
             self.registry.on_finalized = self.webhooks.submit
-        control = ControlApi(cfg, self.auth, self.registry, self.rtp, self.ws, self.rtp_port)
+        control = ControlApi(
+            cfg, self.auth, self.naming, self.registry, self.transports, self.rtp, self.rtp_port
+        )
         app = build_app(
-            self.ws,
             self.health,
+            self.ws,
             self.recordings_api,
             control,
             self.metrics,
-            allowed=AddressFilter(cfg.http_allow),
+            allowed=self.admission.http_clients,
         )
         # keepalive_timeout also bounds how long a new connection may take to send its request
         # (aiohttp arms it on connect): slow or half-open upgrades are closed.
         self._runner = web.AppRunner(
             app,
             access_log=None,
-            shutdown_timeout=cfg.shutdown_timeout,
-            keepalive_timeout=cfg.http_request_timeout,
+            shutdown_timeout=cfg.server.shutdown_timeout,
+            keepalive_timeout=cfg.server.http_request_timeout,
         )
         await self._runner.setup()
         site: web.BaseSite
         if self.inherited is not None:
             site = web.SockSite(self._runner, self.inherited[1], ssl_context=self.ssl_context)
         else:
-            site = web.TCPSite(self._runner, cfg.host, cfg.http_port, ssl_context=self.ssl_context)
+            site = web.TCPSite(
+                self._runner, host, cfg.server.http_port, ssl_context=self.ssl_context
+            )
         try:
             await site.start()
         except OSError as exc:
-            raise StartupError.listening(cfg.host, cfg.http_port, "tcp", exc) from None
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.http_port = sockets[0].getsockname()[1]
+            raise StartupError.listening(host, cfg.server.http_port, "tcp", exc) from None
+        self.http_port = _bound_port(self._runner, self.http_port)
         self._tasks = [
             asyncio.create_task(self.registry.run_flusher(), name="flusher"),
             asyncio.create_task(self.rtp.run_housekeeping(), name="rtp-housekeeping"),
@@ -223,38 +231,44 @@ class Server:
         log.info(
             "tap-receiver ready on %s://%s:%d (%s), recordings in %s",
             self.scheme,
-            cfg.host,
+            host,
             self.http_port,
             loop_name(),
-            cfg.recordings.resolve(),
+            cfg.storage.recordings.resolve(),
         )
 
     async def run_guards(self) -> None:
         """The longest allowed recording, every flush_interval (that is its precision); the
-        free-space floor, once a second."""
-        interval = min(GUARD_INTERVAL, self.config.flush_interval)
-        next_disk_check = 0.0
+        free-space floor and names that waited in vain, once a second."""
+        interval = min(GUARD_INTERVAL, self.config.storage.flush_interval)
+        next_check = 0.0
         while True:
             await asyncio.sleep(interval)
             try:
                 self.check_durations()
-                if time.monotonic() >= next_disk_check:
-                    next_disk_check = time.monotonic() + GUARD_INTERVAL
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + GUARD_INTERVAL
+                    self.expire_names()
                     await self.check_disk()
             except Exception:
                 log.exception("guard check failed")
 
+    def expire_names(self) -> None:
+        for name in self.naming.expire():
+            log.warning("the name %s expired: no tap started under it in time", name.tap_id)
+
     async def check_disk(self) -> None:
+        storage = self.config.storage
         loop = asyncio.get_running_loop()
         try:
-            free = await loop.run_in_executor(None, free_bytes, self.config.recordings)
+            free = await loop.run_in_executor(None, free_bytes, storage.recordings)
         except OSError as exc:
-            log.error("cannot read the free space of %s: %s", self.config.recordings, exc)
+            log.error("cannot read the free space of %s: %s", storage.recordings, exc)
             return
-        low = free < self.config.min_free_space
-        if low == self.low_disk:
+        low = free < storage.min_free_space
+        if low == self.admission.low_disk:
             return
-        self.low_disk = self.ws.low_disk = self.rtp.low_disk = low
+        self.admission.low_disk = low
         if not low:
             log.warning("free space is back above min_free_space (%d bytes free): taps accepted",
                         free)  # fmt: skip
@@ -262,45 +276,48 @@ class Server:
         log.error(
             "only %d bytes free in %s (min_free_space %d): refusing new taps, finalizing %d open",
             free,
-            self.config.recordings,
-            self.config.min_free_space,
+            storage.recordings,
+            storage.min_free_space,
             len(self.registry),
         )
-        self.rtp.end_all("low disk space")
-        await self.ws.close_all(TRY_AGAIN_LATER, "recordings disk is full", "low disk space")
+        for transport in self.transports.values():
+            await transport.end_all(
+                "low disk space", TRY_AGAIN_LATER, "recordings disk is full", GUARD_INTERVAL
+            )
 
     def check_durations(self) -> None:
-        limit = self.config.max_tap_duration
+        limit = self.config.storage.max_tap_duration
         if not limit:
             return
         self.registry.gather()  # every buffer complete: its length, and a split's cut
+        split = self.config.storage.max_tap_duration_action == "split"
         for tap in [t for t in self.registry.active if t.segment_seconds >= limit]:
-            if self.config.max_tap_duration_action == "split":
+            if split:
                 self.registry.split(tap)
-            elif tap.transport == "rtp":
-                self.rtp.stop_recording(tap, "max_tap_duration")
             else:
-                self.ws.close_tap(tap, "max_tap_duration")
-                tap.extra["close_code"] = 1000
-                self.registry.finish(tap, "max_tap_duration")
+                self.transports[tap.transport].stop_tap(tap, "max_tap_duration", drop_rest=True)
 
     async def shutdown(self) -> None:
         started = time.monotonic()
+        timeout = self.config.server.shutdown_timeout
         log.info("shutting down: finalizing %d open taps", len(self.registry))
-        self.rtp.receive()  # what arrived before the signal (sockets are read every 5 ms)
-        self.rtp.close()
-        self.rtp.end_all("shutdown")
-        # Closing the sockets makes each handler finish its own tap.
+        for transport in self.transports.values():
+            transport.stop_receiving()
+        # Each transport ends its own taps (WebSocket handlers flush their sessions).
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close_all(), timeout=self.config.shutdown_timeout / 2)
+            await asyncio.gather(
+                *(
+                    t.end_all("shutdown", GOING_AWAY, "server shutting down", timeout / 2)
+                    for t in self.transports.values()
+                )
+            )
         for task in self._tasks:
             task.cancel()
         if self._runner is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._runner.cleanup(), timeout=1.0)
-        self.ws.end_sessions("shutdown")  # handlers that did not get to it: flush their timelines
         self.registry.finish_all("shutdown")
-        remaining = max(0.5, self.config.shutdown_timeout - (time.monotonic() - started))
+        remaining = max(0.5, timeout - (time.monotonic() - started))
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(loop.run_in_executor(None, self.writer.shutdown), remaining)
@@ -309,7 +326,7 @@ class Server:
             self.writer_stuck = True
         if self.webhooks is not None:  # the last finalized taps' notifications get what is left
             await asyncio.sleep(0)  # let the writer's last completions reach the loop
-            remaining = max(0.2, self.config.shutdown_timeout - (time.monotonic() - started))
+            remaining = max(0.2, timeout - (time.monotonic() - started))
             await self.webhooks.close(remaining)
         log.info("stopped after %.2f s", time.monotonic() - started)
 
@@ -326,3 +343,11 @@ class Server:
         await stop.wait()
         await self.shutdown()
         return 1 if self.writer_stuck else 0
+
+
+def _bound_port(runner: web.AppRunner, configured: int) -> int:
+    """The TCP port the HTTP listener got (the configured one, unless that was 0)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return configured

@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from receiver.config import Config
-from receiver.rtp.receiver import open_udp_socket
+from receiver.rtp.sockets import open_udp_socket
 from receiver.server.lifecycle import Server, StartupError
 from receiver.server.loop import run
 
@@ -57,20 +57,19 @@ def bind_shared(config: Config, count: int) -> tuple[list[socket.socket], list[s
     udp: list[socket.socket] = []
     tcp: list[socket.socket] = []
     try:
-        rtp_port, http_port = config.rtp_port, config.http_port
+        host = config.server.host
+        rtp_port, http_port = config.server.rtp_port, config.server.http_port
         for _ in range(count):
             try:
-                sock, _ = open_udp_socket(
-                    config.host, rtp_port, config.rtp_recv_buffer, reuse_port=True
-                )
+                sock, _ = open_udp_socket(host, rtp_port, config.rtp.recv_buffer, reuse_port=True)
             except OSError as exc:
-                raise StartupError.listening(config.host, rtp_port, "udp", exc) from None
+                raise StartupError.listening(host, rtp_port, "udp", exc) from None
             udp.append(sock)
             rtp_port = int(sock.getsockname()[1])
             try:
-                sock = bind_tcp(config.host, http_port)
+                sock = bind_tcp(host, http_port)
             except OSError as exc:
-                raise StartupError.listening(config.host, http_port, "tcp", exc) from None
+                raise StartupError.listening(host, http_port, "tcp", exc) from None
             tcp.append(sock)
             http_port = int(sock.getsockname()[1])
     except BaseException:
@@ -145,10 +144,10 @@ def run_workers(
         "%d workers (pids %s) share http_port %d and rtp_port %d",
         count,
         ", ".join(str(pid) for pid in children),
-        config.http_port,
-        config.rtp_port,
+        config.server.http_port,
+        config.server.rtp_port,
     )
-    return _supervise(children, config.shutdown_timeout)
+    return _supervise(children, config.server.shutdown_timeout)
 
 
 def _supervise(children: dict[int, int], shutdown_timeout: float) -> int:

@@ -7,30 +7,27 @@ Runs once, before any listener (and before any worker) starts, so nothing else i
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from receiver.storage.sidecar import TapState, read_sidecar, write_json_atomic
 from receiver.storage.wav_header import repair_wav
-from receiver.storage.wav_sink import write_json_atomic
-from receiver.taps.tap import FINISHED, RECORDING
 
 log = logging.getLogger("receiver.recovery")
 
 
 def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
     """Finalize one interrupted recording; returns its new sidecar (None if not interrupted)."""
-    try:
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(sidecar, dict) or sidecar.get("state") != RECORDING:
+    sidecar = read_sidecar(sidecar_path)
+    if sidecar is None or sidecar.get("state") != TapState.RECORDING:
         return None
     wav = sidecar_path.with_suffix(".wav")
     if not wav.exists():
-        sidecar.update(state="failed", error="recovered after a crash: the WAV file is missing")
+        sidecar.update(
+            state=TapState.FAILED, error="recovered after a crash: the WAV file is missing"
+        )
         sidecar["recovered"] = True
         write_json_atomic(sidecar_path, sidecar)
         return sidecar
@@ -42,10 +39,10 @@ def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
             if track_wav.is_file() and "/" not in str(name):
                 repair_wav(track_wav)
     if plan.problem is not None:
-        sidecar.update(state="failed", error=f"recovered after a crash: {plan.problem}")
+        sidecar.update(state=TapState.FAILED, error=f"recovered after a crash: {plan.problem}")
     else:
         rate = int(sidecar.get("sample_rate") or (plan.layout.sample_rate if plan.layout else 8000))
-        sidecar["state"] = FINISHED
+        sidecar["state"] = TapState.FINISHED
         sidecar["frames_written"] = plan.frames
         sidecar["duration_seconds"] = round(plan.frames / rate, 6)
         sidecar["header_repairs"] = plan.describe()
@@ -65,7 +62,7 @@ def adopt_orphan(wav: Path) -> dict[str, Any]:
     sidecar: dict[str, Any] = {
         "tap_id": wav.stem,
         "file": wav.name,
-        "state": FINISHED if plan.problem is None else "failed",
+        "state": TapState.FINISHED if plan.problem is None else TapState.FAILED,
         "ended_at": modified.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "end_reason": "recovered after a crash (the sidecar was never written)",
         "recovered": True,
@@ -91,11 +88,8 @@ def _orphans(recordings: Path) -> list[Path]:
     named: set[str] = set()
     readable: set[str] = set()  # sidecars that parse: every other WAV has none to speak of
     for sidecar_path in recordings.glob("*.json"):
-        try:
-            sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(sidecar, dict):
+        sidecar = read_sidecar(sidecar_path)
+        if sidecar is not None:
             readable.add(sidecar_path.name)
             named.add(str(sidecar.get("file") or sidecar_path.with_suffix(".wav").name))
             tracks = sidecar.get("track_files")

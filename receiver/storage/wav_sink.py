@@ -1,17 +1,18 @@
-"""One tap's files on disk: `<name>.wav` (16-bit PCM) and its `<name>.json` sidecar.
+"""One tap's files on disk: `<name>.wav` (16-bit PCM) and its per-track WAVs.
 
-Used only from the writer thread. The WAV is opened as RF64 with libsndfile's auto-downgrade, so
-it is a plain RIFF/WAVE file (with a JUNK chunk reserved) unless it passes 4 GiB, where it becomes
-RF64 instead of silently corrupting. After every batch the header is rewritten to describe exactly
-the data on disk, so a `kill -9` loses at most the batch that was not yet written.
+Used only from the writer thread; what the event loop may know of it is `info`, a frozen
+snapshot that the writer replaces whole after each change. The WAV is opened as RF64 with
+libsndfile's auto-downgrade, so it is a plain RIFF/WAVE file (with a JUNK chunk reserved) unless
+it passes 4 GiB, where it becomes RF64 instead of silently corrupting. After every batch the
+header is rewritten to describe exactly the data on disk, so a `kill -9` loses at most the batch
+that was not yet written.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,37 +29,6 @@ def _command(handle: soundfile.SoundFile, command: int, value: int) -> int:
     return int(soundfile._snd.sf_command(handle._file, command, soundfile._ffi.NULL, value))
 
 
-def write_json_atomic(path: Path, data: dict[str, Any], durable: bool = True) -> None:
-    """Write JSON next to `path` and rename it into place: readers never see half a file.
-
-    `durable` fsyncs it before the rename. A tap's first sidecar (`state: recording`) skips
-    that: an fsync costs ~0.2 ms of CPU per new tap, and a sidecar lost or left empty by a power
-    cut is rebuilt by recovery from its WAV like a missing one.
-
-    On a full disk the temporary file cannot be written; then the existing file is rewritten in
-    place (its blocks are already allocated), so a failed tap can still say why it failed.
-    """
-    text = json.dumps(data, indent=2) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if exc.errno != errno.ENOSPC or not path.exists():
-            raise
-        with path.open("r+", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.truncate()
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
 def reserve_name(directory: Path, tap_id: str) -> str:
     """Claim `<tap_id>.wav`, else `<tap_id>.1.wav`, `.2` ...: an existing recording is never
     overwritten, also not by a concurrent tap with the same id (O_EXCL decides)."""
@@ -73,6 +43,16 @@ def reserve_name(directory: Path, tap_id: str) -> str:
         os.close(fd)
         return name
     raise FileExistsError(f"no free file name for tap {tap_id!r} after {MAX_SUFFIX} tries")
+
+
+@dataclass(frozen=True, slots=True)
+class SinkInfo:
+    """What the event loop may read of a sink (the writer thread replaces it whole)."""
+
+    name: str | None = None  # the file base name once reserved (may carry a .N suffix)
+    frames_written: int = 0
+    track_names: tuple[str, ...] = ()  # base names of the per-track WAVs
+    error: str | None = None
 
 
 class WavSink:
@@ -101,6 +81,17 @@ class WavSink:
         self._track_names = track_names or []
         self.track_sinks: dict[str, WavSink] = {}
         self.final_sidecar: dict[str, Any] | None = None  # set by the writer when finalized
+        self.info = SinkInfo()  # for the event loop: see `publish`
+
+    def publish(self) -> None:
+        """Let the event loop see the current name, frame count and error (one assignment of
+        a frozen object: a reader on another thread sees the old snapshot or the new one)."""
+        self.info = SinkInfo(
+            self.name,
+            self.frames_written,
+            tuple(s.name for s in self.track_sinks.values() if s.name),
+            self.error,
+        )
 
     @property
     def wav_path(self) -> Path:
@@ -220,7 +211,3 @@ class WavSink:
         finally:
             with contextlib.suppress(Exception):  # closing a broken file may fail again
                 handle.close()
-
-    @property
-    def is_open(self) -> bool:
-        return self._file is not None

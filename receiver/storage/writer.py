@@ -11,15 +11,26 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
-from receiver.storage.wav_sink import WavSink, write_json_atomic
-from receiver.taps.audio_buffer import Pending
-from receiver.taps.tap import FAILED, FINISHED
+import numpy as np
+
+from receiver.storage.sidecar import TapState, write_json_atomic
+from receiver.storage.wav_sink import WavSink
 
 log = logging.getLogger("receiver.writer")
 WRITER_SLICE = 0.002  # seconds of batch work (holding the GIL) between pauses
 WRITER_PAUSE = 0.001  # seconds the writer sleeps so the event loop can drain its sockets
+
+
+class Pending(Protocol):
+    """A tap's audio taken from its buffer (receiver.taps.audio_buffer.Pending), decoded here."""
+
+    def __bool__(self) -> bool: ...
+
+    def render(self) -> list[np.ndarray]:
+        """One int16 array per channel (the channels may differ in length)."""
+        ...
 
 
 class DiskWriter:
@@ -75,6 +86,7 @@ class DiskWriter:
             write_json_atomic(sink.sidecar_path, self._sidecar(sink, sidecar), durable=False)
         except Exception as exc:
             self._fail(sink, exc)
+        sink.publish()
 
     def _rename(self, sink: WavSink, new_id: str, sidecar: dict[str, Any]) -> None:
         try:
@@ -84,6 +96,7 @@ class DiskWriter:
         except Exception as exc:
             self.errors += 1
             log.error("tap %s: could not rename to %s: %s", sink.tap_id, new_id, exc)
+        sink.publish()
 
     def _append(self, sink: WavSink, pending: Pending, last: bool = False) -> None:
         if sink.error is not None or not (pending or last):
@@ -97,6 +110,7 @@ class DiskWriter:
             self.bytes_written += (sink.frames_written - before) * 2 * sink.channels
         except Exception as exc:
             self._fail(sink, exc)
+        sink.publish()
 
     def _write(self, batch: list[tuple[WavSink, Pending]]) -> None:
         started = slice_start = time.perf_counter()
@@ -129,6 +143,7 @@ class DiskWriter:
                 sink.close()
             except Exception as exc:
                 self._fail(sink, exc)
+        sink.publish()
         if sink.name is None:
             return  # never got a file (the open failed and was logged)
         final = self._sidecar(sink, sidecar)
@@ -149,10 +164,10 @@ class DiskWriter:
         data["frames_written"] = sink.frames_written
         data["duration_seconds"] = round(sink.frames_written / sink.sample_rate, 6)
         if sink.error is not None:
-            data["state"] = FAILED
+            data["state"] = TapState.FAILED
             data["error"] = sink.error
-        elif data.get("state") == FAILED:
+        elif data.get("state") == TapState.FAILED:
             data.setdefault("error", "failed")
         elif data.get("ended_at"):
-            data["state"] = FINISHED
+            data["state"] = TapState.FINISHED
         return data

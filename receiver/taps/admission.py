@@ -1,16 +1,17 @@
-"""Guards against overload and hostile clients: per-address rate limits, CIDR allow-lists, the
-free-space floor and the open-file budget. Small, synchronous and testable without sockets."""
+"""Who may start a tap: one policy for both transports (capacity, allow-lists, the free-space
+floor, per-address rate limits), and the open-file budget that caps the capacity. Small,
+synchronous and testable without sockets."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass
 
-from receiver.config import parse_cidrs
+from receiver.config import IPNetwork, LimitSettings, parse_cidrs
 
 log = logging.getLogger("receiver.limits")
 
@@ -18,8 +19,8 @@ log = logging.getLogger("receiver.limits")
 class AddressFilter:
     """A CIDR allow-list; empty allows everyone."""
 
-    def __init__(self, cidrs: str) -> None:
-        self.networks = parse_cidrs(cidrs)
+    def __init__(self, networks: tuple[IPNetwork, ...] | str) -> None:
+        self.networks = parse_cidrs(networks) if isinstance(networks, str) else list(networks)
         self._cache: dict[str, bool] = {}
 
     def allows(self, address: str | None) -> bool:
@@ -67,11 +68,6 @@ class RateLimiter:
         return True
 
 
-def free_bytes(directory: os.PathLike[str] | str) -> int:
-    stats = os.statvfs(directory)
-    return stats.f_bavail * stats.f_frsize
-
-
 @dataclass
 class FileBudget:
     """How many taps the open-file limit leaves room for (each tap keeps files open)."""
@@ -116,3 +112,72 @@ def raise_open_file_limit(ws_max_taps: int, rtp_max_streams: int) -> FileBudget:
             4 * ws_max_taps + 2 * rtp_max_streams,
         )
     return budget
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a new tap may not start: `reason` names the counter (`capacity`, `not_allowed`,
+    `low_disk`, `rate_limit`), `status` the HTTP answer a WebSocket client gets."""
+
+    reason: str
+    status: int
+    message: str
+
+
+class Admission:
+    """The one admission policy. Each transport asks `refusal` before it creates a tap; the
+    server sets `low_disk` and fits the capacities to the open-file limit at start-up."""
+
+    def __init__(self, limits: LimitSettings) -> None:
+        self.capacity = {"websocket": limits.ws_max_taps, "rtp": limits.rtp_max_streams}
+        # HTTP clients outside http_allow are refused (403) before any route, tap or not.
+        self.http_clients = AddressFilter(limits.http_allow)
+        self._allowed = {"rtp": AddressFilter(limits.rtp_allow)}
+        self._rate = {t: RateLimiter(limits.new_tap_rate_limit) for t in self.capacity}
+        self.low_disk = False
+        self.open_file_limit = 0
+        self.refused: Counter[tuple[str, str]] = Counter()  # (transport, reason)
+
+    def fit_open_file_limit(self) -> FileBudget:
+        """Raise the open-file limit and lower the capacities to what it can hold."""
+        budget = raise_open_file_limit(self.capacity["websocket"], self.capacity["rtp"])
+        self.capacity = {"websocket": budget.ws_taps, "rtp": budget.rtp_streams}
+        self.open_file_limit = budget.limit
+        return budget
+
+    def refusal(
+        self, transport: str, address: str | None, active: int, now: float | None = None
+    ) -> Refusal | None:
+        """None if a new tap of `transport` from `address` may start while `active` run."""
+        found = self._check(transport, address, active, now)
+        if found is not None:
+            self.refused[(transport, found.reason)] += 1
+        return found
+
+    def _check(
+        self, transport: str, address: str | None, active: int, now: float | None
+    ) -> Refusal | None:
+        limit = self.capacity[transport]
+        if active >= limit:
+            return Refusal("capacity", 503, f"too many taps ({limit}); try again later")
+        allowed = self._allowed.get(transport)
+        if allowed is not None and not allowed.allows(address):
+            return Refusal("not_allowed", 403, "the address is not in the allow-list")
+        if self.low_disk:
+            return Refusal(
+                "low_disk", 503, "the recordings disk is below min_free_space; try again later"
+            )
+        if not self._rate[transport].allow(address or "", now):
+            return Refusal(
+                "rate_limit", 429, "too many new taps from this address (new_tap_rate_limit)"
+            )
+        return None
+
+    def describe(self, min_free_space: int) -> dict[str, int]:
+        """The `limits` block of /healthz."""
+        return {
+            "ws_max_taps": self.capacity["websocket"],
+            "rtp_max_streams": self.capacity["rtp"],
+            "open_files": self.open_file_limit,
+            "min_free_space": min_free_space,
+        }

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from receiver.storage.sidecar import TapState
 from receiver.storage.wav_sink import WavSink
 from receiver.storage.writer import DiskWriter
-from receiver.taps.tap import FAILED, Tap, utc_now_iso
+from receiver.taps.tap import Tap, utc_now_iso
 
 log = logging.getLogger("receiver.taps")
-LINK_LIFETIME = 600.0  # seconds a name given before the tap started is kept
 
 
 class TapRegistry:
@@ -34,12 +33,9 @@ class TapRegistry:
         }
         # Called on the event loop with each final sidecar, once its files are complete.
         self.on_finalized: Callable[[dict[str, Any]], None] | None = None
-        # Whoever holds audio outside the taps' buffers, as a call that hands it over (`gather`).
+        # The transports' `gather`: they may hold audio outside the taps' buffers.
         self.audio_holders: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        # (transport, tap id) -> (the name it should have, sidecar fields): a status callback
-        # that named a tap before it connected.
-        self._links: dict[tuple[str, str], tuple[str, dict[str, Any], float]] = {}
 
     @property
     def active(self) -> Iterable[Tap]:
@@ -51,23 +47,27 @@ class TapRegistry:
     def active_by_transport(self) -> Counter[str]:
         return Counter(tap.transport for tap in self._active.values())
 
-    def find(self, tap_id: str, transport: str | None = None) -> Tap | None:
-        """The newest active tap with this id (and transport)."""
+    def find(self, key: Hashable) -> Tap | None:
+        """The newest active tap known by this key (see receiver.taps.naming)."""
         found = None
         for tap in self._active.values():
-            if tap.tap_id == tap_id and (transport is None or tap.transport == transport):
+            if tap.key == key:
                 found = tap
         return found
 
-    def link(self, transport: str, tap_id: str, new_id: str, extra: dict[str, Any]) -> None:
-        """Name a tap that has not started yet: when `tap_id` starts, it becomes `new_id`."""
-        now = time.monotonic()
-        self._links = {k: v for k, v in self._links.items() if v[2] > now}  # drop expired
-        self._links[(transport, tap_id)] = (new_id, extra, now + LINK_LIFETIME)
+    def find_by_id(self, tap_id: str, transport: str) -> Tap | None:
+        """The newest active tap of `transport` that has this id now."""
+        found = None
+        for tap in self._active.values():
+            if tap.tap_id == tap_id and tap.transport == transport:
+                found = tap
+        return found
 
-    def rename(self, tap: Tap, new_id: str) -> None:
-        """Give an active tap a new id: its files are renamed atomically by the writer thread
-        (never over an existing recording) and the sidecar says what it was called before."""
+    def rename(self, tap: Tap, new_id: str, extra: dict[str, Any] | None = None) -> None:
+        """Give an active tap a new id (and sidecar fields): its files are renamed atomically by
+        the writer thread (never over an existing recording) and the sidecar says what it was
+        called before."""
+        tap.extra.update(extra or {})
         if new_id == tap.tap_id:
             return
         tap.extra.setdefault("provisional_id", tap.tap_id)
@@ -78,11 +78,6 @@ class TapRegistry:
 
     def start(self, tap: Tap) -> None:
         """Make the tap live; its files are created by the writer thread."""
-        link = self._links.pop((tap.transport, tap.tap_id), None)
-        if link is not None and link[2] > time.monotonic():
-            tap.extra.setdefault("provisional_id", tap.tap_id)
-            tap.tap_id = link[0]
-            tap.extra.update(link[1])
         tap.sink = WavSink(
             self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files
         )
@@ -120,8 +115,8 @@ class TapRegistry:
         self.counts["finished"][tap.transport] += 1
         tap.ended_at = utc_now_iso()
         tap.end_reason = reason
-        if tap.sink.error is not None:
-            tap.state = FAILED
+        if tap.sink.info.error is not None:
+            tap.state = TapState.FAILED
         sink = tap.sink
         future = self.writer.finish(sink, tap.buffer.take(), tap.describe())
         future.add_done_callback(lambda _: self._finalized(tap, sink, reason))
@@ -150,7 +145,7 @@ class TapRegistry:
     def _finalized(self, tap: Tap, sink: WavSink, reason: str) -> None:
         """On the writer thread, once the tap's files are complete."""
         sidecar = sink.final_sidecar or {}
-        failed = sidecar.get("state") == FAILED or sink.error is not None
+        failed = sidecar.get("state") == TapState.FAILED or sink.error is not None
         log.info(
             "tap %s %s (%s): %s, %d frames, %.3f s",
             tap.tap_id,

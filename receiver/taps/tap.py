@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Hashable
 from datetime import UTC, datetime
 from typing import Any
 
+from receiver.storage.sidecar import TapState
 from receiver.storage.wav_sink import WavSink
 from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
 
 _serial = itertools.count(1)
 
 MAX_EVENTS = 1000  # events kept per tap (DTMF, marks, SSRC changes, discontinuities, ...)
-RECORDING = "recording"
-FINISHED = "finished"
-FAILED = "failed"
 
 
 def utc_now_iso() -> str:
@@ -33,21 +32,25 @@ class Tap:
         sample_rate: int = 8000,
         channels: int = 1,
         remote: str | None = None,
+        key: Hashable = None,
     ) -> None:
         self.serial = next(_serial)
         self.tap_id = tap_id
         self.transport = transport
+        # What the control plane knows the tap by before and after it starts (naming.py): a
+        # WebSocket tap's URI id, an RTP stream's pool port or source address.
+        self.key = key
         self.codec = codec
         self.sample_rate = sample_rate
         self.channels = channels
         self.remote = remote
-        self.state = RECORDING
+        self.state = TapState.RECORDING
         self.started_at = utc_now_iso()
         self.ended_at: str | None = None
         self.started_monotonic = time.monotonic()
         self.buffer: AudioBuffer | ChannelBuffer = AudioBuffer(channels)
         self.track_files: list[str] | None = None  # also one mono WAV per named track
-        self.sink: WavSink | None = None  # set by the registry; its files are the writer's
+        self.sink: WavSink | None = None  # set by the registry; the writer's (read `sink.info`)
         self.counters: dict[str, int] = {}
         self.events: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}  # transport-specific sidecar fields
@@ -73,7 +76,7 @@ class Tap:
     @property
     def name(self) -> str | None:
         """The file base name once the writer has reserved it (may carry a .N suffix)."""
-        return self.sink.name if self.sink else None
+        return self.sink.info.name if self.sink else None
 
     def describe(self) -> dict[str, Any]:
         """The sidecar's view of this tap (built on the event loop; files fields added later)."""

@@ -1,23 +1,27 @@
 """The WebSocket endpoint for every call-audio dialect: `GET /tap/{tap_id}` and
 `/stream/{tap_id}` (also under `/t/{token}/`).
 
-Checks the tap id, the token and the codec before the upgrade; then the dialect is chosen from
-the offered subprotocol and the first frame (`receiver.ws.dialects`), and the session records it.
-The tap ends when the socket closes, cleanly or not.
+Checks the tap id, the token, the codec and admission before the upgrade; then the dialect is
+chosen from the offered subprotocol and the first frame (`receiver.ws.dialects`), and the session
+records it. The tap ends when the socket closes, cleanly or not; the server ends taps through the
+transport interface (receiver.taps.transport), by closing their sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from receiver.codecs.formats import AudioFormat, FormatError, codec_from_query
-from receiver.config import Config
+from receiver.config import WsSettings
 from receiver.http.auth import Auth
-from receiver.taps.admission import RateLimiter
+from receiver.http.errors import json_error
+from receiver.taps.admission import Admission
+from receiver.taps.naming import Naming
 from receiver.taps.registry import TapRegistry
 from receiver.taps.tap import Tap
 from receiver.taps.tap_id import TAP_ID_RULE, is_valid_tap_id
@@ -28,28 +32,53 @@ log = logging.getLogger("receiver.ws")
 UNSUPPORTED_DATA = 1003
 CLOSE_HANDSHAKE_TIMEOUT = 1.0  # seconds to wait for the peer's reply to our close frame
 
-
-def json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message, "status": status}, status=status)
+GOING_AWAY = 1001
 
 
 class WsTapEndpoint:
-    def __init__(self, config: Config, auth: Auth, registry: TapRegistry) -> None:
-        self.config = config
+    """The WebSocket transport (see receiver.taps.transport)."""
+
+    name = "websocket"
+
+    def __init__(
+        self,
+        settings: WsSettings,
+        auth: Auth,
+        admission: Admission,
+        naming: Naming,
+        registry: TapRegistry,
+    ) -> None:
+        self.settings = settings
         self.auth = auth
+        self.admission = admission
+        self.naming = naming
         self.registry = registry
         self.sockets: set[web.WebSocketResponse] = set()
         self.sessions: dict[web.WebSocketResponse, Session] = {}
         self._close_reasons: dict[web.WebSocketResponse, tuple[str, int]] = {}
-        self.max_taps = config.ws_max_taps  # lowered to fit the open-file limit at start
-        self.low_disk = False  # set by the server while the free-space floor is crossed
-        self.rate_limiter = RateLimiter(config.new_tap_rate_limit)
         self.messages = 0
         self._closing: dict[web.WebSocketResponse, asyncio.Task[bool]] = {}
+        self._ended = asyncio.Event()  # set whenever a handler has ended its session
         self.counters: dict[str, int] = {}
+
+    def add_routes(self, app: web.Application) -> None:
+        # `{tap_id:.*}` so that bad ids (empty, dots, encoded slashes) reach the handler and get
+        # a clear 400 instead of a 404.
+        for prefix in ("", "/t/{token}"):
+            app.router.add_get(prefix + "/tap/{tap_id:.*}", self.handle)
+            app.router.add_get(prefix + "/stream/{tap_id:.*}", self.handle)
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
+
+    def _start(self, tap: Tap) -> None:
+        """A session's tap goes live: with the name a status callback gave its URI id, if any."""
+        expected = self.naming.claim(tap.key)
+        if expected is not None:
+            tap.extra.setdefault("provisional_id", tap.tap_id)
+            tap.tap_id = expected.tap_id
+            tap.extra.update(expected.extra)
+        self.registry.start(tap)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         tap_id = request.match_info.get("tap_id", "")
@@ -57,22 +86,25 @@ class WsTapEndpoint:
             self._count("rejected_bad_tap_id")
             log.warning("refused tap from %s: bad tap id %r", request.remote, tap_id[:200])
             return json_error(400, TAP_ID_RULE)
-        if not self.auth.allows(request):
+        unauthorized = self.auth.refusal(request)
+        if unauthorized is not None:
             self._count("rejected_unauthorized")
             log.warning("refused tap %s from %s: missing or wrong token", tap_id, request.remote)
-            return json_error(401, "missing or wrong token")
+            return unauthorized
         try:
             fmt = codec_from_query(request.query.get("codec"))
         except FormatError as exc:
             self._count("rejected_bad_codec")
             return json_error(400, str(exc))
-        refusal = self._refusal(request)
+        refusal = self.admission.refusal(self.name, request.remote, len(self.sockets))
         if refusal is not None:
-            return refusal
+            self._count("rejected_" + refusal.reason)
+            log.warning("refused tap %s from %s: %s", tap_id, request.remote, refusal.message)
+            return json_error(refusal.status, refusal.message)
         ws = web.WebSocketResponse(
             # aiohttp refuses a message of exactly max_msg_size; the setting is the largest accepted
-            max_msg_size=self.config.ws_max_message_size + 1,
-            heartbeat=self.config.ws_heartbeat or None,
+            max_msg_size=self.settings.max_message_size + 1,
+            heartbeat=self.settings.heartbeat or None,
             timeout=CLOSE_HANDSHAKE_TIMEOUT,
             protocols=FORK_SUBPROTOCOLS,  # echoed only when the client offers one
         )
@@ -90,25 +122,10 @@ class WsTapEndpoint:
                 await asyncio.wait([closing])
         return ws
 
-    def _refusal(self, request: web.Request) -> web.Response | None:
-        """Capacity, disk and rate limits, checked before the upgrade so nothing is created."""
-        if len(self.sockets) >= self.max_taps:
-            self._count("rejected_capacity")
-            log.warning("refused tap from %s: %d WebSocket taps is the limit", request.remote,
-                        self.max_taps)  # fmt: skip
-            return json_error(503, f"too many taps ({self.max_taps}); try again later")
-        if self.low_disk:
-            self._count("rejected_low_disk")
-            return json_error(503, "the recordings disk is below min_free_space; try again later")
-        if not self.rate_limiter.allow(request.remote or ""):
-            self._count("rejected_rate_limit")
-            return json_error(429, "too many new taps from this address (new_tap_rate_limit)")
-        return None
-
     async def _record(
         self, ws: web.WebSocketResponse, tap_id: str, fmt: AudioFormat, remote: str | None
     ) -> None:
-        ctx = SessionContext(tap_id, remote, self.registry, self.config, ws.ws_protocol)
+        ctx = SessionContext(tap_id, remote, self.settings, self._start, ws.ws_protocol)
         session: Session | None = None
         reason = "closed"
         close_code: int | None = None  # what we closed with, when it was us
@@ -147,7 +164,7 @@ class WsTapEndpoint:
                         log.warning(
                             "tap %s: message over %d bytes; closed with 1009, audio kept",
                             tap_id,
-                            self.config.ws_max_message_size,
+                            self.settings.max_message_size,
                         )
                     if session is not None:
                         session.count("errors")
@@ -157,6 +174,7 @@ class WsTapEndpoint:
             log.info("tap %s: %s", tap_id, reason)
         finally:
             self.sessions.pop(ws, None)
+            self._ended.set()
             if reason == "closed" and ws in self._close_reasons:  # we closed it, and said why
                 reason, close_code = self._close_reasons.pop(ws)
             if session is None:
@@ -174,6 +192,9 @@ class WsTapEndpoint:
                           session.ctx.tap_id)  # fmt: skip
 
     def _end(self, session: Session, reason: str, close_code: int | None) -> None:
+        if session.ended:  # shutdown finished it while its handler was still closing
+            return
+        session.ended = True
         try:
             tap = session.end()
         except Exception:
@@ -186,21 +207,55 @@ class WsTapEndpoint:
             tap.extra["close_code"] = int(close_code)
         self.registry.finish(tap, reason)
 
-    def close_tap(self, tap: Tap, message: str) -> bool:
-        """Close the connection that feeds `tap` (e.g. SignalWire said the tap finished). The
-        close handshake runs in the background: nobody waits on the peer."""
+    # -- the transport interface (receiver.taps.transport) ------------------------------------
+
+    def gather(self) -> None:
+        """Sessions hand their audio to the tap as it comes: nothing is held here."""
+
+    def stop_tap(self, tap: Tap, reason: str, *, drop_rest: bool = False) -> bool:
+        """Close the connection that feeds `tap` with 1000; its handler then flushes the session
+        (a Media Streams track timeline, a partial frame) and finishes the tap with `reason`.
+        The close handshake runs in the background: nobody waits on the peer. A closed socket
+        sends nothing more, so `drop_rest` needs nothing here."""
         for ws, session in list(self.sessions.items()):
             if session.tap is tap:
-                self._start_close(ws, WSCloseCode.OK, message, message)
+                self._start_close(ws, WSCloseCode.OK, reason, reason)
                 return True
         return False
 
-    def end_sessions(self, reason: str) -> None:
-        """Shutdown: finish the taps whose handlers have not ended them yet (their timelines
-        are flushed into the tap first)."""
+    async def end_all(self, reason: str, close_code: int, message: str, timeout: float) -> None:
+        """Send every peer a close frame at once; each handler then finishes its own tap. What
+        has not ended within `timeout` is finished here (its session flushed first)."""
+        for ws in list(self.sockets):
+            self._start_close(ws, close_code, message, reason)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.sessions and asyncio.get_running_loop().time() < deadline:
+            self._ended.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._ended.wait(), deadline - asyncio.get_running_loop().time()
+                )
         for session in list(self.sessions.values()):
-            if session.tap is not None:
+            if session.tap is not None and not session.ended:
                 self._end(session, reason, None)
+
+    def stop_receiving(self) -> None:
+        """New connections stop with the HTTP listener (the server's runner)."""
+
+    def live_stats(self, tap: Tap) -> dict[str, Any] | None:
+        """A WebSocket tap's counters are in its sidecar (`counters`)."""
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {"open_sockets": len(self.sockets), **self.counters}
+
+    def metrics(self) -> dict[str, Any]:
+        rejected = {
+            k.removeprefix("rejected_"): v
+            for k, v in self.counters.items()
+            if k.startswith("rejected_")
+        }
+        return {"ws_messages": self.messages, "ws_rejected": rejected}
 
     def _start_close(self, ws: web.WebSocketResponse, code: int, message: str, reason: str) -> None:
         # The handler waits for this task before it returns (see `handle`): returning while
@@ -209,18 +264,3 @@ class WsTapEndpoint:
             self._close_reasons[ws] = (reason, code)
             close = ws.close(code=code, message=message.encode()[:120])
             self._closing[ws] = asyncio.create_task(close)
-
-    async def close_all(
-        self,
-        code: int = WSCloseCode.GOING_AWAY,
-        message: str = "server shutting down",
-        reason: str = "shutdown",
-    ) -> None:
-        """Send every peer a close frame at once; each handler then finishes its own tap."""
-        for ws in list(self.sockets):
-            self._start_close(ws, code, message, reason)
-        if self._closing:
-            await asyncio.wait(list(self._closing.values()))
-
-    def stats(self) -> dict[str, Any]:
-        return {"open_sockets": len(self.sockets), **self.counters}

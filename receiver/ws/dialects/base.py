@@ -4,13 +4,14 @@ logging bad input (once per tap and kind), and ending cleanly."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from receiver.codecs.formats import AudioFormat
-from receiver.config import Config
+from receiver.config import WsSettings
 from receiver.taps.audio_buffer import PCM16, AudioBuffer, ChannelBuffer
-from receiver.taps.registry import TapRegistry
+from receiver.taps.naming import websocket_key
 from receiver.taps.tap import MAX_EVENTS, Tap
 
 log = logging.getLogger("receiver.ws")
@@ -39,8 +40,8 @@ def too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
 class SessionContext:
     tap_id: str
     remote: str | None
-    registry: TapRegistry
-    config: Config
+    settings: WsSettings
+    start: Callable[[Tap], None]  # makes a tap live (its name, its files): the endpoint's
     subprotocol: str | None = None
 
 
@@ -55,6 +56,7 @@ class Session:
         self._early_counters: dict[str, int] = {}
         self._early_events: list[dict[str, Any]] = []
         self.warned: set[str] = set()
+        self.ended = False  # set by the endpoint once the tap is finished
         self._partial = b""  # the start of a frame split across binary messages
 
     # -- hooks --------------------------------------------------------------------------------
@@ -85,6 +87,7 @@ class Session:
             fmt.sample_rate,
             fmt.channels,
             self.ctx.remote,
+            key=websocket_key(self.ctx.tap_id),
         )
         if buffer is not None:
             tap.buffer = buffer
@@ -101,7 +104,7 @@ class Session:
         self._early_counters.clear()
         self._early_events.clear()
         self.tap = tap
-        self.ctx.registry.start(tap)
+        self.ctx.start(tap)
         return tap
 
     def append_frames(self, fmt: AudioFormat, data: bytes) -> None:

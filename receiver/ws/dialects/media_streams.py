@@ -109,7 +109,7 @@ class MediaStreamsSession(Session):
         self.info: dict[str, Any] = {}
         self._early: list[tuple[str, float | None, float | None, bytes]] = []
         self._seen_tracks: list[str] = []
-        self._l16_kind = PCM16 if ctx.config.stream_l16_byte_order == "little" else PCM16_BE
+        self._l16_kind = PCM16_BE if ctx.settings.stream_l16_big_endian else PCM16
         self._started = self.clock()
 
     # -- frames -------------------------------------------------------------------------------
@@ -250,12 +250,12 @@ class MediaStreamsSession(Session):
             ChannelBuffer(channels) if channels > 1 else AudioBuffer(1)
         )
         outputs = buffer.channel_buffers if isinstance(buffer, ChannelBuffer) else [buffer]
-        window = self.ctx.config.stream_jitter_ms * fmt.sample_rate // 1000
+        window = self.ctx.settings.stream_jitter_ms * fmt.sample_rate // 1000
         self.timelines = {
             track: TrackTimeline(output, fmt.sample_rate, window)
             for track, output in zip(self.tracks, outputs, strict=True)
         }
-        split = self.ctx.config.stream_split_tracks and channels > 1
+        split = self.ctx.settings.stream_split_tracks and channels > 1
         self.start_tap(
             AudioFormat(fmt.encoding, fmt.sample_rate, channels),
             buffer=buffer,
