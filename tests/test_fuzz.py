@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
+from receiver.codecs.encoding import Encoding
 from receiver.codecs.formats import AudioFormat, FormatError
 from receiver.config import from_argv
 from receiver.rtp.datagrams import MAX_DATAGRAM, Batch
@@ -31,7 +32,7 @@ from receiver.rtp.fast_lane import STORE_BYTES, FastLane
 from receiver.rtp.packet import RtpPacket, RtpParseError, TelephoneEvent, is_rtcp
 from receiver.rtp.timeline import MAX_HELD, RtpTimeline
 from receiver.storage.writer import DiskWriter
-from receiver.taps.audio_buffer import PCM16, PCM16_BE, AudioBuffer, ChannelBuffer
+from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
 from receiver.taps.registry import TapRegistry
 from receiver.ws.dialects import SessionContext, choose_session
 from receiver.ws.dialects.media_streams import MediaStreamsSession
@@ -367,10 +368,10 @@ class TrackRecorder:
     def __init__(self) -> None:
         self.frames = 0
 
-    def append(self, kind: str, data: bytes) -> None:
-        assert kind in ("PCMU", "PCMA", PCM16, PCM16_BE)
-        assert data and (kind not in (PCM16, PCM16_BE) or len(data) % 2 == 0)
-        self.frames += len(data) // 2 if kind in (PCM16, PCM16_BE) else len(data)
+    def append(self, kind: Encoding, data: bytes) -> None:
+        assert isinstance(kind, Encoding)
+        assert data and len(data) % kind.bytes_per_sample == 0
+        self.frames += len(data) // kind.bytes_per_sample
 
     def append_silence(self, frames: int) -> None:
         assert frames > 0
@@ -410,7 +411,7 @@ def test_track_timeline_is_bounded(chunks: list[tuple[Any, Any, int]], rate: int
     for n, (chunk, timestamp, samples) in enumerate(chunks):
         if isinstance(chunk, float):
             chunk = None if chunk != chunk or abs(chunk) == float("inf") else int(chunk)
-        timeline.add(chunk, timestamp, "PCMU", bytes([n % 256]) * samples)
+        timeline.add(chunk, timestamp, Encoding.PCMU, bytes([n % 256]) * samples)
         total += samples
         # Each chunk may move the track by at most max_gap of silence plus its own length;
         # what waits for a hole is bounded.
@@ -600,7 +601,7 @@ def run_session(
         registry = TapRegistry(recordings, writer, 0.2)
         tap_id = f"fuzz-{uuid.uuid4().hex[:12]}"
         ctx = SessionContext(tap_id, "127.0.0.1", config.ws, registry.start)
-        fmt = AudioFormat("PCMU")
+        fmt = AudioFormat(Encoding.PCMU)
         session = None
         reason = "closed"
         replayed = 0.0
@@ -775,7 +776,7 @@ def test_an_absurd_timestamp_loses_to_the_chunk_number() -> None:
     rec = SampleRecorder()
     timeline = TrackTimeline(rec, 8000, 1600)
     for n, ts in ((1, 0), (2, 1e12), (3, 40)):
-        timeline.add(n, ts, "PCMU", bytes([n]) * 160)
+        timeline.add(n, ts, Encoding.PCMU, bytes([n]) * 160)
     timeline.flush()
     assert rec.samples == layout(1, 2, 3)
     assert timeline.stats.discontinuities == 0 and timeline.stats.timestamp_jumps == 0
@@ -785,7 +786,7 @@ def test_a_jump_past_max_gap_is_a_discontinuity_and_later_timestamps_follow_it()
     rec = SampleRecorder()
     timeline = TrackTimeline(rec, 8000, 1600)
     for n, ts in ((1, 0), (2, 20), (3, 1e12), (4, 1e12 + 20), (5, 1e12 + 60)):
-        timeline.add(None, ts, "PCMU", bytes([n]) * 160)
+        timeline.add(None, ts, Encoding.PCMU, bytes([n]) * 160)
     timeline.flush()
     assert rec.samples == layout(1, 2, 3, 4, None, 5)  # the 20 ms hole after 4 is kept
     assert timeline.stats.discontinuities == 1
@@ -794,8 +795,8 @@ def test_a_jump_past_max_gap_is_a_discontinuity_and_later_timestamps_follow_it()
 def test_a_gap_within_max_gap_is_still_silence_of_its_length() -> None:
     rec = SampleRecorder()
     timeline = TrackTimeline(rec, 8000, 1600)
-    timeline.add(None, 0, "PCMU", b"\1" * 160)
-    timeline.add(None, 29_000, "PCMU", b"\2" * 160)
+    timeline.add(None, 0, Encoding.PCMU, b"\1" * 160)
+    timeline.add(None, 29_000, Encoding.PCMU, b"\2" * 160)
     timeline.flush()
     assert rec.samples == layout(1) + [None] * (29 * 8000 - 160) + layout(2)
     assert timeline.stats.discontinuities == 0
@@ -804,9 +805,9 @@ def test_a_gap_within_max_gap_is_still_silence_of_its_length() -> None:
 def test_chunks_piling_up_at_one_far_place_are_bounded() -> None:
     rec = SampleRecorder()
     timeline = TrackTimeline(rec, 8000, 8000, max_held=16)
-    timeline.add(None, 0, "PCMU", b"\1" * 160)
+    timeline.add(None, 0, Encoding.PCMU, b"\1" * 160)
     for _ in range(1000):
-        timeline.add(None, 500, "PCMU", b"\2" * 160)  # all wait for the hole before 500 ms
+        timeline.add(None, 500, Encoding.PCMU, b"\2" * 160)  # all wait for the hole before 500 ms
         assert len(timeline._held) <= 16
     timeline.flush()
     assert rec.samples[:4000] == layout(1) + [None] * (4000 - 160)
@@ -841,7 +842,7 @@ def test_new_track_names_after_the_start_are_not_collected(tmp_path: Path) -> No
         writer = DiskWriter()
         registry = TapRegistry(tmp_path, writer, 1.0)
         ctx = SessionContext("tracks", None, config.ws, registry.start)
-        session = choose_session(ctx, START_INBOUND, AudioFormat("PCMU"))
+        session = choose_session(ctx, START_INBOUND, AudioFormat(Encoding.PCMU))
         session.text(START_INBOUND)
         for n in range(5000):
             session.text(media_msg(None, None, b"\1", f"t{n}"))

@@ -79,10 +79,8 @@ def test_round_trip(codec: str) -> None:
     assert back == bytes(expected)
 
 
-def test_decode_into_and_large_batch() -> None:
+def test_large_batch() -> None:
     rng = np.random.default_rng(7)
     data = rng.integers(0, 256, 80_000, dtype=np.uint8).tobytes()
-    out = np.empty(len(data), dtype=np.int16)
-    g711.decode_into("PCMA", data, out)
-    assert np.array_equal(out, reference.decode("PCMA", data))
+    assert np.array_equal(g711.decode("PCMA", data), reference.decode("PCMA", data))
     assert np.array_equal(g711.decode("PCMU", data), reference.decode("PCMU", data))

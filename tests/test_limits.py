@@ -396,9 +396,9 @@ def test_max_tap_duration_stop_flushes_a_media_streams_timeline(make_server: Any
     sidecar = wait_for_sidecar(server.recordings, "held")
     assert sidecar["end_reason"] == "max_tap_duration"
     assert sidecar["close_code"] == 1000
+    silence = np.zeros(160, np.int16)
     expected = np.concatenate(
-        [reference.decode("PCMU", chunks[n]) if n != 8 else np.zeros(160, np.int16)
-         for n in range(1, 11)]  # fmt: skip
+        [reference.decode("PCMU", chunks[n]) if n != 8 else silence for n in range(1, 11)]
     )
     samples, rate = read_wav(server.recordings / "held.wav")
     assert rate == 8000

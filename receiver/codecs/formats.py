@@ -1,7 +1,7 @@
 """Audio formats named by query strings and by the optional first text frame of a tap.
 
 A SignalWire tap may start with `{"content-type": "audio/mulaw;rate=8000"}` or with the plain text
-`content-type:audio/alaw;rate=8000` (protocols.md §2.2); both are parsed here, purely.
+`content-type:audio/alaw;rate=8000` (SignalWire's tap protocol); both are parsed here, purely.
 """
 
 from __future__ import annotations
@@ -10,22 +10,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from receiver.codecs import g711
-from receiver.taps.audio_buffer import PCM16
+from receiver.codecs.encoding import Encoding, encoding_named
 
-_ENCODINGS = {
-    "audio/mulaw": g711.PCMU,
-    "audio/x-mulaw": g711.PCMU,
-    "audio/ulaw": g711.PCMU,
-    "audio/x-ulaw": g711.PCMU,
-    "audio/pcmu": g711.PCMU,
-    "audio/basic": g711.PCMU,
-    "audio/alaw": g711.PCMA,
-    "audio/x-alaw": g711.PCMA,
-    "audio/pcma": g711.PCMA,
-    "audio/l16": PCM16,
-    "audio/x-l16": PCM16,
-}
 SUPPORTED_RATES = (8000, 16000, 24000, 32000, 44100, 48000)
 
 
@@ -33,32 +19,44 @@ class FormatError(ValueError):
     """The text names a format, but not one we can record."""
 
 
+def check_rate(encoding: Encoding, rate: int) -> None:
+    """Raise FormatError unless `encoding` can be recorded at `rate`."""
+    if encoding.is_g711 and rate != 8000:
+        raise FormatError(f"G.711 is 8000 Hz, not {rate}")
+    if rate not in SUPPORTED_RATES:
+        raise FormatError(f"unsupported sample rate {rate}")
+
+
 @dataclass(frozen=True, slots=True)
 class AudioFormat:
-    encoding: str  # g711.PCMU, g711.PCMA or PCM16
+    encoding: Encoding
     sample_rate: int = 8000
     channels: int = 1
 
     @property
     def mime(self) -> str:
-        names = {g711.PCMU: "audio/mulaw", g711.PCMA: "audio/alaw", PCM16: "audio/l16"}
-        return f"{names[self.encoding]};rate={self.sample_rate}"
+        return f"{self.encoding.mime};rate={self.sample_rate}"
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of one frame: a sample of every channel."""
+        return self.encoding.bytes_per_sample * self.channels
 
 
 def codec_from_query(value: str | None) -> AudioFormat:
     """`?codec=pcmu|pcma` (any case); absent means PCMU. Raises FormatError otherwise."""
     if value is None or value == "":
-        return AudioFormat(g711.PCMU)
-    name = value.strip().upper()
-    if name not in g711.CODECS:
+        return AudioFormat(Encoding.PCMU)
+    encoding = encoding_named(value)
+    if encoding is None or not encoding.is_g711:
         raise FormatError(f"unknown codec {value!r}: use pcmu or pcma")
-    return AudioFormat(name)
+    return AudioFormat(encoding)
 
 
 def parse_content_type(value: str) -> AudioFormat:
     """'audio/mulaw;rate=8000' -> AudioFormat. Raises FormatError for what we cannot record."""
     mime, *params = [part.strip() for part in value.split(";")]
-    encoding = _ENCODINGS.get(mime.lower())
+    encoding = encoding_named(mime)
     if encoding is None:
         raise FormatError(f"unsupported audio format {mime!r}")
     options: dict[str, str] = {}
@@ -70,11 +68,8 @@ def parse_content_type(value: str) -> AudioFormat:
         channels = int(options.get("channels", "1"))
     except ValueError:
         raise FormatError(f"bad rate or channels in {value!r}") from None
-    if encoding != PCM16 and rate != 8000:
-        raise FormatError(f"G.711 is 8000 Hz, not {rate}")
-    if rate not in SUPPORTED_RATES:
-        raise FormatError(f"unsupported sample rate {rate}")
-    if channels not in (1, 2) or (encoding != PCM16 and channels != 1):
+    check_rate(encoding, rate)
+    if channels not in (1, 2) or (encoding.is_g711 and channels != 1):
         raise FormatError(f"unsupported channel count {channels} for {mime}")
     return AudioFormat(encoding, rate, channels)
 

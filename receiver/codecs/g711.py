@@ -14,7 +14,6 @@ Int16Array = npt.NDArray[np.int16]
 
 PCMU = "PCMU"
 PCMA = "PCMA"
-CODECS = (PCMU, PCMA)
 
 
 def _ulaw_decode_table() -> Int16Array:
@@ -80,20 +79,10 @@ for _encode_table in _ENCODE.values():
     _encode_table.flags.writeable = False
 
 
-def decode_table(codec: str) -> Int16Array:
-    """The 256-entry code -> int16 table (read-only)."""
-    return _DECODE[codec]
-
-
 def decode(codec: str, data: bytes | bytearray | memoryview) -> Int16Array:
     """G.711 bytes -> int16 samples, one sample per byte."""
     codes = np.frombuffer(data, dtype=np.uint8)
     return _DECODE[codec].take(codes)
-
-
-def decode_into(codec: str, data: bytes | bytearray | memoryview, out: Int16Array) -> None:
-    """Decode into a preallocated int16 array of len(data) samples (no allocation)."""
-    _DECODE[codec].take(np.frombuffer(data, dtype=np.uint8), out=out)
 
 
 def encode(codec: str, samples: npt.ArrayLike) -> bytes:

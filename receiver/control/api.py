@@ -5,8 +5,8 @@ their audio arrives.
   port from `rtp_port_range` whose packets are recorded as that tap; with `source` ("ip:port", the
   tap reply's `source_device`), names the stream from that sender on the shared RTP port. Answers
   with a ready-made SignalWire `device` object.
-- `POST /signalwire/tap-status`: consumes `calling.call.tap` events (protocols.md §1.3; values may
-  be strings or numbers). `tapping` links the event's `control_id` to the tap at `device.params`
+- `POST /signalwire/tap-status`: consumes `calling.call.tap` events (values may be strings or
+  numbers). `tapping` links the event's `control_id` to the tap at `device.params`
   (a pool port, or the tap id in a WebSocket URI), renaming its files if it started under another
   name; `finished` ends that tap at once. The event's ids go into the sidecar under `signalwire`.
 """
@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from receiver.codecs.encoding import Encoding, encoding_named
 from receiver.config import Config
 from receiver.http.auth import Auth
 from receiver.http.errors import json_error
@@ -31,7 +32,6 @@ from receiver.taps.transport import Transport
 from receiver.ws.dialects.base import too_deep
 
 log = logging.getLogger("receiver.control")
-_CODECS = {"PCMU", "PCMA"}
 
 
 def _int(value: Any) -> int | None:
@@ -114,8 +114,8 @@ class ControlApi:
         tap_id = body.get("tap_id")
         if not isinstance(tap_id, str) or not is_valid_tap_id(tap_id):
             return json_error(400, TAP_ID_RULE)
-        codec = str(body.get("codec") or "PCMU").upper()
-        if codec not in _CODECS:
+        codec = encoding_named(str(body.get("codec") or "PCMU"))
+        if codec is None or not codec.is_g711:
             return json_error(400, "codec must be PCMU or PCMA")
         ptime = _int(body.get("ptime", 20))
         if ptime is None or not 10 <= ptime <= 120 or ptime % 10:
@@ -153,7 +153,7 @@ class ControlApi:
             answer["source"] = f"{source[0]}:{source[1]}"
         return web.json_response(answer, status=201)
 
-    def _name_source(self, source: tuple[str, int], tap_id: str, codec: str) -> None:
+    def _name_source(self, source: tuple[str, int], tap_id: str, codec: Encoding) -> None:
         """The stream from `source` on the shared port is `tap_id`: now, if it is streaming
         already (its files are renamed), else when it comes."""
         key = rtp_source_key(*source)

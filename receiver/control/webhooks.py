@@ -67,10 +67,6 @@ class WebhookSender:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    @property
-    def pending(self) -> int:
-        return len(self._tasks)
-
     async def _deliver(self, body: bytes, tap_id: object) -> None:
         headers = {
             "Content-Type": "application/json",

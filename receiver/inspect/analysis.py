@@ -15,7 +15,7 @@ import numpy as np
 import soundfile
 
 from receiver.inspect.png import encode_rgb
-from receiver.storage.wav_header import U32_MAX, WavError, WavLayout, read_layout_of
+from receiver.storage.wav_header import WavError, WavLayout, frames_on_disk
 
 FULL_SCALE = 32768.0
 BLOCK_FRAMES = 1 << 20  # frames per block when scanning a whole file
@@ -54,10 +54,7 @@ class Audio:
 def open_audio(path: Path) -> Audio:
     """The frames that are really on disk: the declared data size, or less if the file is
     shorter (a file being recorded, or cut short). Raises WavError or OSError."""
-    layout = read_layout_of(path)
-    available = path.stat().st_size - layout.data_offset
-    declared = available if layout.data_size in (0, U32_MAX) else layout.data_size
-    frames = max(0, min(declared, available)) // layout.block_align
+    layout, frames = frames_on_disk(path)
     shape = (frames, layout.channels)
     if layout.is_pcm16:
         if frames == 0:

@@ -65,17 +65,13 @@ class ResultCache:
         self.entries = entries
         self._items: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     def get_or_compute(self, key: tuple[object, ...], compute: Callable[[], bytes]) -> bytes:
         with self._lock:
             found = self._items.get(key)
             if found is not None:
                 self._items.move_to_end(key)
-                self.hits += 1
                 return found
-            self.misses += 1
         value = compute()  # outside the lock: two threads may compute the same thing once
         with self._lock:
             self._items[key] = value

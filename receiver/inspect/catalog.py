@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from receiver.storage.sidecar import TapState, read_sidecar
-from receiver.storage.wav_header import U32_MAX, WavError, read_layout_of
+from receiver.storage.wav_header import WavError, frames_on_disk
 from receiver.taps.tap_id import is_valid_tap_id
 
 STATES = tuple(state.value for state in TapState)
@@ -69,12 +69,9 @@ def loss_percent(rtp: dict[str, Any] | None) -> float | None:
 def wav_duration(path: Path) -> float | None:
     """Seconds of audio actually in the file (the header may lag behind a file being written)."""
     try:
-        layout = read_layout_of(path)
-        available = path.stat().st_size - layout.data_offset
+        layout, frames = frames_on_disk(path)
     except (OSError, WavError):
         return None
-    declared = available if layout.data_size in (0, U32_MAX) else layout.data_size
-    frames = max(0, min(declared, available)) // layout.block_align
     return round(frames / layout.sample_rate, 6) if layout.sample_rate else None
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from receiver.codecs.encoding import Encoding
 from receiver.rtp.datagrams import Batch
 from receiver.rtp.timeline import HOT_FLOATS, HOT_INTS, RtpTimeline
 
@@ -46,8 +47,8 @@ class FastLane:
         self._store = np.zeros((0, store_bytes), np.uint8)  # audio not yet in the tap's buffer
         self._fill = np.zeros(0, np.int64)  # bytes used in each slot's row of _store
         self._timelines: list[RtpTimeline | None] = []
-        self._append: list[Callable[[str, bytes], None] | None] = []
-        self._codec: list[str] = []
+        self._append: list[Callable[[Encoding, bytes], None] | None] = []
+        self._codec: list[Encoding] = []
         self._free: list[int] = []
         self._slot_of_key: dict[int, int] = {}
         self._sorted_keys = np.zeros(0, dtype=np.uint64)
@@ -73,7 +74,7 @@ class FastLane:
         self._store_view = self._store.data.cast("B")
         self._timelines += [None] * (capacity - old)
         self._append += [None] * (capacity - old)
-        self._codec += [""] * (capacity - old)
+        self._codec += [Encoding.PCMU] * (capacity - old)
         self._free += range(capacity - 1, old - 1, -1)
         self.capacity = capacity
 
@@ -97,7 +98,9 @@ class FastLane:
             self._stale_index = True
         self._free.append(slot)
 
-    def arm(self, slot: int, timeline: RtpTimeline, append: Callable[[str, bytes], None]) -> None:
+    def arm(
+        self, slot: int, timeline: RtpTimeline, append: Callable[[Encoding, bytes], None]
+    ) -> None:
         """Take over the timeline's in-order case, if it is in it now; `append` gets the audio."""
         if self.armed[slot]:
             return

@@ -5,13 +5,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from receiver.codecs.encoding import Encoding
+
 PT_PCMU = 0
 PT_PCMA = 8
 PT_COMFORT_NOISE = 13  # RFC 3389
 DEFAULT_TELEPHONE_EVENT_PT = 101  # dynamic; whatever the tap was configured with
 
 #: Static audio payload types we record, by codec name. G.711 at 8 kHz: one byte = one sample.
-AUDIO_CODECS: dict[int, str] = {PT_PCMU: "PCMU", PT_PCMA: "PCMA"}
+AUDIO_CODECS: dict[int, Encoding] = {PT_PCMU: Encoding.PCMU, PT_PCMA: Encoding.PCMA}
 
 RTP_VERSION = 2
 RTP_HEADER_LENGTH = 12

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from receiver.codecs.encoding import Encoding
 from receiver.config import RtpSettings
 from receiver.rtp.datagrams import BATCH, Batch, enable_timestamps, open_reader
 from receiver.rtp.fast_lane import FastLane
@@ -272,7 +273,7 @@ class RtpReceiver:
         name_key = rtp_port_key(sock.port) if owns_port else rtp_source_key(*source)
         expected = self.naming.claim(name_key) if owns_port or not sock.pool else None
         tap_id = expected.tap_id if expected else file_safe_id(f"rtp-{addr[0]}-{addr[1]}")
-        fallback = (expected.codec if expected else None) or "PCMU"
+        fallback = (expected.codec if expected else None) or Encoding.PCMU
         codec = AUDIO_CODECS.get(packet.payload_type, fallback)
         tap = Tap(tap_id, "rtp", codec, remote=f"{addr[0]}:{addr[1]}", key=name_key)
         tap.extra["local_port"] = sock.port

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
+from receiver.codecs.encoding import Encoding
 from receiver.rtp.fast_lane import FastLane
 from receiver.rtp.packet import RtpPacket
 from receiver.rtp.timeline import RtpTimeline
@@ -37,7 +38,7 @@ class TapOutput:
 class Discard:
     """Timeline output of a stream whose recording was stopped (max_tap_duration_action)."""
 
-    def audio(self, codec: str, payload: bytes) -> None:
+    def audio(self, codec: Encoding, payload: bytes) -> None:
         pass
 
     def silence(self, samples: int) -> None:

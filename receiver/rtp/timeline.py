@@ -32,6 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from receiver.codecs.encoding import Encoding
 from receiver.rtp.packet import (
     AUDIO_CODECS,
     DEFAULT_TELEPHONE_EVENT_PT,
@@ -54,7 +55,7 @@ MAX_EVENTS = 1000  # DTMF digits and discontinuities kept in the stats; the rest
 
 
 class TimelineOutput(Protocol):
-    def audio(self, codec: str, payload: bytes) -> None: ...
+    def audio(self, codec: Encoding, payload: bytes) -> None: ...
 
     def silence(self, samples: int) -> None: ...
 
@@ -204,7 +205,7 @@ class RtpTimeline:
         self._first_arrival: float | None = None  # for the wall-clock budget of silence
         self._last_payload_type = -1
         self._fast_type = -1  # the current payload type if it is audio (push's inlined case)
-        self._fast_codec = ""
+        self._fast_codec = Encoding.PCMU  # meaningful only while _fast_type >= 0
 
         # Sequencing, in extended (never wrapping) sequence numbers of the current run.
         self._next = 0  # due for release
@@ -292,7 +293,7 @@ class RtpTimeline:
         self._emit_audio(self._fast_codec, payload)
         self._position += samples
 
-    def hot_state(self) -> tuple[str, list[int], list[float]] | None:
+    def hot_state(self) -> tuple[Encoding, list[int], list[float]] | None:
         """(codec, HOT_INTS, HOT_FLOATS) while the next packet may take push's inlined case, i.e.
         the state fast_lane.FastLane takes over; None otherwise."""
         if (
@@ -671,6 +672,6 @@ class RtpTimeline:
         self._last_payload_type = payload_type
         codec = AUDIO_CODECS.get(payload_type)
         self._fast_type = payload_type if codec is not None else -1  # -1: never a payload type
-        self._fast_codec = codec or ""
+        self._fast_codec = codec or Encoding.PCMU
         if payload_type not in self._stats.payload_types:
             self._stats.payload_types.append(payload_type)

@@ -273,6 +273,15 @@ def read_layout_of(path: Path) -> WavLayout:
         return read_layout(file_reader(fh))
 
 
+def frames_on_disk(path: Path) -> tuple[WavLayout, int]:
+    """The header and the number of frames really on disk: the declared data size, or less if
+    the file is shorter (a file being recorded, or cut short). Raises WavError or OSError."""
+    layout = read_layout_of(path)
+    available = path.stat().st_size - layout.data_offset
+    declared = available if layout.data_size in (0, U32_MAX) else layout.data_size
+    return layout, max(0, min(declared, available)) // layout.block_align
+
+
 def check_wav(path: Path) -> RepairPlan:
     with path.open("rb") as fh:
         return plan_repair(file_reader(fh), os.fstat(fh.fileno()).st_size)

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from receiver.codecs import g711
+from receiver.codecs.encoding import Encoding
 
-SILENCE = "silence"
-PCM16 = "L16"  # 16-bit little-endian linear PCM, interleaved channels
-PCM16_BE = "L16BE"  # the same in network byte order (RFC 3551 L16)
 
-# A run is [kind, payload]: for G.711 and L16 a list of byte chunks, for silence a frame count.
-Run = list[object]
+class Run:
+    """Consecutive audio of one encoding (its byte chunks), or silence (`encoding` None)."""
+
+    __slots__ = ("chunks", "encoding", "silence")
+
+    def __init__(self, encoding: Encoding | None, chunks: list[bytes], silence: int = 0) -> None:
+        self.encoding = encoding
+        self.chunks = chunks
+        self.silence = silence  # frames, for a run of silence
 
 
 class AudioBuffer:
@@ -31,17 +35,17 @@ class AudioBuffer:
         self._runs: list[Run] = []
         self._last: Run | None = None
 
-    def append(self, kind: str, data: bytes) -> None:
-        """Append encoded audio: kind is g711.PCMU, g711.PCMA or PCM16 (whole frames only)."""
+    def append(self, encoding: Encoding, data: bytes) -> None:
+        """Append encoded audio (whole frames only)."""
         if not data:
             return
         last = self._last
-        if last is not None and last[0] == kind:
-            last[1].append(data)  # type: ignore[attr-defined]
+        if last is not None and last.encoding is encoding:
+            last.chunks.append(data)
         else:
-            self._last = [kind, [data]]
+            self._last = Run(encoding, [data])
             self._runs.append(self._last)
-        if kind in (PCM16, PCM16_BE):
+        if encoding.bytes_per_sample == 2:
             self.frames += len(data) // (2 * self.channels)
         else:
             self.frames += len(data)
@@ -50,10 +54,10 @@ class AudioBuffer:
         if frames <= 0:
             return
         last = self._last
-        if last is not None and last[0] == SILENCE:
-            last[1] = int(last[1]) + frames  # type: ignore[call-overload]
+        if last is not None and last.encoding is None:
+            last.silence += frames
         else:
-            self._last = [SILENCE, frames]
+            self._last = Run(None, [], frames)
             self._runs.append(self._last)
         self.frames += frames
 
@@ -111,15 +115,11 @@ class Pending:
 def render(runs: list[Run], channels: int = 1) -> np.ndarray:
     """Runs -> int16 array of shape (frames, channels). One numpy call per run."""
     parts: list[np.ndarray] = []
-    for kind, payload in runs:
-        if kind == SILENCE:
-            parts.append(np.zeros(int(payload) * channels, dtype=np.int16))  # type: ignore[call-overload]
-        elif kind == PCM16:
-            parts.append(np.frombuffer(b"".join(payload), dtype="<i2"))  # type: ignore[arg-type]
-        elif kind == PCM16_BE:
-            parts.append(np.frombuffer(b"".join(payload), dtype=">i2"))  # type: ignore[arg-type]
+    for run in runs:
+        if run.encoding is None:
+            parts.append(np.zeros(run.silence * channels, dtype=np.int16))
         else:
-            parts.append(g711.decode(str(kind), b"".join(payload)))  # type: ignore[arg-type]
+            parts.append(run.encoding.decode(b"".join(run.chunks)))
     if not parts:
         return np.zeros((0, channels), dtype=np.int16)
     samples = parts[0] if len(parts) == 1 else np.concatenate(parts)

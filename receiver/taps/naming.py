@@ -20,6 +20,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from receiver.codecs.encoding import Encoding
+
 log = logging.getLogger("receiver.taps")
 
 NAME_LIFETIME = 600.0  # seconds a name waits for its tap, unless the caller says otherwise
@@ -47,7 +49,7 @@ class Expected:
 
     tap_id: str
     extra: dict[str, Any] = field(default_factory=dict)  # sidecar fields (e.g. `signalwire`)
-    codec: str | None = None  # an RTP registration's codec, for packets that do not say
+    codec: Encoding | None = None  # an RTP registration's codec, for packets that do not say
     expires: float = 0.0
     release: Callable[[], None] | None = None  # called when the name goes unused
 

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from receiver.taps.audio_buffer import PCM16, PCM16_BE
+from receiver.codecs.encoding import Encoding
 
 TIMESTAMP_TOLERANCE = 0.06  # seconds: timestamp jitter absorbed before the timestamp wins
 MAX_GAP_SECONDS = 30.0  # the longest jump filled with silence (as the RTP timeline's max_gap)
@@ -32,7 +32,7 @@ MAX_HELD = 512  # chunks waiting behind a hole
 
 
 class TrackOutput(Protocol):
-    def append(self, kind: str, data: bytes) -> None: ...
+    def append(self, encoding: Encoding, data: bytes) -> None: ...
     def append_silence(self, frames: int) -> None: ...
 
 
@@ -60,8 +60,8 @@ class TrackStats:
         return {**asdict(self), "missing_chunks": self.missing_chunks}
 
 
-def _trim(kind: str, data: bytes, samples: int) -> bytes:
-    return data[samples * 2 :] if kind in (PCM16, PCM16_BE) else data[samples:]
+def _trim(kind: Encoding, data: bytes, samples: int) -> bytes:
+    return data[samples * kind.bytes_per_sample :]
 
 
 class TrackTimeline:
@@ -84,7 +84,9 @@ class TrackTimeline:
         self.end = 0  # samples handed to the output
         self.stats = TrackStats()
         self._tolerance = int(TIMESTAMP_TOLERANCE * sample_rate)
-        self._held: list[tuple[int, int, str, bytes]] = []  # heap of (position, seq, kind, data)
+        self._held: list[
+            tuple[int, int, Encoding, bytes]
+        ] = []  # heap of (position, seq, kind, data)
         self._held_end = 0
         self._pushes = 0  # tie-breaker so the heap never compares payloads
         self._anchor: tuple[int, int, int] | None = None  # (chunk, position, samples), newest
@@ -94,8 +96,8 @@ class TrackTimeline:
         self._seen_order: deque[int] = deque()
 
     @staticmethod
-    def _samples(kind: str, data: bytes) -> int:
-        return len(data) // 2 if kind in (PCM16, PCM16_BE) else len(data)
+    def _samples(kind: Encoding, data: bytes) -> int:
+        return len(data) // kind.bytes_per_sample
 
     def _by_time(self, timestamp_ms: float | None) -> int | None:
         if timestamp_ms is None:
@@ -159,8 +161,10 @@ class TrackTimeline:
             stats.out_of_order += 1
         return True
 
-    def add(self, chunk: int | None, timestamp_ms: float | None, kind: str, data: bytes) -> None:
-        """A media message's audio (kind: g711.PCMU / PCMA, PCM16, PCM16_BE)."""
+    def add(
+        self, chunk: int | None, timestamp_ms: float | None, kind: Encoding, data: bytes
+    ) -> None:
+        """A media message's audio (mono, whole samples)."""
         if not data:
             return
         self.stats.chunks += 1
@@ -176,7 +180,7 @@ class TrackTimeline:
         self._held_end = max(self._held_end, position + samples)
         self._release(force=False)
 
-    def _put(self, position: int, kind: str, data: bytes) -> None:
+    def _put(self, position: int, kind: Encoding, data: bytes) -> None:
         """Write a chunk at its position: silence before it, overlap with the past cut off."""
         if position > self.end:
             self.stats.silence_filled += position - self.end

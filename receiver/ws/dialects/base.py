@@ -8,9 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from receiver.codecs.encoding import Encoding
 from receiver.codecs.formats import AudioFormat
 from receiver.config import WsSettings
-from receiver.taps.audio_buffer import PCM16, AudioBuffer, ChannelBuffer
+from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
 from receiver.taps.naming import websocket_key
 from receiver.taps.tap import MAX_EVENTS, Tap
 
@@ -68,7 +69,7 @@ class Session:
         self.bad_input("unexpected_binary", "binary frame in a text-only dialect")
 
     def default_format(self) -> AudioFormat:
-        return AudioFormat("PCMU")
+        return AudioFormat(Encoding.PCMU)
 
     # -- shared -------------------------------------------------------------------------------
 
@@ -113,7 +114,7 @@ class Session:
         tap = self.tap or self.start_tap(fmt)
         tap.count("frames_received")
         tap.count("bytes_received", len(data))
-        frame = (2 if fmt.encoding == PCM16 else 1) * fmt.channels
+        frame = fmt.frame_bytes
         if frame > 1:
             data = self._partial + data
             whole = len(data) - len(data) % frame

@@ -1,4 +1,4 @@
-"""Binary L16 forks (protocols.md §5): FreeSWITCH mod_audio_fork (`audio.drachtio.org`), jambonz
+"""Binary L16 forks: FreeSWITCH mod_audio_fork (`audio.drachtio.org`), jambonz
 `listen` (`audio.jambonz.org`) and Vonage.
 
 One JSON text frame first: fork metadata with `sampleRate` and `mixType` (mono, mixed, or stereo
@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
+from receiver.codecs.encoding import Encoding
 from receiver.codecs.formats import SUPPORTED_RATES, AudioFormat, FormatError, parse_content_type
-from receiver.taps.audio_buffer import PCM16
 from receiver.ws.dialects.base import Session, too_deep
 
 FORK_SUBPROTOCOLS = ("audio.drachtio.org", "audio.jambonz.org")
@@ -38,7 +38,7 @@ def parse_fork_metadata(message: dict[str, Any]) -> AudioFormat:
     if rate not in SUPPORTED_RATES:
         raise FormatError(f"unsupported sample rate {rate}")
     mix = str(message.get("mixType", message.get("mix_type", "mono"))).lower()
-    return AudioFormat(PCM16, rate, 2 if mix == "stereo" else 1)
+    return AudioFormat(Encoding.L16, rate, 2 if mix == "stereo" else 1)
 
 
 class L16ForkSession(Session):
@@ -48,7 +48,7 @@ class L16ForkSession(Session):
         super().__init__(*args)
         if vonage:
             self.dialect = "vonage"
-        self.fmt = AudioFormat(PCM16, 8000, 1)
+        self.fmt = AudioFormat(Encoding.L16, 8000, 1)
 
     def default_format(self) -> AudioFormat:
         return self.fmt

@@ -1,5 +1,5 @@
-"""Media Streams JSON (protocols.md §4): SignalWire cXML `<Stream>`, SWML `stream`, RELAY
-`calling.stream`, Twilio, Telnyx.
+"""Media Streams JSON, the Twilio-compatible protocol: SignalWire cXML `<Stream>`, SWML `stream`,
+RELAY `calling.stream`, Twilio, Telnyx.
 
 Text frames `connected`, `start`, `media`, `dtmf`, `mark`, `stop`. Numbers may be strings;
 `streamSid` may be top-level or in `start`; Telnyx uses snake_case; `stop` may never come; media
@@ -17,28 +17,15 @@ from typing import Any
 
 import orjson
 
-from receiver.codecs import g711
-from receiver.codecs.formats import SUPPORTED_RATES, AudioFormat, FormatError
-from receiver.taps.audio_buffer import PCM16, PCM16_BE, AudioBuffer, ChannelBuffer
+from receiver.codecs.encoding import Encoding, encoding_named
+from receiver.codecs.formats import AudioFormat, FormatError, check_rate
+from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
 from receiver.ws.dialects.base import Session, SessionContext, too_deep
 from receiver.ws.track_timeline import TrackTimeline
 
 INBOUND, OUTBOUND = "inbound", "outbound"
 MAX_NAME = 256  # characters of a mark's name kept in the sidecar
 EARLY_MEDIA_LIMIT = 250  # media messages kept while the tracks or the format are still unknown
-_ENCODINGS = {
-    "audio/x-mulaw": g711.PCMU,
-    "audio/mulaw": g711.PCMU,
-    "audio/pcmu": g711.PCMU,
-    "pcmu": g711.PCMU,
-    "audio/x-alaw": g711.PCMA,
-    "audio/alaw": g711.PCMA,
-    "audio/pcma": g711.PCMA,
-    "pcma": g711.PCMA,
-    "audio/x-l16": PCM16,
-    "audio/l16": PCM16,
-    "l16": PCM16,
-}
 
 
 def looks_like_media_streams(message: object) -> bool:
@@ -81,17 +68,14 @@ def _track(value: Any) -> str:
 def parse_media_format(media_format: Any) -> AudioFormat:
     """`start.mediaFormat` / `media_format` -> AudioFormat (mono per track)."""
     if not isinstance(media_format, dict):
-        return AudioFormat(g711.PCMU)
+        return AudioFormat(Encoding.PCMU)
     encoding_name = str(_get(media_format, "encoding") or "audio/x-mulaw").strip().lower()
-    encoding = _ENCODINGS.get(encoding_name)
+    encoding = encoding_named(encoding_name)
     if encoding is None:
         raise FormatError(f"unsupported media format {encoding_name!r}")
     rate_value = _number(_get(media_format, "sampleRate", "sample_rate"))
     rate = int(rate_value) if rate_value else 8000
-    if encoding != PCM16 and rate != 8000:
-        raise FormatError(f"G.711 is 8000 Hz, not {rate}")
-    if rate not in SUPPORTED_RATES:
-        raise FormatError(f"unsupported sample rate {rate}")
+    check_rate(encoding, rate)
     return AudioFormat(encoding, rate, 1)
 
 
@@ -109,7 +93,7 @@ class MediaStreamsSession(Session):
         self.info: dict[str, Any] = {}
         self._early: list[tuple[str, float | None, float | None, bytes]] = []
         self._seen_tracks: list[str] = []
-        self._l16_kind = PCM16_BE if ctx.settings.stream_l16_big_endian else PCM16
+        self._l16 = Encoding.L16BE if ctx.settings.stream_l16_big_endian else Encoding.L16
         self._started = self.clock()
 
     # -- frames -------------------------------------------------------------------------------
@@ -240,7 +224,7 @@ class MediaStreamsSession(Session):
 
     def _begin(self) -> None:
         """Start the tap now that the tracks (and hopefully the format) are known."""
-        fmt = self.fmt or AudioFormat(g711.PCMU)
+        fmt = self.fmt or AudioFormat(Encoding.PCMU)
         self.fmt = fmt
         if self.tracks is None:
             seen = [t for t in (INBOUND, OUTBOUND) if t in self._seen_tracks]
@@ -275,8 +259,8 @@ class MediaStreamsSession(Session):
             return
         assert self.fmt is not None and self.tap is not None
         kind = self.fmt.encoding
-        if kind == PCM16:
-            kind = self._l16_kind
+        if kind is Encoding.L16:
+            kind = self._l16
             if len(audio) % 2:
                 self.bad_input("bad_payload_length", "L16 payload of an odd number of bytes")
                 audio = audio[:-1]
@@ -311,4 +295,4 @@ class MediaStreamsSession(Session):
             }
 
     def default_format(self) -> AudioFormat:
-        return self.fmt or AudioFormat(g711.PCMU)
+        return self.fmt or AudioFormat(Encoding.PCMU)

@@ -1,4 +1,4 @@
-"""SignalWire tap over WebSocket (protocols.md §2): binary frames of raw G.711, optionally
+"""SignalWire tap over WebSocket: binary frames of raw G.711, optionally
 preceded by one text frame that declares the format. Later text frames are ignored."""
 
 from __future__ import annotations
