@@ -33,8 +33,8 @@ from receiver.config import RtpSettings
 from receiver.rtp.datagrams import BATCH, Batch, enable_timestamps, open_reader
 from receiver.rtp.fast_lane import FastLane
 from receiver.rtp.packet import AUDIO_CODECS, RtpPacket, RtpParseError, is_rtcp
-from receiver.rtp.sockets import RtpSocket, open_udp_socket
-from receiver.rtp.stream import Discard, RtpStream, TapOutput
+from receiver.rtp.sockets import open_udp_socket
+from receiver.rtp.stream import Discard, RtpSocket, RtpStream, TapOutput
 from receiver.rtp.timeline import RtpTimeline
 from receiver.taps.admission import Admission
 from receiver.taps.naming import Naming, rtp_port_key, rtp_source_key

@@ -6,11 +6,6 @@ from __future__ import annotations
 import platform
 import socket
 import sys
-from collections.abc import Hashable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from receiver.rtp.stream import RtpStream
 
 # Python's socket module does not export it: 33 in Linux's asm-generic/socket.h (x86, ARM, ...).
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", None) or (
@@ -46,14 +41,3 @@ def open_udp_socket(
         sock.close()
         raise
     return sock, granted
-
-
-class RtpSocket:
-    """One bound UDP socket: the shared port, or a pool port reserved for one tap."""
-
-    def __init__(self, sock: socket.socket, port: int, pool: bool) -> None:
-        self.sock = sock
-        self.port = port
-        self.pool = pool
-        self.owner: RtpStream | None = None  # a pool port's first stream: the tap it is for
-        self.streams: dict[Hashable, RtpStream] = {}  # by the reader's source key

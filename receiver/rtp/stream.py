@@ -1,4 +1,5 @@
-"""One RTP stream: the packets of one source on one socket, its timeline and its tap.
+"""One RTP stream: the packets of one source on one socket, its timeline and its tap; and the
+sockets streams arrive on.
 
 While its timeline is in the in-order case, the stream is *armed* in the fast lane
 (`receiver.rtp.fast_lane`), which then holds the newest copy of the timeline's hot state and the
@@ -8,8 +9,9 @@ which brings the timeline up to date first (`sync`), so no caller has to remembe
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from receiver.codecs.encoding import Encoding
 from receiver.rtp.fast_lane import FastLane
@@ -17,9 +19,6 @@ from receiver.rtp.packet import RtpPacket
 from receiver.rtp.timeline import RtpTimeline
 from receiver.taps.audio_buffer import AudioBuffer
 from receiver.taps.tap import Tap
-
-if TYPE_CHECKING:
-    from receiver.rtp.sockets import RtpSocket
 
 
 class TapOutput:
@@ -46,6 +45,17 @@ class Discard:
 
     def event(self, event: dict[str, Any]) -> None:
         pass
+
+
+class RtpSocket:
+    """One bound UDP socket: the shared port, or a pool port reserved for one tap."""
+
+    def __init__(self, sock: socket.socket, port: int, pool: bool) -> None:
+        self.sock = sock
+        self.port = port
+        self.pool = pool
+        self.owner: RtpStream | None = None  # a pool port's first stream: the tap it is for
+        self.streams: dict[Hashable, RtpStream] = {}  # by the reader's source key
 
 
 class RtpStream:
