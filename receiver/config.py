@@ -221,6 +221,38 @@ SETTINGS: tuple[Setting, ...] = (
         _between(0.05, 60),
     ),
     Setting(
+        "max_unwritten_seconds",
+        "float",
+        10.0,
+        "Seconds of audio one tap may hold while the disk is behind; beyond it, its audio becomes "
+        "silence of the same length (counted: dropped_overflow_frames).",
+        _between(1, 3600),
+    ),
+    Setting(
+        "max_unwritten_bytes",
+        "size",
+        256 * 1024 * 1024,
+        "Audio handed to the disk writer and not yet written, all taps together; beyond it, taps "
+        "keep their audio (up to max_unwritten_seconds) and new taps are refused.",
+        _between(1024 * 1024, 2**40),
+    ),
+    Setting(
+        "max_opening_seconds",
+        "float",
+        5.0,
+        "New taps' files are created at a paced rate, in arrival order; while the taps waiting "
+        "for theirs would wait longer than this, new taps are refused (503; RTP refused_overload).",
+        _between(0.1, 60),
+    ),
+    Setting(
+        "max_load",
+        "float",
+        0.85,
+        "Share of its core the event loop may be busy (averaged over about a second) before new "
+        "taps are refused (503; RTP refused_overload), so the taps it has stay exact.",
+        _between(0.1, 1.0),
+    ),
+    Setting(
         "ws_max_message_size",
         "size",
         64 * 1024,
@@ -377,6 +409,8 @@ class AuthSettings:
 class StorageSettings:
     recordings: Path
     flush_interval: float
+    max_unwritten_seconds: float
+    max_unwritten_bytes: int
     min_free_space: int
     max_tap_duration: float
     max_tap_duration_action: str  # "split" or "stop"
@@ -389,6 +423,8 @@ class LimitSettings:
     ws_max_taps: int
     rtp_max_streams: int
     new_tap_rate_limit: float
+    max_opening_seconds: float
+    max_load: float
     http_allow: tuple[IPNetwork, ...]
     rtp_allow: tuple[IPNetwork, ...]
 
@@ -468,6 +504,8 @@ def build(values: Mapping[str, Any], config_file: Path | None = None) -> Config:
         storage=StorageSettings(
             recordings=v["recordings"],
             flush_interval=v["flush_interval"],
+            max_unwritten_seconds=v["max_unwritten_seconds"],
+            max_unwritten_bytes=v["max_unwritten_bytes"],
             min_free_space=v["min_free_space"],
             max_tap_duration=v["max_tap_duration"],
             max_tap_duration_action=v["max_tap_duration_action"],
@@ -476,6 +514,8 @@ def build(values: Mapping[str, Any], config_file: Path | None = None) -> Config:
             ws_max_taps=v["ws_max_taps"],
             rtp_max_streams=v["rtp_max_streams"],
             new_tap_rate_limit=v["new_tap_rate_limit"],
+            max_opening_seconds=v["max_opening_seconds"],
+            max_load=v["max_load"],
             http_allow=tuple(parse_cidrs(v["http_allow"])),
             rtp_allow=tuple(parse_cidrs(v["rtp_allow"])),
         ),

@@ -49,6 +49,8 @@ MAX_BATCHES = 16  # per socket per drain, so one flooded socket cannot hold the 
 POLL_INTERVAL = 0.02  # how often held packets are checked against the jitter window
 IDLE_CHECK_INTERVAL = 0.25
 _REFUSED_MEMORY = 10_000  # sources remembered so a refused source is counted once
+MAX_SHED = 100_000  # sources shed for overload, remembered until they go idle
+AHEAD_SLACK = 0.5  # seconds an RTP tap's audio may lead the wall clock beyond the jitter window
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused sources, per reason
 _TOTALS = ("received", "lost", "late", "duplicate", "reordered")
 
@@ -82,6 +84,10 @@ class RtpReceiver:
         self._due: list[tuple[float, int, RtpStream]] = []
         self._tiebreak = itertools.count()
         self._refused: set[tuple[str, int]] = set()
+        # Sources refused for overload, by when they last sent: they stay refused until idle, so
+        # a call is recorded whole or not at all (never from its middle on).
+        self._shed: dict[tuple[str, int], float] = {}
+        self.behind = False  # the last receive tick left datagrams in a socket
         self._refusal_log: dict[str, tuple[int, float]] = {}  # reason -> (suppressed, last line)
         self._next_pool_index = 0
         self.counters: dict[str, int] = {
@@ -197,6 +203,7 @@ class RtpReceiver:
             else:
                 drained = False
         self.counters["truncated"] = self.reader.truncated
+        self.behind = not drained
         return drained
 
     def handle_batch(self, sock: RtpSocket, batch: Batch) -> None:
@@ -263,8 +270,14 @@ class RtpReceiver:
     ) -> RtpStream | None:
         addr = self.reader.address(key)
         source = (addr[0], addr[1])
+        if source in self._shed:
+            self._shed[source] = now
+            self.counters["packets_refused"] += 1
+            return None
         refusal = self.admission.refusal(self.name, source[0], self.stream_count, now)
         if refusal is not None:
+            if refusal.reason == "overload" and len(self._shed) < MAX_SHED:
+                self._shed[source] = now
             self._refuse(source, refusal.reason, refusal.message)
             return None
         # A pool port's first stream is the tap the port was reserved for; a second sender to
@@ -275,7 +288,9 @@ class RtpReceiver:
         tap_id = expected.tap_id if expected else file_safe_id(f"rtp-{addr[0]}-{addr[1]}")
         fallback = (expected.codec if expected else None) or Encoding.PCMU
         codec = AUDIO_CODECS.get(packet.payload_type, fallback)
-        tap = Tap(tap_id, "rtp", codec, remote=f"{addr[0]}:{addr[1]}", key=name_key)
+        allowance = self.settings.jitter_window + AHEAD_SLACK
+        tap = Tap(tap_id, "rtp", codec, remote=f"{addr[0]}:{addr[1]}", key=name_key,
+                  ahead_allowance=allowance)  # fmt: skip
         tap.extra["local_port"] = sock.port
         if expected is not None:
             tap.extra.update(expected.extra)
@@ -381,6 +396,8 @@ class RtpReceiver:
         lane_seen = self.lane.last_seen_all()  # the fast lane's streams' last packets
         for stream in [s for s in self.streams() if s.idle_for(now, lane_seen) > limit]:
             self._end_stream(stream, "idle timeout")
+        if self._shed:
+            self._shed = {s: seen for s, seen in self._shed.items() if now - seen <= limit}
 
     async def run_housekeeping(self) -> None:
         next_idle_check = 0.0
@@ -442,10 +459,17 @@ class RtpReceiver:
         stream = self.stream_of(tap)
         return stream.stats() if stream is not None else None
 
+    def overloaded(self, transport: str) -> str | None:
+        """An admission check: new RTP streams wait while the sockets are not drained."""
+        if transport == self.name and self.behind:
+            return "RTP sockets are not drained"
+        return None
+
     def stats(self) -> dict[str, Any]:
         return {
             "active_streams": self.stream_count,
             "pool_ports_in_use": len(self.pool_sockets),
+            "shed_sources": len(self._shed),
             **self.counters,
         }
 

@@ -23,6 +23,7 @@ from receiver.http.auth import Auth
 from receiver.http.metrics import Metrics
 from receiver.inspect.api import RecordingsApi
 from receiver.rtp.receiver import RtpReceiver
+from receiver.server.load import LoadMeter
 from receiver.server.loop import loop_name
 from receiver.storage.disk_space import free_bytes
 from receiver.storage.writer import DiskWriter
@@ -85,12 +86,20 @@ class Server:
         self.naming = Naming()
         self.writer = DiskWriter()
         self.writer.worker = worker
-        self.registry = TapRegistry(storage.recordings, self.writer, storage.flush_interval)
+        self.registry = TapRegistry(
+            storage.recordings,
+            self.writer,
+            storage.flush_interval,
+            storage.max_unwritten_seconds,
+            storage.max_unwritten_bytes,
+        )
         self.ws = WsTapEndpoint(config.ws, self.auth, self.admission, self.naming, self.registry)
         self.rtp = RtpReceiver(
             config.rtp, config.server.host, self.admission, self.naming, self.registry
         )
         self.transports: dict[str, Transport] = {t.name: t for t in (self.ws, self.rtp)}
+        self.load = LoadMeter(config.limits.max_load)
+        self.admission.overload += [self.load.check, self.rtp.overloaded, self._writer_behind]
         self.registry.audio_holders = [t.gather for t in self.transports.values()]
         self.recordings_api = RecordingsApi(
             storage.recordings,
@@ -106,6 +115,15 @@ class Server:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.writer_stuck = False  # shutdown gave up on the disk writer
+
+    def _writer_behind(self, transport: str) -> str | None:
+        """An admission check: new taps wait while the disk writer is far behind."""
+        opening = self.writer.opening_seconds
+        if opening > self.config.limits.max_opening_seconds:
+            return f"{self.writer.opening} new taps wait for their files (~{opening:.1f} s)"
+        if self.writer.unwritten_bytes > self.config.storage.max_unwritten_bytes:
+            return "the disk writer is behind (max_unwritten_bytes)"
+        return None
 
     @property
     def scheme(self) -> str:
@@ -144,7 +162,13 @@ class Server:
                 "batches": self.writer.batches,
                 "bytes_written": self.writer.bytes_written,
                 "errors": self.writer.errors,
+                "taps_waiting_for_files": self.writer.opening,
+                "unwritten_bytes": self.writer.unwritten_bytes,
+                "flushes_deferred": self.registry.flushes_deferred,
             },
+            "load": {"event_loop": round(self.load.load, 3), "peak": round(self.load.peak, 3)},
+            "dropped_frames": dict(self.registry.dropped_frames()),
+            "refused": {f"{t}_{r}": n for (t, r), n in sorted(self.admission.refused.items())},
         }
 
     async def startup(self) -> None:
@@ -222,6 +246,7 @@ class Server:
             asyncio.create_task(self.registry.run_flusher(), name="flusher"),
             asyncio.create_task(self.rtp.run_housekeeping(), name="rtp-housekeeping"),
             asyncio.create_task(self.metrics.watch_loop_lag(), name="loop-lag"),
+            asyncio.create_task(self.load.run(), name="load-meter"),
             asyncio.create_task(self.run_guards(), name="guards"),
         ]
         # What exists now (modules, the app and its routes) lives as long as the process: keep
@@ -319,11 +344,10 @@ class Server:
         self.registry.finish_all("shutdown")
         remaining = max(0.5, timeout - (time.monotonic() - started))
         loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(loop.run_in_executor(None, self.writer.shutdown), remaining)
-        except TimeoutError:
-            log.error("disk writer still busy after %.1f s; exiting anyway", remaining)
-            self.writer_stuck = True
+        # The writer keeps to the deadline itself (what is left stays valid on disk); only a
+        # thread stuck in the kernel (a hung disk) outlives it.
+        await loop.run_in_executor(None, self.writer.shutdown, remaining)
+        self.writer_stuck = self.writer.stuck
         if self.webhooks is not None:  # the last finalized taps' notifications get what is left
             await asyncio.sleep(0)  # let the writer's last completions reach the loop
             remaining = max(0.2, timeout - (time.monotonic() - started))

@@ -81,6 +81,11 @@ class WavSink:
         self._track_names = track_names or []
         self.track_sinks: dict[str, WavSink] = {}
         self.final_sidecar: dict[str, Any] | None = None  # set by the writer when finalized
+        # The writer's book-keeping: files created yet, the sidecar to create them with, and
+        # batches that came before them.
+        self.opened = False
+        self.initial_sidecar: dict[str, Any] | None = None
+        self.waiting: list[Any] = []
         self.info = SinkInfo()  # for the event loop: see `publish`
 
     def publish(self) -> None:

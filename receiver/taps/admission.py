@@ -1,6 +1,7 @@
 """Who may start a tap: one policy for both transports (capacity, allow-lists, the free-space
-floor, per-address rate limits), and the open-file budget that caps the capacity. Small,
-synchronous and testable without sockets."""
+floor, per-address rate limits, and load: new taps are shed while the receiver is overloaded, so
+the taps it has stay exact), and the open-file budget that caps the capacity. Small, synchronous
+and testable without sockets."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import resource
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from receiver.config import IPNetwork, LimitSettings, parse_cidrs
@@ -126,7 +128,9 @@ class Refusal:
 
 class Admission:
     """The one admission policy. Each transport asks `refusal` before it creates a tap; the
-    server sets `low_disk` and fits the capacities to the open-file limit at start-up."""
+    server sets `low_disk`, fits the capacities to the open-file limit at start-up and adds the
+    load checks (`overload`: each returns why the receiver cannot take a new tap of a transport
+    now, or None)."""
 
     def __init__(self, limits: LimitSettings) -> None:
         self.capacity = {"websocket": limits.ws_max_taps, "rtp": limits.rtp_max_streams}
@@ -135,6 +139,7 @@ class Admission:
         self._allowed = {"rtp": AddressFilter(limits.rtp_allow)}
         self._rate = {t: RateLimiter(limits.new_tap_rate_limit) for t in self.capacity}
         self.low_disk = False
+        self.overload: list[Callable[[str], str | None]] = []
         self.open_file_limit = 0
         self.refused: Counter[tuple[str, str]] = Counter()  # (transport, reason)
 
@@ -171,6 +176,10 @@ class Admission:
             return Refusal(
                 "rate_limit", 429, "too many new taps from this address (new_tap_rate_limit)"
             )
+        for check in self.overload:
+            why = check(transport)
+            if why is not None:
+                return Refusal("overload", 503, f"overloaded ({why}); try again later")
         return None
 
     def describe(self, min_free_space: int) -> dict[str, int]:

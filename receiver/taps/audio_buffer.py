@@ -4,13 +4,71 @@ Appending is a list append (no numpy per packet); rendering turns a whole batch 
 with one vectorised decode per run, in the writer thread. `AudioBuffer` holds one stream (mono, or
 interleaved L16 channels); `ChannelBuffer` holds one mono buffer per channel, for sources whose
 channels arrive separately (Media Streams inbound/outbound tracks).
+
+A `BufferGuard` bounds what a buffer takes: audio that would run further ahead of the wall clock
+(since the tap began) than its allowance is dropped, and audio beyond `max_unwritten` seconds
+waiting for the disk becomes silence of its length (the file keeps its timeline); both counted.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import numpy as np
 
 from receiver.codecs.encoding import Encoding
+
+DRIFT = 0.001  # a sender's clock may run this much fast (1000 ppm) before its audio is "ahead"
+
+
+class BufferGuard:
+    """The bounds of one tap's buffers (shared by its channels)."""
+
+    __slots__ = (
+        "_per_second",
+        "allowance",
+        "dropped_ahead",
+        "max_unwritten",
+        "on_drop",
+        "overflow",
+        "rate",
+        "started",
+    )
+
+    def __init__(
+        self,
+        rate: int,
+        allowance: float,
+        max_unwritten: float,
+        started: float | None = None,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
+        self.rate = rate
+        self.allowance = allowance * rate  # frames the audio may lead the wall clock by
+        self.max_unwritten = max_unwritten * rate  # frames a buffer may hold unwritten
+        self.started = time.monotonic() if started is None else started
+        self._per_second = rate * (1.0 + DRIFT)
+        self.dropped_ahead = 0  # frames of audio dropped for running ahead of time
+        self.overflow = 0  # frames of audio turned into silence: the disk was behind
+        self.on_drop = on_drop  # told "ahead" or "overflow" the first time each happens
+
+    def allowed(self, now: float) -> float:
+        """Frames of audio a buffer may have taken by `now`."""
+        return (now - self.started) * self._per_second + self.allowance
+
+    def ahead_seconds(self, audio_frames: int, now: float) -> float:
+        """How far `audio_frames` of audio lead the wall clock since the tap began."""
+        return audio_frames / self.rate - (now - self.started)
+
+    def _dropped(self, kind: str, frames: int) -> None:
+        first = self.dropped_ahead == 0 if kind == "ahead" else self.overflow == 0
+        if kind == "ahead":
+            self.dropped_ahead += frames
+        else:
+            self.overflow += frames
+        if first and self.on_drop is not None:
+            self.on_drop(kind)
 
 
 class Run:
@@ -27,11 +85,24 @@ class Run:
 class AudioBuffer:
     """Pending audio of one tap, in arrival order of the timeline."""
 
-    __slots__ = ("_last", "_runs", "channels", "frames")
+    __slots__ = (
+        "_last",
+        "_runs",
+        "audio_frames",
+        "channels",
+        "frames",
+        "guard",
+        "pending_audio",
+        "pending_bytes",
+    )
 
-    def __init__(self, channels: int = 1) -> None:
+    def __init__(self, channels: int = 1, guard: BufferGuard | None = None) -> None:
         self.channels = channels
         self.frames = 0  # frames appended over the buffer's life (written or pending)
+        self.audio_frames = 0  # of them audio (not silence)
+        self.pending_audio = 0  # audio frames since the last `take`
+        self.pending_bytes = 0  # and their encoded bytes
+        self.guard = guard
         self._runs: list[Run] = []
         self._last: Run | None = None
 
@@ -39,16 +110,26 @@ class AudioBuffer:
         """Append encoded audio (whole frames only)."""
         if not data:
             return
+        frames = len(data) // (encoding.bytes_per_sample * self.channels)
+        guard = self.guard
+        if guard is not None:
+            if self.audio_frames + frames > guard.allowed(time.monotonic()):
+                guard._dropped("ahead", frames)
+                return
+            if self.pending_audio + frames > guard.max_unwritten:
+                guard._dropped("overflow", frames)
+                self.append_silence(frames)
+                return
         last = self._last
         if last is not None and last.encoding is encoding:
             last.chunks.append(data)
         else:
             self._last = Run(encoding, [data])
             self._runs.append(self._last)
-        if encoding.bytes_per_sample == 2:
-            self.frames += len(data) // (2 * self.channels)
-        else:
-            self.frames += len(data)
+        self.frames += frames
+        self.audio_frames += frames
+        self.pending_audio += frames
+        self.pending_bytes += len(data)
 
     def append_silence(self, frames: int) -> None:
         if frames <= 0:
@@ -68,7 +149,13 @@ class AudioBuffer:
     def take(self) -> Pending:
         """Hand over everything pending (the writer renders it off the event loop)."""
         runs, self._runs, self._last = self._runs, [], None
-        return Pending([runs], self.channels)
+        pending = Pending([runs], self.channels, self.pending_bytes)
+        self.pending_audio = self.pending_bytes = 0
+        return pending
+
+    def ahead_seconds(self, now: float) -> float:
+        """How far the audio leads the wall clock (0 without a guard)."""
+        return self.guard.ahead_seconds(self.audio_frames, now) if self.guard else 0.0
 
 
 class ChannelBuffer:
@@ -76,9 +163,21 @@ class ChannelBuffer:
 
     __slots__ = ("channel_buffers", "channels")
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, guard: BufferGuard | None = None) -> None:
         self.channels = channels
-        self.channel_buffers = [AudioBuffer(1) for _ in range(channels)]
+        self.channel_buffers = [AudioBuffer(1, guard) for _ in range(channels)]
+
+    @property
+    def guard(self) -> BufferGuard | None:
+        return self.channel_buffers[0].guard
+
+    @guard.setter
+    def guard(self, guard: BufferGuard | None) -> None:
+        for buffer in self.channel_buffers:
+            buffer.guard = guard
+
+    def ahead_seconds(self, now: float) -> float:
+        return max(b.ahead_seconds(now) for b in self.channel_buffers)
 
     @property
     def frames(self) -> int:
@@ -89,17 +188,19 @@ class ChannelBuffer:
         return any(b.pending for b in self.channel_buffers)
 
     def take(self) -> Pending:
-        return Pending([b.take().runs[0] for b in self.channel_buffers], 1)
+        taken = [b.take() for b in self.channel_buffers]
+        return Pending([p.runs[0] for p in taken], 1, sum(p.nbytes for p in taken))
 
 
 class Pending:
     """A batch taken from a buffer: runs of one interleaved stream, or of one stream per channel."""
 
-    __slots__ = ("interleaved_channels", "runs")
+    __slots__ = ("interleaved_channels", "nbytes", "runs")
 
-    def __init__(self, runs: list[list[Run]], interleaved_channels: int) -> None:
+    def __init__(self, runs: list[list[Run]], interleaved_channels: int, nbytes: int = 0) -> None:
         self.runs = runs
         self.interleaved_channels = interleaved_channels
+        self.nbytes = nbytes  # encoded audio in it (silence costs nothing)
 
     def __bool__(self) -> bool:
         return any(self.runs)

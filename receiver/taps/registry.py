@@ -1,9 +1,16 @@
-"""The taps being recorded: start, periodic batched flush, finish (runs on the event loop)."""
+"""The taps being recorded: start, periodic batched flush, finish (runs on the event loop).
+
+Unwritten audio is bounded: each tap's buffer by its guard (audio ahead of the wall clock is
+dropped; audio beyond `max_unwritten_seconds` becomes silence), and all taps together by
+`max_unwritten_bytes` handed to the disk writer: past it, buffers are left to fill (up to their
+own bound) instead of queueing more for a writer that is behind.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future
@@ -13,16 +20,30 @@ from typing import Any
 from receiver.storage.sidecar import TapState
 from receiver.storage.wav_sink import WavSink
 from receiver.storage.writer import DiskWriter
+from receiver.taps.audio_buffer import BufferGuard
 from receiver.taps.tap import Tap, utc_now_iso
 
 log = logging.getLogger("receiver.taps")
+BEHIND_LOG_INTERVAL = 10.0  # seconds between log lines about a writer that is behind
 
 
 class TapRegistry:
-    def __init__(self, recordings: Path, writer: DiskWriter, flush_interval: float) -> None:
+    def __init__(
+        self,
+        recordings: Path,
+        writer: DiskWriter,
+        flush_interval: float,
+        max_unwritten_seconds: float = 10.0,
+        max_unwritten_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
         self.recordings = recordings
         self.writer = writer
         self.flush_interval = flush_interval
+        self.max_unwritten_seconds = max_unwritten_seconds
+        self.max_unwritten_bytes = max_unwritten_bytes
+        self.dropped: Counter[str] = Counter()  # frames: "ahead", "overflow" (of ended taps)
+        self.flushes_deferred = 0
+        self._behind_logged = float("-inf")
         self._active: dict[int, Tap] = {}
         self.started = 0
         self.finished = 0
@@ -78,6 +99,13 @@ class TapRegistry:
 
     def start(self, tap: Tap) -> None:
         """Make the tap live; its files are created by the writer thread."""
+        tap.buffer.guard = BufferGuard(
+            tap.sample_rate,
+            tap.ahead_allowance,
+            self.max_unwritten_seconds,
+            tap.started_monotonic,
+            on_drop=lambda kind: _warn_drop(tap, kind),
+        )
         tap.sink = WavSink(
             self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files
         )
@@ -113,6 +141,7 @@ class TapRegistry:
         assert tap.sink is not None
         self.finished += 1
         self.counts["finished"][tap.transport] += 1
+        self.dropped.update(tap.dropped_frames())
         tap.ended_at = utc_now_iso()
         tap.end_reason = reason
         if tap.sink.info.error is not None:
@@ -184,9 +213,29 @@ class TapRegistry:
         for hand_over in self.audio_holders:
             hand_over()
 
+    def dropped_frames(self) -> Counter[str]:
+        """Frames dropped by the buffers' guards, ended and active taps together."""
+        total = Counter(self.dropped)
+        for tap in self._active.values():
+            total.update(tap.dropped_frames())
+        return total
+
     def flush(self) -> None:
         """Hand every tap's pending audio to the writer as one batch."""
         self.gather()
+        unwritten = self.writer.unwritten_bytes
+        if unwritten > self.max_unwritten_bytes:
+            self.flushes_deferred += 1
+            now = time.monotonic()
+            if now - self._behind_logged >= BEHIND_LOG_INTERVAL:
+                self._behind_logged = now
+                log.warning(
+                    "the disk writer is behind (%d bytes of audio not written, max_unwritten_bytes "
+                    "%d): taps keep their audio, up to max_unwritten_seconds each",
+                    unwritten,
+                    self.max_unwritten_bytes,
+                )
+            return
         batch = [
             (tap.sink, tap.buffer.take()) for tap in self._active.values() if tap.buffer.pending
         ]
@@ -201,3 +250,14 @@ class TapRegistry:
     def finish_all(self, reason: str) -> list[Future[None]]:
         futures = [self.finish(tap, reason) for tap in list(self._active.values())]
         return [f for f in futures if f is not None]
+
+
+def _warn_drop(tap: Tap, kind: str) -> None:
+    if kind == "ahead":
+        log.warning("tap %s: audio is arriving faster than real time; what runs ahead of the wall "
+                    "clock is dropped (counted in the sidecar as dropped_ahead_frames)",
+                    tap.tap_id)  # fmt: skip
+    else:
+        log.warning("tap %s: more than max_unwritten_seconds of audio waits for the disk; the "
+                    "excess becomes silence (counted as dropped_overflow_frames)",
+                    tap.tap_id)  # fmt: skip

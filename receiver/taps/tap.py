@@ -33,6 +33,7 @@ class Tap:
         channels: int = 1,
         remote: str | None = None,
         key: Hashable = None,
+        ahead_allowance: float = 10.0,
     ) -> None:
         self.serial = next(_serial)
         self.tap_id = tap_id
@@ -48,6 +49,8 @@ class Tap:
         self.started_at = utc_now_iso()
         self.ended_at: str | None = None
         self.started_monotonic = time.monotonic()
+        # Seconds its audio may lead the wall clock since it began (see BufferGuard).
+        self.ahead_allowance = ahead_allowance
         self.buffer: AudioBuffer | ChannelBuffer = AudioBuffer(channels)
         self.track_files: list[str] | None = None  # also one mono WAV per named track
         self.sink: WavSink | None = None  # set by the registry; the writer's (read `sink.info`)
@@ -61,6 +64,19 @@ class Tap:
     def segment_seconds(self) -> float:
         """Audio in the current file (written or pending), in seconds."""
         return (self.buffer.frames - self.segment_start_frames) / self.sample_rate
+
+    def dropped_frames(self) -> dict[str, int]:
+        """Frames its buffer guard dropped: `ahead` of the wall clock, `overflow` (silenced)."""
+        guard = self.buffer.guard
+        if guard is None:
+            return {}
+        return {
+            k: v for k, v in (("ahead", guard.dropped_ahead), ("overflow", guard.overflow)) if v
+        }
+
+    def ahead_seconds(self) -> float:
+        """How far its audio leads the wall clock since it began."""
+        return self.buffer.ahead_seconds(time.monotonic())
 
     def add_event(self, event: dict[str, Any]) -> None:
         """Record a sidecar event; past MAX_EVENTS they are only counted (`events_dropped`), so
@@ -91,7 +107,10 @@ class Tap:
             "started_at": self.started_at,
             "ended_at": self.ended_at,
             "end_reason": self.end_reason,
-            "counters": dict(self.counters),
+            "counters": {
+                **self.counters,
+                **{f"dropped_{k}_frames": v for k, v in self.dropped_frames().items()},
+            },
             "events": list(self.events),
             **self.extra,
         }

@@ -31,6 +31,11 @@ log = logging.getLogger("receiver.ws")
 
 UNSUPPORTED_DATA = 1003
 CLOSE_HANDSHAKE_TIMEOUT = 1.0  # seconds to wait for the peer's reply to our close frame
+# A WebSocket has no clock: a tap whose audio leads the wall clock (since it began) by more than
+# PACE_AHEAD seconds is not read until it leads by PACE_TARGET, so TCP flow control slows a sender
+# that is faster than real time instead of memory and disk filling up.
+PACE_AHEAD = 1.0
+PACE_TARGET = 0.5
 
 GOING_AWAY = 1001
 
@@ -131,6 +136,11 @@ class WsTapEndpoint:
         close_code: int | None = None  # what we closed with, when it was us
         try:
             async for msg in ws:
+                if session is not None and session.tap is not None:
+                    ahead = session.tap.ahead_seconds()
+                    if ahead > PACE_AHEAD:
+                        self._count("paced")
+                        await asyncio.sleep(ahead - PACE_TARGET)
                 self.messages += 1
                 if msg.type == WSMsgType.BINARY:
                     if session is None:
