@@ -126,7 +126,7 @@ def test_reorder_of_several_held_packets() -> None:
 
 
 def test_loss_is_declared_after_the_window_and_filled_exactly() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 0), 0.00), (rtp(2, 160), 0.02), (rtp(4, 480), 0.06))
     feed(timeline, (rtp(5, 640), 0.08))
     timeline.poll(0.25)  # 4 has waited 0.19 s
@@ -139,7 +139,7 @@ def test_loss_is_declared_after_the_window_and_filled_exactly() -> None:
 
 
 def test_loss_is_also_declared_by_a_later_push() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 0), 0.00), (rtp(3, 320), 0.04), (rtp(4, 480), 0.30))
     check(timeline, out, [("U1", 160), ("-", 160), ("U3", 160), ("U4", 160)])
     assert timeline.stats.lost == 1
@@ -147,7 +147,7 @@ def test_loss_is_also_declared_by_a_later_push() -> None:
 
 
 def test_each_gap_gets_its_own_window() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 0), 0.00), (rtp(3, 320), 0.04), (rtp(5, 640), 0.10))
     timeline.poll(0.245)  # 3 has waited 0.205 s; 5 only 0.145 s
     check(timeline, out, [("U1", 160), ("-", 160), ("U3", 160)])
@@ -158,7 +158,7 @@ def test_each_gap_gets_its_own_window() -> None:
 
 
 def test_oldest_held_packet_releases_everything_up_to_it() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     # 5 arrives first (gap 2..4); 3 arrives later: when 5 expires both gaps are given up.
     feed(timeline, (rtp(1, 0), 0.00), (rtp(5, 640), 0.01), (rtp(3, 320), 0.10))
     timeline.poll(0.205)  # 5 has waited 0.195 s
@@ -185,7 +185,7 @@ def test_duplicates_of_released_and_held_packets_are_dropped() -> None:
 
 
 def test_late_packet_after_loss_declared_is_dropped() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 0), 0.00), (rtp(3, 320), 0.02))
     timeline.poll(0.30)
     expected = [("U1", 160), ("-", 160), ("U3", 160)]
@@ -318,7 +318,7 @@ def test_default_max_gap_is_30_seconds() -> None:
 
 
 def test_ssrc_change_with_short_pause_continues_directly() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 1000), 0.00), (rtp(2, 1160), 0.02), (rtp(4, 1480), 0.05))
     timeline.push(rtp(500, 90000, ssrc=OTHER), 0.07)  # flushes 4 (filling 3) first
     timeline.push(rtp(3, 1320), 0.08)  # the old SSRC's straggler
@@ -334,7 +334,7 @@ def test_ssrc_change_with_short_pause_continues_directly() -> None:
 
 
 def test_ssrc_change_with_long_pause_keeps_the_pause_as_silence() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 1000), 0.00), (rtp(2, 1160), 0.02))
     # Old audio ends at 0.02 + 0.02 = 0.04 s wall clock; the new SSRC starts at 1.04 s.
     feed(timeline, (rtp(7, 5555, ssrc=OTHER), 1.04), (rtp(8, 5715, ssrc=OTHER), 1.06))
@@ -345,7 +345,7 @@ def test_ssrc_change_with_long_pause_keeps_the_pause_as_silence() -> None:
 
 
 def test_ssrc_change_pause_just_inside_the_window_is_not_inserted() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 0), 0.00), (rtp(9, 777, ssrc=OTHER), 0.19))  # pause 0.17 s
     check(timeline, out, [("U1", 160), ("U9", 160)])
 
@@ -670,7 +670,7 @@ def test_interarrival_jitter_matches_rfc_3550() -> None:
         (rtp(3, 320), 0.04),
         (rtp(4, 480), 0.06),
     )
-    assert timeline.stats.jitter == pytest.approx(9.08203125, abs=1e-9)
+    assert timeline.stats.interarrival_jitter == pytest.approx(9.08203125, abs=1e-9)
     assert timeline.stats.jitter_ms == pytest.approx(9.08203125 / 8, abs=1e-12)
     assert timeline.stats.to_dict()["jitter_ms"] == 1.135
 
@@ -679,7 +679,7 @@ def test_interarrival_jitter_uses_arrival_order_for_reordered_packets() -> None:
     timeline, _ = make()
     # 3 then 2: D = 0.04*8000 - 320 = 0, then 0.01*8000 - (160 - 320) = 240 -> J = 240/16.
     feed(timeline, (rtp(1, 0), 0.00), (rtp(3, 320), 0.04), (rtp(2, 160), 0.05))
-    assert timeline.stats.jitter == pytest.approx(15.0, abs=1e-9)
+    assert timeline.stats.interarrival_jitter == pytest.approx(15.0, abs=1e-9)
 
 
 def test_stats_to_dict() -> None:
@@ -773,5 +773,5 @@ def test_a_new_ssrc_on_every_packet_stays_cheap_and_bounded() -> None:
     timeline.flush()
     stats = timeline.stats
     assert len(stats.ssrcs) == 64 and stats.ssrcs_not_listed == 5000 - 64
-    assert len(timeline._retired) <= 64  # type: ignore[attr-defined]
+    assert len(timeline._ssrcs.retired) <= 64
     assert timeline.position == 5000 * 160  # every packet's audio is still there

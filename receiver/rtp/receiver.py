@@ -496,7 +496,7 @@ class RtpReceiver:
         return RtpTimeline(
             output,
             clock_rate=8000,
-            jitter=self.config.rtp_jitter_ms / 1000,
+            jitter_window=self.config.rtp_jitter_ms / 1000,
             max_gap=self.config.rtp_max_gap,
             dtmf_payload_type=self.config.rtp_dtmf_payload_type,
         )
