@@ -3,8 +3,8 @@
 Audio is placed by RTP timestamp, never by arrival time. Packets are released in sequence order
 through a time-based jitter window; anything the sender's timestamps say is missing (loss, silence
 suppression, comfort noise) becomes digital silence of exactly that duration, up to `max_gap`.
-SSRC changes and sequence restarts continue the same timeline. Pure and synchronous: no I/O, no
-clock but the arrival times it is given.
+SSRC changes (after probation) and sequence restarts continue the same timeline. Pure and
+synchronous: no I/O, no clock but the arrival times it is given.
 
 The pieces, each with its settings, state and statistics, and the rules it decides:
 
@@ -12,7 +12,8 @@ The pieces, each with its settings, state and statistics, and the rules it decid
 * `placement.py`: timestamps to output positions, gaps to silence or discontinuities, the pause
   before a new run.
 * `dtmf.py`: RFC 4733 telephone events.
-* `ssrc.py`: the SSRCs seen and retired (stale packets).
+* `ssrc.py`: which SSRC the audio comes from: probation before another takes over, the SSRCs
+  seen and retired (stale packets).
 * `stats.py`: the counters of the sidecar's `rtp` block, the RFC 3550 A.8 interarrival jitter.
 * `hot_state.py`: the fields the in-order case reads and changes, in one record (`push`'s inlined
   case and `fast_lane.FastLane` work on it alone).
@@ -23,7 +24,7 @@ from receiver.rtp.timeline.hot_state import HotState
 from receiver.rtp.timeline.placement import TimelineOutput
 from receiver.rtp.timeline.rtp_timeline import RtpTimeline
 from receiver.rtp.timeline.sequencing import MAX_DROPOUT, MAX_HELD, MAX_MISORDER
-from receiver.rtp.timeline.ssrc import MAX_SSRCS
+from receiver.rtp.timeline.ssrc import MAX_SSRCS, MIN_SEQUENTIAL
 from receiver.rtp.timeline.stats import MAX_EVENTS, TimelineStats, ssrc_hex
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "MAX_HELD",
     "MAX_MISORDER",
     "MAX_SSRCS",
+    "MIN_SEQUENTIAL",
     "HotState",
     "RtpTimeline",
     "TimelineOutput",

@@ -2,8 +2,9 @@
 
 It composes the pieces of the package: a packet of the current SSRC goes to sequencing; what
 sequencing releases goes, by payload type, to placement (audio), to the telephone events (DTMF)
-or is counted; a packet of another SSRC either is stale or starts a new run, as does a confirmed
-sequence reset. `push` handles the in-order audio case inline, on the hot record alone.
+or is counted; a packet of another SSRC is stale, or on probation until its SSRC takes over and
+starts a new run, as does a confirmed sequence reset. `push` handles the in-order audio case
+inline, on the hot record alone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from receiver.rtp.timeline.dtmf import TelephoneEvents
 from receiver.rtp.timeline.hot_state import HotState
 from receiver.rtp.timeline.placement import Placement, TimelineOutput
 from receiver.rtp.timeline.sequencing import MAX_HELD, Sequencer
-from receiver.rtp.timeline.ssrc import SsrcHistory
+from receiver.rtp.timeline.ssrc import SsrcHistory, SsrcProbation
 from receiver.rtp.timeline.stats import InterarrivalJitter, TimelineStats, ssrc_hex
 
 
@@ -35,6 +36,7 @@ class RtpTimeline:
         "_output",
         "_place",
         "_placement",
+        "_probation",
         "_sequencer",
         "_ssrcs",
         "_stats",
@@ -76,6 +78,7 @@ class RtpTimeline:
         )
         self._dtmf = TelephoneEvents(dtmf_payload_type, clock_rate, output, hot, placement, stats)
         self._ssrcs = SsrcHistory(ssrc_timeout, hot, stats)
+        self._probation = SsrcProbation(stats)
 
         # For push's inlined case
         self._held = self._sequencer.held
@@ -169,18 +172,22 @@ class RtpTimeline:
         self._sequencer.release_all()
         self._dtmf.finish()
         self._sequencer.drop_probe()
+        self._probation.drop()
 
     def _push(self, packet: RtpPacket, arrival: float) -> None:
-        hot = self._hot
-        hot.received += 1
+        self._hot.received += 1
         if self._held:
             self._sequencer.expire(arrival)
+        if packet.ssrc != self._hot.ssrc:
+            self._push_other_ssrc(packet, arrival)
+        else:
+            self._accept(packet, arrival)
+
+    def _accept(self, packet: RtpPacket, arrival: float) -> None:
+        """A packet of the current SSRC."""
         if packet.payload_type != self._last_payload_type:
             self._note_payload_type(packet.payload_type)
-        if packet.ssrc != hot.ssrc:
-            self._push_other_ssrc(packet, arrival)
-            return
-        hot.last_seen = arrival
+        self._hot.last_seen = arrival
         self._sequencer.sequence(packet, arrival)
 
     def _release(self, packet: RtpPacket) -> None:
@@ -209,23 +216,43 @@ class RtpTimeline:
     # Runs: the first packet, SSRC changes and sequence resets
 
     def _push_other_ssrc(self, packet: RtpPacket, arrival: float) -> None:
+        stats = self._stats
         if self._hot.ssrc < 0:
             self._start_run(packet, arrival, 0)
-            return
-        if self._ssrcs.is_stale(packet.ssrc, arrival):
-            self._stats.stale_ssrc += 1
-            return
-        self._ssrcs.change(packet.ssrc)
+            self._accept(packet, arrival)
+        elif self._ssrcs.is_stale(packet.ssrc, arrival):
+            stats.stale_ssrc += 1
+            if packet.payload_type in AUDIO_CODECS:
+                self._ssrcs.stale_audio(packet)
+        elif packet.payload_type not in AUDIO_CODECS:
+            stats.ssrc_probation_dropped += 1  # only audio may start or continue a streak
+        else:
+            streak = self._probation.offer(packet, arrival)
+            if streak is not None:
+                self._take_over(streak)
+
+    def _take_over(self, streak: list[tuple[RtpPacket, float]]) -> None:
+        """A new SSRC passed probation: its streak starts a new run."""
+        first, arrival = streak[0]
         self._sequencer.drop_probe()
-        self._restart(packet, arrival, "ssrc_change")
+        self._close_run()
+        self._ssrcs.change(first.ssrc)  # after the close: what the old run accounted for is final
+        self._new_run(first, arrival, "ssrc_change")
+        for packet, at in streak:
+            self._accept(packet, at)
 
     def _sequence_reset(self, packet: RtpPacket, arrival: float) -> None:
-        self._restart(packet, arrival, "sequence_reset")
+        self._close_run()
+        self._new_run(packet, arrival, "sequence_reset")
+        self._sequencer.sequence(packet, arrival)
 
-    def _restart(self, packet: RtpPacket, arrival: float, kind: str) -> None:
-        """Close the current run and continue the timeline with `packet` as a new run."""
+    def _close_run(self) -> None:
         self._sequencer.release_all()
         self._dtmf.finish()
+
+    def _new_run(self, packet: RtpPacket, arrival: float, kind: str) -> None:
+        """Continue the timeline with a new run starting at `packet` (the caller sequences it),
+        after the pause the sender made, and say so."""
         pause, skipped = self._placement.pause_before(arrival)
         if kind == "ssrc_change":
             event: dict[str, object] = {
@@ -243,6 +270,7 @@ class RtpTimeline:
         self._start_run(packet, arrival, pause)
 
     def _start_run(self, packet: RtpPacket, arrival: float, pause: int) -> None:
+        """A run of `packet`'s SSRC starting at its sequence number (not yet sequenced)."""
         hot = self._hot
         self._placement.start_run(arrival, pause)
         hot.ssrc = packet.ssrc
@@ -251,4 +279,3 @@ class RtpTimeline:
         hot.audio_arrival = None
         self._sequencer.start_run(packet.sequence)
         self._dtmf.start_run()
-        self._sequencer.sequence(packet, arrival)

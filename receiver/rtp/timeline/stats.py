@@ -24,7 +24,8 @@ class TimelineStats:
     reordered: int = 0
     comfort_noise: int = 0
     unknown_payload_type: int = 0
-    stale_ssrc: int = 0
+    stale_ssrc: int = 0  # packets of a retired SSRC while the current one is alive
+    ssrc_probation_dropped: int = 0  # packets of another SSRC that did not take over (ssrc.py)
     out_of_range: int = 0  # far from the expected sequence and never confirmed as a restart
     bad_telephone_event: int = 0
     overlaps: int = 0
@@ -54,6 +55,7 @@ class TimelineStats:
             "comfort_noise": self.comfort_noise,
             "unknown_payload_type": self.unknown_payload_type,
             "stale_ssrc": self.stale_ssrc,
+            "ssrc_probation_dropped": self.ssrc_probation_dropped,
             "out_of_range": self.out_of_range,
             "bad_telephone_event": self.bad_telephone_event,
             "overlaps": self.overlaps,
