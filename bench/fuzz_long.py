@@ -62,7 +62,7 @@ def rtp_target(data: bytes) -> None:
     from tests.test_fuzz import PARSE_REASONS, CountingOutput
 
     output = CountingOutput(round(2.0 * 8000))
-    timeline = RtpTimeline(output, jitter=0.06, max_gap=2.0, max_held=8)
+    timeline = RtpTimeline(output, jitter_window=0.06, max_gap=2.0, max_held=8)
     now = 0.0
     for piece in split(data):
         try:

@@ -206,7 +206,7 @@ def test_rtp_timeline_invariants(
     stream: list[tuple[RtpPacket, float]], jitter: float, max_held: int
 ) -> None:
     output = CountingOutput(round(MAX_GAP * 8000))
-    timeline = RtpTimeline(output, jitter=jitter, max_gap=MAX_GAP, max_held=max_held)
+    timeline = RtpTimeline(output, jitter_window=jitter, max_gap=MAX_GAP, max_held=max_held)
     for packet, arrival in stream:
         timeline.push(packet, arrival)
         # `position` is exactly what was emitted; held packets stay bounded.
@@ -246,8 +246,8 @@ def test_rtp_push_inlined_case_is_the_general_path(
 ) -> None:
     """push()'s inlined in-order audio case gives exactly what the general path gives."""
     by_packet, by_fields = RecordingOutput(), RecordingOutput()
-    a = RtpTimeline(by_packet, jitter=jitter, max_gap=MAX_GAP)
-    b = RtpTimeline(by_fields, jitter=jitter, max_gap=MAX_GAP)
+    a = RtpTimeline(by_packet, jitter_window=jitter, max_gap=MAX_GAP)
+    b = RtpTimeline(by_fields, jitter_window=jitter, max_gap=MAX_GAP)
     for packet, arrival in stream:
         a._push(packet, arrival)  # the general path: never the inlined case
         b.push(packet, arrival)

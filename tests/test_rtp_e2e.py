@@ -276,6 +276,37 @@ def test_dtmf_cn_and_ssrc_change_on_one_source(rtp_server: ServerProcess) -> Non
     assert kinds.count("dtmf") == 1 and kinds.count("ssrc_change") == 1
 
 
+@pytest.mark.parametrize(
+    ("stray", "counted_as"),
+    [
+        (RtpPacket(72, False, 7, 123456, 0x5555, b"").serialize(), "rtcp"),  # 12 bytes, PT 72
+        (RtpPacket(0, False, 7, 123456, 0x5555, b"\x55").serialize(), "ssrc_probation_dropped"),
+    ],
+    ids=["header-only-pt72", "one-byte-pcmu"],
+)
+def test_one_stray_packet_of_another_ssrc_does_not_hijack_the_stream(
+    rtp_server: ServerProcess, stray: bytes, counted_as: str
+) -> None:
+    """Issue 16: 250 packets of a call and, after the 101st, one datagram with another SSRC from
+    the same source. The WAV is still the call, sample for sample, and the stray is counted."""
+    sock = sender()
+    dest = ("127.0.0.1", rtp_server.rtp_port)
+    audio = noise(160 * 250, seed=16)
+    for n in range(250):
+        sock.sendto(packet(n, 160 * n, audio[n * 160 : (n + 1) * 160]), dest)
+        if n == 100:
+            sock.sendto(stray, dest)
+        time.sleep(0.002)
+    samples, sidecar = finished_recording(rtp_server, tap_name(sock))
+    assert sidecar["frames_written"] == 250 * 160
+    assert np.array_equal(samples, reference.decode("PCMU", audio))
+    rtp = sidecar["rtp"]
+    assert (rtp["received"] + rtp["rtcp"], rtp["lost"], rtp["stale_ssrc"]) == (251, 0, 0)
+    assert rtp[counted_as] == 1
+    assert rtp["ssrcs"] == ["0x0000abcd"]
+    assert not [e for e in sidecar["events"] if e["type"] == "ssrc_change"]
+
+
 def test_bad_datagrams_are_counted_and_hurt_nobody(rtp_server: ServerProcess) -> None:
     good = sender()
     bad = sender()

@@ -212,7 +212,8 @@ def test_packet_has_no_instance_dict() -> None:
         packet.unknown_field = 1  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("packet_type", [200, 201, 202, 203, 204])
+# SR, RR, SDES, BYE, APP; RTPFB, PSFB, XR; the ends of RFC 5761's range 192..223
+@pytest.mark.parametrize("packet_type", [200, 201, 202, 203, 204, 205, 206, 207, 192, 223])
 def test_is_rtcp(packet_type: int) -> None:
     assert is_rtcp(bytes([0x81, packet_type, 0x00, 0x07]) + bytes(28))
 
@@ -224,8 +225,10 @@ def test_is_rtcp(packet_type: int) -> None:
         b"\x80",
         PCMU,  # PT 0
         bytes([0x80, 0x88]) + PCMU[2:],  # PCMA with marker: 0x88 = 136
-        bytes([0x80, 199]) + PCMU[2:],
-        bytes([0x80, 205]) + PCMU[2:],
+        bytes([0x80, 0x80 | 63]) + PCMU[2:],  # 191, and 224: just outside RFC 5761's range
+        bytes([0x80, 0x80 | 96]) + PCMU[2:],
+        bytes([0x80, 101]) + PCMU[2:],  # telephone-event, the dynamic range 96..127
+        bytes([0x80, 0x80 | 101]) + PCMU[2:],
         bytes([0x40, 200]) + PCMU[2:],  # version 1
     ],
 )
@@ -233,9 +236,12 @@ def test_is_not_rtcp(data: bytes) -> None:
     assert not is_rtcp(data)
 
 
-def test_rtcp_packet_types_overlap_rtp_marker_payload_types() -> None:
-    # PT 72..76 with the marker set is indistinguishable from RTCP; RFC 5761 forbids those PTs.
-    assert is_rtcp(bytes([0x80, 0x80 | 72]) + bytes(10))
+@pytest.mark.parametrize("payload_type", [64, 72, 76, 95])
+def test_rtcp_packet_types_overlap_rtp_marker_payload_types(payload_type: int) -> None:
+    # PT 64..95 with the marker set is indistinguishable from RTCP 192..223: RFC 5761 forbids
+    # those PTs on a port shared with RTCP, so without the marker they are not audio either.
+    assert is_rtcp(bytes([0x80, 0x80 | payload_type]) + bytes(10))
+    assert is_rtcp(bytes([0x80, payload_type]) + bytes(10))
 
 
 def test_audio_codecs() -> None:

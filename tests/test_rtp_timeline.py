@@ -126,7 +126,7 @@ def test_reorder_of_several_held_packets() -> None:
 
 
 def test_loss_is_declared_after_the_window_and_filled_exactly() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 0), 0.00), (rtp(2, 160), 0.02), (rtp(4, 480), 0.06))
     feed(timeline, (rtp(5, 640), 0.08))
     timeline.poll(0.25)  # 4 has waited 0.19 s
@@ -139,7 +139,7 @@ def test_loss_is_declared_after_the_window_and_filled_exactly() -> None:
 
 
 def test_loss_is_also_declared_by_a_later_push() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 0), 0.00), (rtp(3, 320), 0.04), (rtp(4, 480), 0.30))
     check(timeline, out, [("U1", 160), ("-", 160), ("U3", 160), ("U4", 160)])
     assert timeline.stats.lost == 1
@@ -147,7 +147,7 @@ def test_loss_is_also_declared_by_a_later_push() -> None:
 
 
 def test_each_gap_gets_its_own_window() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 0), 0.00), (rtp(3, 320), 0.04), (rtp(5, 640), 0.10))
     timeline.poll(0.245)  # 3 has waited 0.205 s; 5 only 0.145 s
     check(timeline, out, [("U1", 160), ("-", 160), ("U3", 160)])
@@ -158,7 +158,7 @@ def test_each_gap_gets_its_own_window() -> None:
 
 
 def test_oldest_held_packet_releases_everything_up_to_it() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     # 5 arrives first (gap 2..4); 3 arrives later: when 5 expires both gaps are given up.
     feed(timeline, (rtp(1, 0), 0.00), (rtp(5, 640), 0.01), (rtp(3, 320), 0.10))
     timeline.poll(0.205)  # 5 has waited 0.195 s
@@ -185,7 +185,7 @@ def test_duplicates_of_released_and_held_packets_are_dropped() -> None:
 
 
 def test_late_packet_after_loss_declared_is_dropped() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 0), 0.00), (rtp(3, 320), 0.02))
     timeline.poll(0.30)
     expected = [("U1", 160), ("-", 160), ("U3", 160)]
@@ -318,11 +318,11 @@ def test_default_max_gap_is_30_seconds() -> None:
 
 
 def test_ssrc_change_with_short_pause_continues_directly() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 1000), 0.00), (rtp(2, 1160), 0.02), (rtp(4, 1480), 0.05))
-    timeline.push(rtp(500, 90000, ssrc=OTHER), 0.07)  # flushes 4 (filling 3) first
-    timeline.push(rtp(3, 1320), 0.08)  # the old SSRC's straggler
-    timeline.push(rtp(501, 90160, ssrc=OTHER), 0.09)
+    timeline.push(rtp(500, 90000, ssrc=OTHER), 0.07)  # on probation
+    timeline.push(rtp(501, 90160, ssrc=OTHER), 0.09)  # passed: flushes 4 (filling 3) first
+    timeline.push(rtp(3, 1320), 0.10)  # the old SSRC's straggler: stale, already counted lost
     expected = [("U1", 160), ("U2", 160), ("-", 160), ("U4", 160), ("U244", 160), ("U245", 160)]
     check(timeline, out, expected)
     assert out.events == [
@@ -334,7 +334,7 @@ def test_ssrc_change_with_short_pause_continues_directly() -> None:
 
 
 def test_ssrc_change_with_long_pause_keeps_the_pause_as_silence() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 1000), 0.00), (rtp(2, 1160), 0.02))
     # Old audio ends at 0.02 + 0.02 = 0.04 s wall clock; the new SSRC starts at 1.04 s.
     feed(timeline, (rtp(7, 5555, ssrc=OTHER), 1.04), (rtp(8, 5715, ssrc=OTHER), 1.06))
@@ -345,15 +345,17 @@ def test_ssrc_change_with_long_pause_keeps_the_pause_as_silence() -> None:
 
 
 def test_ssrc_change_pause_just_inside_the_window_is_not_inserted() -> None:
-    timeline, out = make(jitter=0.2)
+    timeline, out = make(jitter_window=0.2)
     feed(timeline, (rtp(1, 0), 0.00), (rtp(9, 777, ssrc=OTHER), 0.19))  # pause 0.17 s
-    check(timeline, out, [("U1", 160), ("U9", 160)])
+    feed(timeline, (rtp(10, 937, ssrc=OTHER), 0.21))
+    check(timeline, out, [("U1", 160), ("U9", 160), ("U10", 160)])
 
 
 def test_ssrc_change_pause_longer_than_max_gap_is_a_discontinuity() -> None:
     timeline, out = make(max_gap=1.0)
     feed(timeline, (rtp(1, 0), 0.00), (rtp(9, 777, ssrc=OTHER), 5.02))
-    check(timeline, out, [("U1", 160), ("U9", 160)])
+    feed(timeline, (rtp(10, 937, ssrc=OTHER), 5.04))
+    check(timeline, out, [("U1", 160), ("U9", 160), ("U10", 160)])
     assert [event["type"] for event in out.events] == ["ssrc_change", "discontinuity"]
     assert out.events[0]["pause"] == 0.0
     assert out.events[1]["skipped"] == 5.0
@@ -362,13 +364,128 @@ def test_ssrc_change_pause_longer_than_max_gap_is_a_discontinuity() -> None:
 def test_old_ssrc_returning_after_the_timeout_is_another_change() -> None:
     timeline, out = make()
     feed(timeline, (rtp(1, 0), 0.00), (rtp(50, 0, ssrc=OTHER), 0.02))
+    feed(timeline, (rtp(51, 160, ssrc=OTHER), 0.04))
     feed(timeline, (rtp(2, 160), 1.00))  # B alive: stale
-    # B silent for > 2 s: A is back, after a pause of 3.10 - (0.02 + 0.02) = 3.06 s.
-    feed(timeline, (rtp(3, 320), 3.10))
+    # B silent for > 2 s: A is back, after a pause of 3.10 - (0.04 + 0.02) = 3.04 s.
+    feed(timeline, (rtp(3, 320), 3.10), (rtp(4, 480), 3.12))
     changes = [(e["from"], e["to"]) for e in out.of_type("ssrc_change")]
     assert changes == [("0x0000000a", "0x0000000b"), ("0x0000000b", "0x0000000a")]
-    assert timeline.stats.stale_ssrc == 1
-    assert out.runs() == [("U1", 160), ("U50", 160), ("-", 24480), ("U3", 160)]
+    assert (timeline.stats.stale_ssrc, timeline.stats.lost) == (1, 1)
+    assert out.runs() == [
+        ("U1", 160),
+        ("U50", 160),
+        ("U51", 160),
+        ("-", 24320),
+        ("U3", 160),
+        ("U4", 160),
+    ]
+
+
+# One stray packet must not hijack a stream (issue 16)
+
+
+def attacked(stray: RtpPacket, *, after: int = 100) -> tuple[RtpTimeline, Recorder]:
+    """250 PCMU packets of one SSRC, 20 ms apart, and `stray` right after packet `after`."""
+    timeline, out = make()
+    for n in range(250):
+        timeline.push(rtp(n, 160 * n), 0.02 * n)
+        if n == after:
+            timeline.push(stray, 0.02 * n + 0.01)
+    timeline.flush()
+    return timeline, out
+
+
+ALL_250 = [(f"U{n}", 160) for n in range(250)]  # every packet's samples, in place, nothing else
+
+
+def test_a_stray_header_only_packet_of_another_ssrc_changes_nothing() -> None:
+    """The attacker's 12-byte datagram: another SSRC, payload type 72 (RTCP-looking, unknown)."""
+    timeline, out = attacked(rtp(7, 123456, pt=72, ssrc=OTHER, payload=b""))
+    check(timeline, out, ALL_250)
+    stats = timeline.stats
+    assert (stats.lost, stats.stale_ssrc, stats.ssrc_probation_dropped) == (0, 0, 1)
+    assert stats.ssrcs == [SSRC] and 72 not in stats.payload_types
+    assert out.events == []
+
+
+def test_a_stray_one_byte_audio_packet_of_another_ssrc_changes_nothing() -> None:
+    timeline, out = attacked(rtp(7, 123456, ssrc=OTHER, payload=b"\x55"))
+    check(timeline, out, ALL_250)  # and the stray's one sample is nowhere
+    stats = timeline.stats
+    assert (stats.lost, stats.stale_ssrc, stats.ssrc_probation_dropped) == (0, 0, 1)
+    assert stats.ssrcs == [SSRC]
+    assert out.events == []
+
+
+def test_strays_of_many_ssrcs_never_take_over() -> None:
+    """Audio of other SSRCs, never two in sequence from one: every one is a failed probation."""
+    timeline, out = make()
+    for n in range(250):
+        timeline.push(rtp(n, 160 * n), 0.02 * n)
+        stray_ssrc = OTHER + n % 3  # B, C, D, B, ...: each candidate is replaced by the next
+        timeline.push(rtp(1000 + 2 * n, 999, ssrc=stray_ssrc, payload=b"\x55"), 0.02 * n + 0.01)
+    timeline.flush()
+    check(timeline, out, ALL_250)
+    assert (timeline.stats.ssrc_probation_dropped, timeline.stats.lost) == (250, 0)
+
+
+def test_non_audio_packets_of_another_ssrc_never_take_over() -> None:
+    """In sequence, but DTMF, comfort noise or an unknown payload type: no probation at all."""
+    timeline, out = make()
+    for n in range(250):
+        timeline.push(rtp(n, 160 * n), 0.02 * n)
+        pt = (DTMF, CN, 96)[n % 3]
+        timeline.push(
+            rtp(1000 + n, 160 * n, pt=pt, ssrc=OTHER, payload=b"\x0a\x0a\x00\xa0"), 0.02 * n + 0.01
+        )
+    timeline.flush()
+    check(timeline, out, ALL_250)
+    stats = timeline.stats
+    assert (stats.ssrc_probation_dropped, stats.dtmf, stats.comfort_noise) == (250, [], 0)
+
+
+def test_a_real_ssrc_change_keeps_the_packets_held_in_probation() -> None:
+    """The sender really switches (e.g. a re-INVITE): its first packet waits for the second, then
+    both are placed, right after the old SSRC's last sample."""
+    timeline, out = make()
+    for n in range(100):
+        timeline.push(rtp(n, 160 * n), 0.02 * n)
+    timeline.push(rtp(5000, 777777, ssrc=OTHER), 2.00)
+    check(timeline, out, [(f"U{n}", 160) for n in range(100)])  # on probation: held
+    for k in range(1, 150):
+        timeline.push(rtp(5000 + k, 777777 + 160 * k, ssrc=OTHER), 2.00 + 0.02 * k)
+    timeline.flush()
+    expected = [(f"U{n}", 160) for n in range(100)]
+    expected += [(f"U{(5000 + k) % 256}", 160) for k in range(150)]
+    check(timeline, out, expected)
+    assert out.events == [
+        {"type": "ssrc_change", "from": "0x0000000a", "to": "0x0000000b", "at": 2.0, "pause": 0.0}
+    ]
+    stats = timeline.stats
+    assert (stats.lost, stats.stale_ssrc, stats.ssrc_probation_dropped) == (0, 0, 0)
+    assert stats.ssrcs == [SSRC, OTHER]
+
+
+def test_audio_of_a_stale_ssrc_is_counted_lost() -> None:
+    timeline, out = make()
+    feed(timeline, (rtp(1, 0), 0.00), (rtp(2, 160), 0.02))
+    feed(timeline, (rtp(70, 5000, ssrc=OTHER), 0.04), (rtp(71, 5160, ssrc=OTHER), 0.06))
+    feed(timeline, (rtp(3, 320), 0.07))  # the old SSRC, while the new one is alive: stale
+    feed(timeline, (rtp(4, 480, pt=DTMF, payload=b"\x01\x00\x00\xa0"), 0.08))  # not audio
+    timeline.flush()
+    check(timeline, out, [("U1", 160), ("U2", 160), ("U70", 160), ("U71", 160)])
+    assert (timeline.stats.stale_ssrc, timeline.stats.lost) == (2, 1)
+
+
+def test_a_candidate_that_breaks_its_sequence_starts_probation_again() -> None:
+    timeline, out = make()
+    feed(timeline, (rtp(1, 0), 0.00), (rtp(2, 160), 0.02))
+    feed(timeline, (rtp(50, 9000, ssrc=OTHER), 0.03), (rtp(60, 9160, ssrc=OTHER), 0.04))
+    check(timeline, out, [("U1", 160), ("U2", 160)])  # 50 then 60: not in sequence
+    feed(timeline, (rtp(61, 9320, ssrc=OTHER), 0.05))  # 60, 61: passed
+    timeline.flush()
+    check(timeline, out, [("U1", 160), ("U2", 160), ("U60", 160), ("U61", 160)])
+    assert timeline.stats.ssrc_probation_dropped == 1  # 50
 
 
 def test_sequence_reset_on_the_same_ssrc() -> None:
@@ -575,7 +692,7 @@ def test_dtmf_without_end_is_emitted_when_the_next_event_starts() -> None:
 def test_dtmf_pending_at_ssrc_change_is_emitted_for_the_old_ssrc() -> None:
     timeline, out = make()
     feed(timeline, (rtp(1, 0), 0.00), (dtmf(2, 160, 160, digit=9), 0.02))
-    feed(timeline, (rtp(1, 0, ssrc=OTHER), 0.04))
+    feed(timeline, (rtp(1, 0, ssrc=OTHER), 0.04), (rtp(2, 160, ssrc=OTHER), 0.06))
     assert [(e["type"], e.get("ssrc")) for e in out.events] == [
         ("dtmf", "0x0000000a"),
         ("ssrc_change", None),
@@ -670,7 +787,7 @@ def test_interarrival_jitter_matches_rfc_3550() -> None:
         (rtp(3, 320), 0.04),
         (rtp(4, 480), 0.06),
     )
-    assert timeline.stats.jitter == pytest.approx(9.08203125, abs=1e-9)
+    assert timeline.stats.interarrival_jitter == pytest.approx(9.08203125, abs=1e-9)
     assert timeline.stats.jitter_ms == pytest.approx(9.08203125 / 8, abs=1e-12)
     assert timeline.stats.to_dict()["jitter_ms"] == 1.135
 
@@ -679,7 +796,7 @@ def test_interarrival_jitter_uses_arrival_order_for_reordered_packets() -> None:
     timeline, _ = make()
     # 3 then 2: D = 0.04*8000 - 320 = 0, then 0.01*8000 - (160 - 320) = 240 -> J = 240/16.
     feed(timeline, (rtp(1, 0), 0.00), (rtp(3, 320), 0.04), (rtp(2, 160), 0.05))
-    assert timeline.stats.jitter == pytest.approx(15.0, abs=1e-9)
+    assert timeline.stats.interarrival_jitter == pytest.approx(15.0, abs=1e-9)
 
 
 def test_stats_to_dict() -> None:
@@ -703,6 +820,7 @@ def test_stats_to_dict() -> None:
         "comfort_noise": 0,
         "unknown_payload_type": 0,
         "stale_ssrc": 0,
+        "ssrc_probation_dropped": 0,
         "out_of_range": 0,
         "bad_telephone_event": 0,
         "overlaps": 0,
@@ -765,13 +883,14 @@ def test_a_long_real_pause_is_still_silence() -> None:
 
 
 def test_a_new_ssrc_on_every_packet_stays_cheap_and_bounded() -> None:
-    """A hostile sender (no token is needed for RTP) switching SSRC on every packet: the
-    timeline keeps 64 SSRCs by name and counts the rest; its state does not grow."""
+    """A hostile sender (no token is needed for RTP) switching SSRC every two packets, so that
+    each new one passes probation: the timeline keeps 64 SSRCs by name and counts the rest; its
+    state does not grow. (With one packet per SSRC, none would ever take over.)"""
     timeline, _ = make()
     for n in range(5000):
-        timeline.push(rtp(n, n * 160, ssrc=0x1000 + n), n * 0.02)
+        timeline.push(rtp(n, n * 160, ssrc=0x1000 + n // 2), n * 0.02)
     timeline.flush()
     stats = timeline.stats
-    assert len(stats.ssrcs) == 64 and stats.ssrcs_not_listed == 5000 - 64
-    assert len(timeline._retired) <= 64  # type: ignore[attr-defined]
+    assert len(stats.ssrcs) == 64 and stats.ssrcs_not_listed == 2500 - 64
+    assert len(timeline._ssrcs.retired) <= 64
     assert timeline.position == 5000 * 160  # every packet's audio is still there

@@ -5,11 +5,12 @@ Nearly every packet of a healthy G.711 stream is "the next one": the same SSRC a
 type, the next sequence number, a timestamp that continues exactly where the previous packet
 ended, no packets held for reordering. The timeline stays the one authority on what the rules
 are: a stream is *armed* only while its timeline reports that state (`RtpTimeline.hot_state`),
-and then the lane keeps the few fields this case changes in arrays (the timeline's copies are
-stale until `sync`). Any other packet, or anyone about to read or change the timeline, disarms
-the stream first (`disarm` writes the fields back); after a packet the general path handled,
-`arm` tries again. A packet qualifies only if its stream has no other packet in the batch, so
-packets of one stream are always applied in arrival order.
+and then the lane keeps the numeric fields of that record (`HotState`) in arrays keyed by their
+names (the record is stale until `sync`). Any other packet, or anyone about to read or change
+the timeline, disarms the stream first (`disarm` writes the fields back, if the lane applied a
+packet since it armed); after a packet the general path handled, `arm` tries again. A packet
+qualifies only if its stream has no other packet in the batch, so packets of one stream are
+always applied in arrival order.
 
 The audio of applied packets is copied into a per-slot store (one row of a 2-D array; one slice
 assignment per packet) and handed to the tap's buffer as one chunk when the store is full, when
@@ -22,14 +23,37 @@ The equivalence with the general path is a property test (tests/test_fuzz.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
+from operator import attrgetter
+from typing import Any
 
 import numpy as np
 
 from receiver.codecs.encoding import Encoding
 from receiver.rtp.datagrams import Batch
-from receiver.rtp.timeline import HOT_FLOATS, HOT_INTS, RtpTimeline
+from receiver.rtp.timeline import HotState, RtpTimeline
 
 STORE_BYTES = 8192  # per slot: ~1 s of 8 kHz G.711 (one flush), drained when full
+
+# The record's numeric fields, one array row each. (`codec` is kept per slot; `anchored` is true
+# for every armed stream and the in-order case never changes it.)
+INT_FIELDS = tuple(f.name for f in fields(HotState) if f.type == "int")
+FLOAT_FIELDS = tuple(f.name for f in fields(HotState) if f.type in ("float", "float | None"))
+
+
+def _setter(names: tuple[str, ...]) -> Callable[[HotState, list[Any]], None]:
+    """`setter(state, values)` assigns `values` to the fields `names` of `state`: one tuple
+    unpacking, generated from the names as dataclasses generates `__init__` (a loop of setattr
+    costs ~6x more, and `sync` runs on every general-path packet of an armed stream)."""
+    namespace: dict[str, Any] = {}
+    targets = "".join(f"state.{name}, " for name in names)
+    exec(f"def setter(state, values):\n    {targets}= values\n", namespace)
+    setter: Callable[[HotState, list[Any]], None] = namespace["setter"]
+    return setter
+
+
+_get_ints, _get_floats = attrgetter(*INT_FIELDS), attrgetter(*FLOAT_FIELDS)
+_set_ints, _set_floats = _setter(INT_FIELDS), _setter(FLOAT_FIELDS)
 
 
 class FastLane:
@@ -37,16 +61,17 @@ class FastLane:
         self.capacity = 0
         self.store_bytes = store_bytes
         self.armed = np.zeros(0, dtype=bool)
-        # One row per field of RtpTimeline.hot_state, one column per slot: a slot's fields are
-        # read and written with one numpy call (`sync` and `arm` run on every general-path
-        # packet of an armed stream, which under loss is most of them).
-        self._int_rows = np.zeros((len(HOT_INTS), 0), np.int64)
-        self._float_rows = np.zeros((len(HOT_FLOATS), 0))
+        self._applied = np.zeros(0, dtype=bool)  # a packet applied since `arm` or `sync`
+        # One row per numeric field of HotState, one column per slot: a slot's fields are read
+        # with one numpy call (`sync` and `arm` run on every general-path packet of an armed
+        # stream, which under loss is most of them).
+        self._int_rows = np.zeros((len(INT_FIELDS), 0), np.int64)
+        self._float_rows = np.zeros((len(FLOAT_FIELDS), 0))
         self.ints: dict[str, np.ndarray] = {}  # views of the rows, by field name
         self.floats: dict[str, np.ndarray] = {}
+        self._states: list[HotState | None] = []  # the armed timelines' records
         self._store = np.zeros((0, store_bytes), np.uint8)  # audio not yet in the tap's buffer
         self._fill = np.zeros(0, np.int64)  # bytes used in each slot's row of _store
-        self._timelines: list[RtpTimeline | None] = []
         self._append: list[Callable[[Encoding, bytes], None] | None] = []
         self._codec: list[Encoding] = []
         self._free: list[int] = []
@@ -59,20 +84,21 @@ class FastLane:
     def _grow(self, capacity: int) -> None:
         old = self.capacity
         self.armed = np.concatenate([self.armed, np.zeros(capacity - old, dtype=bool)])
+        self._applied = np.concatenate([self._applied, np.zeros(capacity - old, dtype=bool)])
         self._int_rows = np.concatenate(
-            [self._int_rows, np.zeros((len(HOT_INTS), capacity - old), np.int64)], axis=1
+            [self._int_rows, np.zeros((len(INT_FIELDS), capacity - old), np.int64)], axis=1
         )
         self._float_rows = np.concatenate(
-            [self._float_rows, np.zeros((len(HOT_FLOATS), capacity - old))], axis=1
+            [self._float_rows, np.zeros((len(FLOAT_FIELDS), capacity - old))], axis=1
         )
-        self.ints = dict(zip(HOT_INTS, self._int_rows, strict=True))
-        self.floats = dict(zip(HOT_FLOATS, self._float_rows, strict=True))
+        self.ints = dict(zip(INT_FIELDS, self._int_rows, strict=True))
+        self.floats = dict(zip(FLOAT_FIELDS, self._float_rows, strict=True))
+        self._states += [None] * (capacity - old)
         self._store = np.concatenate(
             [self._store, np.zeros((capacity - old, self.store_bytes), np.uint8)]
         )
         self._fill = np.concatenate([self._fill, np.zeros(capacity - old, np.int64)])
         self._store_view = self._store.data.cast("B")
-        self._timelines += [None] * (capacity - old)
         self._append += [None] * (capacity - old)
         self._codec += [Encoding.PCMU] * (capacity - old)
         self._free += range(capacity - 1, old - 1, -1)
@@ -91,8 +117,8 @@ class FastLane:
 
     def remove(self, key: int, slot: int) -> None:
         self.drain(slot)
-        self.armed[slot] = False
-        self._timelines[slot] = self._append[slot] = None
+        self.armed[slot] = self._applied[slot] = False
+        self._states[slot] = self._append[slot] = None
         if self._slot_of_key.get(key) == slot:
             del self._slot_of_key[key]
             self._stale_index = True
@@ -107,12 +133,11 @@ class FastLane:
         state = timeline.hot_state()
         if state is None:
             return
-        codec, ints, floats = state
-        self._int_rows[:, slot] = ints
-        self._float_rows[:, slot] = floats
-        self._timelines[slot] = timeline
+        self._int_rows[:, slot] = _get_ints(state)
+        self._float_rows[:, slot] = _get_floats(state)
+        self._states[slot] = state
         self._append[slot] = append
-        self._codec[slot] = codec
+        self._codec[slot] = state.codec
         self.armed[slot] = True
 
     def drain(self, slot: int) -> None:
@@ -130,13 +155,16 @@ class FastLane:
             self.drain(slot)
 
     def sync(self, slot: int) -> None:
-        """Write the lane's fields back into the timeline and its audio into the buffer (it
-        stays armed)."""
-        timeline = self._timelines[slot]
-        if not self.armed[slot] or timeline is None:
+        """Write the lane's fields back into the timeline's record and its audio into the buffer
+        (it stays armed)."""
+        state = self._states[slot]
+        if not self.armed[slot] or state is None:
             return
         self.drain(slot)
-        timeline.set_hot_state(self._int_rows[:, slot].tolist(), self._float_rows[:, slot].tolist())
+        if self._applied[slot]:
+            self._applied[slot] = False
+            _set_ints(state, self._int_rows[:, slot].tolist())
+            _set_floats(state, self._float_rows[:, slot].tolist())
 
     def disarm(self, slot: int) -> None:
         self.sync(slot)
@@ -174,7 +202,7 @@ class FastLane:
         ints = self.ints
         ok: np.ndarray = known & self.armed[slots] & (rows[:, 0] == 0x80)
         ok &= (lengths > 12) & (lengths <= 12 + self.store_bytes)
-        ok &= rows[:, 1] == ints["second"][slots]
+        ok &= rows[:, 1] == ints["payload_type"][slots]  # and the marker bit clear
         # One packet per stream per batch: then applying them together keeps each stream's order.
         ok &= np.bincount(slots[known], minlength=self.capacity)[slots] == 1
         if not ok.any():
@@ -198,8 +226,8 @@ class FastLane:
         # RFC 3550 A.8, exactly as RtpTimeline computes it (same float64 operations).
         advance = ((ts - ints["audio_ts"][s] + 0x80000000) & 0xFFFFFFFF) - 0x80000000
         d = (arrival - floats["audio_arrival"][s]) * 8000 - advance
-        jitter = floats["jitter"][s]
-        floats["jitter"][s] = jitter + (np.abs(d) - jitter) / 16.0
+        jitter = floats["interarrival_jitter"][s]
+        floats["interarrival_jitter"][s] = jitter + (np.abs(d) - jitter) / 16.0
         floats["audio_arrival"][s] = arrival
         floats["last_seen"][s] = arrival
         ints["audio_ts"][s] = ts
@@ -208,6 +236,7 @@ class FastLane:
         ints["next"][s] += 1
         ints["position"][s] += samples
         ints["received"][s] += 1
+        self._applied[s] = True
         self._store_audio(s, rows, index, samples)
         return ok
 

@@ -22,7 +22,10 @@ _HEADER = struct.Struct("!BBHII")
 _EXTENSION_HEADER = struct.Struct("!HH")
 _TELEPHONE_EVENT = struct.Struct("!BBH")
 
-_RTCP_PACKET_TYPES = range(200, 205)  # SR, RR, SDES, BYE, APP
+# RFC 5761 §4: RTCP packet types 192..223 (SR, RR, SDES, BYE, APP, RTPFB, PSFB, XR, ...) sit
+# where an RTP header has the marker bit and payload types 64..95, which RTP must therefore not
+# use on a port shared with RTCP.
+_RTCP_PAYLOAD_TYPES = range(64, 96)
 
 _DIGITS = "0123456789*#ABCD"
 
@@ -36,8 +39,10 @@ class RtpParseError(ValueError):
 
 
 def is_rtcp(data: bytes) -> bool:
-    """True for RTCP muxed onto the RTP port (RFC 5761 §4: second byte 200..204)."""
-    return len(data) >= 2 and data[0] >> 6 == RTP_VERSION and data[1] in _RTCP_PACKET_TYPES
+    """True for RTCP muxed onto the RTP port: RFC 5761 §4's test, the second byte with its top
+    bit (an RTP header's marker) masked is 64..95. Also true for RTP with those forbidden payload
+    types, which are then never taken for audio of some other SSRC."""
+    return len(data) >= 2 and data[0] >> 6 == RTP_VERSION and data[1] & 0x7F in _RTCP_PAYLOAD_TYPES
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~0.9 µs per packet

@@ -328,7 +328,7 @@ class RtpReceiver:
         return RtpTimeline(
             output,
             clock_rate=8000,
-            jitter=self.settings.jitter_window,
+            jitter_window=self.settings.jitter_window,
             max_gap=self.settings.max_gap,
             dtmf_payload_type=self.settings.dtmf_payload_type,
         )
