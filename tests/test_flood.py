@@ -15,7 +15,7 @@ import numpy as np
 from bench.rtp_load import payload_for
 from receiver.rtp.packet import RtpPacket
 from tests import reference
-from tests.conftest import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
+from tests.helpers import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
 
 MAX_STREAMS = 2000
 FLOOD_SOURCES = 50_000

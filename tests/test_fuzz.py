@@ -36,7 +36,7 @@ from receiver.taps.registry import TapRegistry
 from receiver.ws.dialects import SessionContext, choose_session
 from receiver.ws.dialects.media_streams import MediaStreamsSession
 from receiver.ws.track_timeline import MAX_GAP_SECONDS, TrackTimeline
-from tests.conftest import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
+from tests.helpers import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
 
 #: Examples per property in the default suite; bench/fuzz_long.py raises it (FUZZ_EXAMPLES) and
 #: keeps failures in a database (FUZZ_DATABASE); the default suite writes nothing to the tree.
