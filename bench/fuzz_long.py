@@ -1,11 +1,11 @@
 """Long fuzzing runs, outside the default suite.
 
-    python -m bench.fuzz_long                          # the properties of tests/test_fuzz.py,
+    python -m bench.fuzz_long                          # the properties of tests/test_fuzz_*.py,
     python -m bench.fuzz_long --examples 50000         #   with many more examples each
     python -m bench.fuzz_long --atheris rtp -- -runs=2000000      # coverage-guided (atheris)
     python -m bench.fuzz_long --atheris dialects -- -max_total_time=600
 
-Hypothesis mode runs `tests/test_fuzz.py` with FUZZ_EXAMPLES examples per property (the
+Hypothesis mode runs `tests/test_fuzz_*.py` with FUZZ_EXAMPLES examples per property (the
 real-server properties get a sixth of them) and keeps failing examples in the git-ignored
 `bench/results/fuzz-db/` (replayed first next time). Atheris mode feeds libFuzzer's mutated
 bytes to:
@@ -14,8 +14,8 @@ bytes to:
   goes through one RtpTimeline with the same invariants as the property test (position is what
   was emitted, held packets bounded, nothing waiting after flush);
 * `dialects`: the bytes are split into WebSocket frames (text or binary) and fed to the session
-  `choose_session` picks, with a real registry and disk writer; the sidecar must be `finished`
-  and strict JSON and the WAV header must match its data.
+  `choose_session` picks, with a real registry and disk writer that flushes after some of them;
+  the sidecar must be `finished` and strict JSON and the WAV header must match its data.
 
 Arguments after `--` go to libFuzzer (e.g. `-runs=`, `-max_total_time=`, a corpus directory).
 """
@@ -41,7 +41,9 @@ def run_hypothesis(examples: int, pytest_args: list[str]) -> int:
     }
     command = [
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout=0",
-        "--hypothesis-show-statistics", "tests/test_fuzz.py", *pytest_args,
+        "--hypothesis-show-statistics",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_fuzz_*.py")),
+        *pytest_args,
     ]  # fmt: skip
     return subprocess.call(command, cwd=ROOT, env=env)
 
@@ -59,7 +61,7 @@ def split(data: bytes) -> list[bytes]:
 def rtp_target(data: bytes) -> None:
     from receiver.rtp.packet import RtpPacket, RtpParseError
     from receiver.rtp.timeline import RtpTimeline
-    from tests.test_fuzz import PARSE_REASONS, CountingOutput
+    from tests.fuzzing import PARSE_REASONS, CountingOutput
 
     output = CountingOutput(round(2.0 * 8000))
     timeline = RtpTimeline(output, jitter_window=0.06, max_gap=2.0, max_held=8)
@@ -82,16 +84,22 @@ def rtp_target(data: bytes) -> None:
 
 
 def dialects_target(data: bytes, directory: Path) -> None:
-    from tests.test_fuzz import check_sidecar, run_session
+    from tests.fuzzing import check_sidecar, run_session
 
     frames: list[str | bytes] = []
+    flush_after: set[int] = set()
     for piece in split(data):
-        if piece[:1] == b"t":  # a text frame: what follows, as UTF-8 (lossy, like a real peer)
+        # The first byte: "t" or "T" a text frame (what follows, as UTF-8, lossy like a real
+        # peer), anything else a binary frame; "T" and "B" also flush the registry after it.
+        kind = piece[:1]
+        if kind in (b"t", b"T"):
             frames.append(piece[1:].decode("utf-8", "replace"))
         else:
             frames.append(piece[1:])
+        if kind in (b"T", b"B"):
+            flush_after.add(len(frames) - 1)
     if frames:
-        check_sidecar(run_session(frames, directory))
+        check_sidecar(run_session(frames, directory, flush_after=flush_after))
 
 
 def run_atheris(target: str, libfuzzer_args: list[str]) -> int:

@@ -29,9 +29,30 @@ from typing import Any
 
 import numpy as np
 
-from receiver.rtp.datagrams import _Iovec, _Mmsghdr
-
 _LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+# sendmmsg(2)'s structures as Linux lays them out (struct iovec, msghdr, mmsghdr): the sender's
+# own, not the receiver's (receiver.rtp.datagrams has private ones for recvmmsg).
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = [
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.POINTER(_Iovec)),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    ]
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", _Msghdr), ("msg_len", ctypes.c_uint)]
+
 
 _HEADER = struct.Struct("!BBHII")
 

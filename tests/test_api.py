@@ -20,8 +20,19 @@ import numpy as np
 import pytest
 
 from receiver.rtp.packet import RtpPacket, TelephoneEvent
-from tests.conftest import TOKEN, ServerProcess, noise, read_wav, wait_for_sidecar
-from tests.test_ws_tap import BAD_IDS, new_id, send_tap, tap_url
+from tests.helpers import (
+    BAD_IDS,
+    TOKEN,
+    ServerProcess,
+    new_id,
+    noise,
+    read_wav,
+    send_tap,
+    tap_url,
+    wait_for_live,
+    wait_for_sidecar,
+    wait_for_wav_frames,
+)
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -324,17 +335,14 @@ def test_active_tap_has_live_counters_and_cannot_be_deleted(server: ServerProces
         ):
             await ws.send_bytes(chunk)
             await ws.send_bytes(chunk)
-            deadline = time.monotonic() + 10
-            detail: dict[str, Any] = {}
-            while time.monotonic() < deadline:
-                status, _, body = await asyncio.to_thread(
-                    request, server, "GET", f"/api/taps/{tap_id}", AUTH
-                )
-                if status == 200:
-                    detail = json.loads(body)
-                    if detail["live"]["frames_written"] == 3200:
-                        break
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(
+                wait_for_live,
+                server,
+                tap_id,
+                lambda live: live["frames_written"] == 3200,
+                "both chunks on disk",
+            )
+            detail = await asyncio.to_thread(get_json, server, f"/api/taps/{tap_id}")
             assert detail["state"] == "recording"
             assert detail["live"]["frames"] == 3200
             assert detail["live"]["frames_written"] == 3200
@@ -375,12 +383,12 @@ def test_rtp_tap_loss_and_dtmf_markers(server: ServerProcess) -> None:
         if n != 7:  # one packet lost of 20
             payload = audio[n * 160 : (n + 1) * 160]
             sock.sendto(RtpPacket(0, False, 500 + n, 160 * n, 0x77, payload).serialize(), dest)
-        time.sleep(0.003)
+        time.sleep(0.003)  # pacing: the sender spreads its packets out
     for i, end in enumerate((False, True, True, True)):
         event = TelephoneEvent(9, end, 10, 400).serialize()
         sock.sendto(RtpPacket(101, i == 0, 520 + i, 3200, 0x77, event).serialize(), dest)
     sock.close()
-    sidecar = wait_for_sidecar(server.recordings, name, timeout=15)
+    sidecar = wait_for_sidecar(server.recordings, name)
     assert sidecar["rtp"]["lost"] == 1 and sidecar["rtp"]["received"] == 23
     listing = get_json(server, f"/api/taps?q={name}&transport=rtp")
     (row,) = listing["taps"]
@@ -401,12 +409,8 @@ def test_interrupted_recording_after_kill_9(make_server: Any, tmp_path: Path) ->
             session.ws_connect(f"{first.ws_url}/tap/{tap_id}") as ws,
         ):
             await ws.send_bytes(sent)
-            wav = recordings / f"{tap_id}.wav"
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if wav.exists() and wav.stat().st_size > 6400 and read_wav(wav)[0].size == 3200:
-                    break  # the header already says 3200 frames
-                await asyncio.sleep(0.05)
+            # the header already says 3200 frames: all of it is on disk
+            await asyncio.to_thread(wait_for_wav_frames, recordings / f"{tap_id}.wav", 3200)
             first.kill9()
 
     asyncio.run(record_then_die())

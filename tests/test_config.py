@@ -14,7 +14,7 @@ import pytest
 from receiver import config
 from receiver.codecs.formats import FormatError, parse_content_type, parse_format_header
 from receiver.taps.tap_id import file_safe_id, is_valid_tap_id
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_shipped_config_file_lists_every_key_with_its_default() -> None:

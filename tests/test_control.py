@@ -19,7 +19,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.rtp.packet import RtpPacket
 from tests import reference
-from tests.conftest import TOKEN, ServerProcess, free_port, noise, read_wav, wait_for_sidecar
+from tests.helpers import (
+    DEADLINE,
+    TOKEN,
+    ServerProcess,
+    free_port,
+    noise,
+    read_wav,
+    wait_for_health,
+    wait_for_live_frames,
+    wait_for_sidecar,
+    wait_until,
+)
 
 SECRET = "webhook-secret-123"
 
@@ -35,7 +46,7 @@ def send_rtp(
             pt, n == 0, 500 + n, 1000 + 160 * n, 0xC0FFEE, audio[n * 160 : (n + 1) * 160]
         )
         sock.sendto(packet.serialize(), ("127.0.0.1", port))
-        time.sleep(0.002)
+        time.sleep(0.002)  # pacing: the sender spreads its packets out
     return sock
 
 
@@ -93,13 +104,14 @@ def test_registration_allocates_a_port_recorded_as_the_tap(pool_server: ServerPr
     }
     audio = noise(160 * 10, 1)
     send_rtp(port, audio, pt=8)
+    wait_for_live_frames(pool_server, "call-1", len(audio))
     # SignalWire says the tap finished: the tap ends at once (idle timeout is 60 s here)
     event = status_event(
         "call-1", "finished", {"type": "rtp", "params": {"addr": "x", "port": str(port)}}
     )
     status, result = asyncio.run(post(f"{pool_server.base_url}/signalwire/tap-status", event))
     assert status == 200 and result["result"] == "ended"
-    sidecar = wait_for_sidecar(pool_server.recordings, "call-1", timeout=3)
+    sidecar = wait_for_sidecar(pool_server.recordings, "call-1")
     samples, _ = read_wav(pool_server.recordings / "call-1.wav")
     assert np.array_equal(samples, reference.decode("PCMA", audio))
     assert sidecar["signalwire"]["call_id"] == "call-uuid-1"
@@ -124,7 +136,7 @@ def test_tapping_then_finished_names_and_ends_a_pool_tap(pool_server: ServerProc
     port = answer["rtp"]["port"]
     audio = noise(160 * 8, 2)
     sock = send_rtp(port, audio[: 160 * 4])
-    time.sleep(0.3)  # recording under the provisional name has begun
+    wait_for_live_frames(pool_server, "provisional-1", 160 * 4)  # recorded under that name
     device = {"type": "rtp", "params": {"addr": "203.0.113.1", "port": str(port), "codec": "PCMU"}}
     url = f"{pool_server.base_url}/signalwire/tap-status"
     assert (
@@ -135,11 +147,11 @@ def test_tapping_then_finished_names_and_ends_a_pool_tap(pool_server: ServerProc
             0, False, 500 + n, 1000 + 160 * n, 0xC0FFEE, audio[n * 160 : (n + 1) * 160]
         )
         sock.sendto(packet.serialize(), ("127.0.0.1", port))
-    time.sleep(0.2)
+    wait_for_live_frames(pool_server, "ctl-abc", 160 * 8)  # all of it reached the renamed tap
     assert (
         asyncio.run(post(url, status_event("ctl-abc", "finished", device)))[1]["result"] == "ended"
     )
-    sidecar = wait_for_sidecar(pool_server.recordings, "ctl-abc", timeout=3)
+    sidecar = wait_for_sidecar(pool_server.recordings, "ctl-abc")
     assert sidecar["tap_id"] == "ctl-abc" and sidecar["provisional_id"] == "provisional-1"
     assert sidecar["file"] == "ctl-abc.wav"
     samples, _ = read_wav(pool_server.recordings / "ctl-abc.wav")
@@ -191,12 +203,12 @@ def test_tapping_renames_a_websocket_tap_and_finished_closes_it(make_server: Any
             session.ws_connect(f"{server.ws_url}/t/{TOKEN}/tap/prov-ws") as ws,
         ):
             await ws.send_bytes(audio)
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(wait_for_live_frames, server, "prov-ws", len(audio))
             _, result = await post(url, status_event("ctl-ws", "tapping", device))
             assert result["result"] == "linked"
             _, result = await post(url, status_event("ctl-ws", "finished", device))
             assert result["result"] == "ended"
-            msg = await ws.receive(timeout=5)
+            msg = await ws.receive(timeout=DEADLINE)
             assert msg.type == aiohttp.WSMsgType.CLOSE and msg.extra == "tap finished"
             return int(msg.data)  # the close frame the server sent
 
@@ -231,8 +243,12 @@ def test_webhook_is_signed_and_retried(make_server: Any) -> None:
     received: list[tuple[bytes, dict[str, str]]] = []
 
     async def run() -> None:
+        retried = asyncio.Event()
+
         async def hook(request: web.Request) -> web.Response:
             received.append((await request.read(), dict(request.headers)))
+            if len(received) == 2:
+                retried.set()
             return web.Response(status=500 if len(received) == 1 else 200)
 
         app = web.Application()
@@ -253,12 +269,12 @@ def test_webhook_is_signed_and_retried(make_server: Any) -> None:
             session.ws_connect(f"{server.ws_url}/tap/hooked") as ws,
         ):
             await ws.send_bytes(b"\xff" * 1600)
-        deadline = time.monotonic() + 10
-        while len(received) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(retried.wait(), DEADLINE)  # the first try failed, the retry came
         await runner.cleanup()
-        health = server.health()
-        assert health is not None and health["webhooks"]["delivered"] == 1
+        health = await asyncio.to_thread(
+            wait_for_health, server, lambda h: h["webhooks"]["delivered"], "a delivery counted"
+        )
+        assert health["webhooks"]["delivered"] == 1
         assert health["webhooks"]["retries"] == 1
 
     asyncio.run(run())
@@ -300,11 +316,24 @@ def test_metrics_parse_and_match_the_traffic(make_server: Any) -> None:
             assert r.status == 200 and r.content_type == "text/plain"
             return await r.text()
 
-    time.sleep(0.3)
-    samples = {}
-    for family in text_string_to_metric_families(asyncio.run(scrape())):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        samples = {}
+        for family in text_string_to_metric_families(asyncio.run(scrape())):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
+
+    written = (3 * 1600 + 20 * 160) * 2
+
+    def settled() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        samples = scraped()
+        if samples.get(("tap_receiver_bytes_written_total", ())) != written:
+            return None
+        if samples.get(("tap_receiver_event_loop_lag_seconds_count", ()), 0) < 1:
+            return None
+        return samples
+
+    samples = wait_until(settled, "/metrics: everything written, the loop lag observed once")
     assert samples[("tap_receiver_taps_started_total", (("transport", "websocket"),))] == 3
     assert samples[("tap_receiver_taps_started_total", (("transport", "rtp"),))] == 1
     assert samples[("tap_receiver_taps_finished_total", (("transport", "websocket"),))] == 3
@@ -312,7 +341,7 @@ def test_metrics_parse_and_match_the_traffic(make_server: Any) -> None:
     assert samples[("tap_receiver_rtp_packets_total", (("outcome", "malformed"),))] == 1
     assert samples[("tap_receiver_rtp_packets_total", (("outcome", "lost"),))] == 0
     assert samples[("tap_receiver_websocket_messages_total", ())] == 6
-    assert samples[("tap_receiver_bytes_written_total", ())] == (3 * 1600 + 20 * 160) * 2
+    assert samples[("tap_receiver_bytes_written_total", ())] == written
     assert samples[("tap_receiver_write_batch_seconds_count", ())] >= 1
     assert samples[("tap_receiver_event_loop_lag_seconds_count", ())] >= 1
     # --log-format json: one object per line, with a start and an end line per tap

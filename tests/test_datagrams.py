@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import select
 import socket
 import sys
 import time
@@ -21,7 +21,7 @@ from receiver.rtp.datagrams import (
     open_reader,
 )
 from receiver.rtp.receiver import open_udp_socket
-from tests.conftest import ServerProcess
+from tests.helpers import ServerProcess, require_tool, wait_until
 
 FAMILIES = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
 
@@ -44,14 +44,21 @@ def pair(family: int, host: str) -> tuple[socket.socket, socket.socket]:
     return rx, tx
 
 
-def read_all(reader: Reader, rx: socket.socket) -> tuple[list[bytes], list[object], list[float]]:
+def read_all(
+    reader: Reader, rx: socket.socket, count: int
+) -> tuple[list[bytes], list[object], list[float]]:
+    """Read until `count` datagrams have come (waiting for them), then until the socket is
+    empty."""
     datas: list[bytes] = []
     keys: list[object] = []
     arrivals: list[float] = []
     while True:
         batch = reader.read(rx)
         if batch is None:
-            return datas, keys, arrivals
+            if len(datas) >= count:
+                return datas, keys, arrivals
+            wait_until(lambda: select.select([rx], [], [], 0)[0], f"{count} datagrams")
+            continue
         assert 0 < batch.count == len(batch.lengths) == len(batch.arrivals) <= BATCH
         datas += batch.datas()
         keys += [batch.key(i) for i in range(batch.count)]
@@ -75,8 +82,10 @@ def test_every_datagram_in_order_with_its_source(family: int, host: str, which: 
     for i, data in enumerate(sent):
         (tx if i % 3 else other).sendto(data, rx.getsockname())
     sent_by = time.monotonic()
-    time.sleep(0.3)  # read well after they came
-    datas, keys, arrivals = read_all(reader, rx)
+    # The stimulus, not a wait: reading starts 0.3 s after the last datagram came, so the kernel
+    # receive timestamps (when they came) cannot be mistaken for the time they were read.
+    time.sleep(0.3)
+    datas, keys, arrivals = read_all(reader, rx, len(sent))
     assert datas == sent
     assert all(type(d) is bytes for d in datas)
     sources = [reader.address(k) for k in keys]
@@ -97,8 +106,7 @@ def test_an_oversized_datagram_is_counted_and_the_rest_is_intact() -> None:
     tx.sendto(b"a" * 10, rx.getsockname())
     tx.sendto(b"b" * (MAX_DATAGRAM + 1), rx.getsockname())
     tx.sendto(b"c" * MAX_DATAGRAM, rx.getsockname())
-    time.sleep(0.02)
-    datas, _, _ = read_all(reader, rx)
+    datas, _, _ = read_all(reader, rx, 2)
     assert datas == [b"a" * 10, b"c" * MAX_DATAGRAM]
     assert reader.truncated == 1
     rx.close()
@@ -138,15 +146,15 @@ def test_socket_buffer_goes_past_rmem_max_as_root() -> None:
         sock.close()
 
 
-@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux)")
 def test_server_warns_when_the_socket_buffer_is_capped(make_server: Any) -> None:
     """Without CAP_NET_ADMIN the kernel caps SO_RCVBUF at net.core.rmem_max: the server says so
     at start, with the sysctl that fixes it; with a request within the cap it says nothing."""
+    setpriv = require_tool("setpriv")  # util-linux
     rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
     capped: ServerProcess = make_server(
         "--no-auth", "--rtp-recv-buffer", str(4 * rmem_max), start=False
     )
-    capped.args = ["setpriv", "--bounding-set=-net_admin", *capped.args]
+    capped.args = [setpriv, "--bounding-set=-net_admin", *capped.args]
     capped.start()
     assert f"RTP socket buffer is {rmem_max} bytes, not the {4 * rmem_max}" in capped.log()
     assert f"sysctl -w net.core.rmem_max={4 * rmem_max}" in capped.log()

@@ -3,12 +3,14 @@ scalar transliteration of ITU-T G.191, and ffmpeg's pcm_mulaw / pcm_alaw decoder
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
 from receiver.codecs import g711
 from tests import reference
-from tests.conftest import require_tool
+from tests.helpers import missing, require_tool
 
 ALL_CODES = bytes(range(256))
 ALL_SAMPLES = np.arange(-32768, 32768, dtype=np.int32).astype(np.int16)
@@ -21,10 +23,16 @@ def test_decode_all_codes_equals_g191(codec: str, expand: object) -> None:
     assert np.array_equal(g711.decode(codec, ALL_CODES), expected)
 
 
-@pytest.mark.skipif(reference.audioop is None, reason="audioop not importable")
+def audioop() -> Any:
+    """The stdlib C codec (Python >= 3.13: the audioop-lts test extra)."""
+    if reference.audioop is None:
+        missing("audioop is not importable (Python >= 3.13 needs audioop-lts, a test extra)")
+    return reference.audioop
+
+
 @pytest.mark.parametrize("codec", ["PCMU", "PCMA"])
 def test_decode_all_codes_equals_audioop(codec: str) -> None:
-    convert = reference.audioop.ulaw2lin if codec == "PCMU" else reference.audioop.alaw2lin
+    convert = audioop().ulaw2lin if codec == "PCMU" else audioop().alaw2lin
     expected = np.frombuffer(convert(ALL_CODES, 2), dtype="<i2")
     assert np.array_equal(g711.decode(codec, ALL_CODES), expected)
 
@@ -56,14 +64,14 @@ def test_encode_every_sample_equals_g191(codec: str, compress: object) -> None:
     assert g711.encode(codec, ALL_SAMPLES) == expected
 
 
-@pytest.mark.skipif(reference.audioop is None, reason="audioop not importable")
 def test_encode_against_audioop() -> None:
+    stdlib = audioop()
     pcm = ALL_SAMPLES.tobytes()
-    assert g711.encode("PCMA", ALL_SAMPLES) == reference.audioop.lin2alaw(pcm, 2)
+    assert g711.encode("PCMA", ALL_SAMPLES) == stdlib.lin2alaw(pcm, 2)
     # audioop's mu-law encoder uses two's complement magnitudes: it differs from G.191 by one
     # code on exactly 508 negative inputs (performance.md). Ours follows G.191.
     ours = np.frombuffer(g711.encode("PCMU", ALL_SAMPLES), dtype=np.uint8)
-    theirs = np.frombuffer(reference.audioop.lin2ulaw(pcm, 2), dtype=np.uint8)
+    theirs = np.frombuffer(stdlib.lin2ulaw(pcm, 2), dtype=np.uint8)
     differ = np.nonzero(ours != theirs)[0]
     assert len(differ) == 508
     assert (ALL_SAMPLES[differ] < 0).all()

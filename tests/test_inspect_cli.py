@@ -16,12 +16,20 @@ import wave
 from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile
 
 from receiver.storage.wav_header import repair_wav
-from tests.conftest import ROOT, ServerProcess, assert_header_matches_data, noise, wait_for_sidecar
-from tests.test_ws_tap import new_id, send_tap, tap_url
+from tests.helpers import (
+    ROOT,
+    ServerProcess,
+    assert_header_matches_data,
+    missing,
+    new_id,
+    noise,
+    send_tap,
+    tap_url,
+    wait_for_sidecar,
+)
 
 HOUR_AGO = time.time() - 3600
 
@@ -165,7 +173,7 @@ def test_repair_upgrades_past_4_gib_to_rf64(server: ServerProcess, tmp_path: Pat
     size = start + 2**32 + 1000  # the data passes 4 GiB (a hole: no disk space used)
     os.truncate(big, size)
     if os.stat(big).st_blocks * 512 > 2**30:
-        pytest.skip("this filesystem has no sparse files")
+        missing("the filesystem of the test's temporary folder has no sparse files")
     plan = repair_wav(big)
     assert plan.problem is None
     with big.open("rb") as fh:

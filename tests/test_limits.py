@@ -19,12 +19,16 @@ import soundfile
 from receiver.rtp.packet import RtpPacket
 from receiver.taps.admission import AddressFilter, RateLimiter
 from tests import reference
-from tests.conftest import (
+from tests.helpers import (
+    DEADLINE,
     ServerProcess,
     assert_header_matches_data,
     noise,
     read_wav,
+    wait_for_health,
+    wait_for_live_frames,
     wait_for_sidecar,
+    wait_for_wav_frames,
     ws_connect_status,
 )
 
@@ -65,7 +69,9 @@ def test_websocket_capacity_is_refused_with_503(make_server: Any) -> None:
         for ws in held:
             await ws.close()
         await session.close()
-        await asyncio.sleep(0.2)
+        await asyncio.to_thread(
+            wait_for_health, server, lambda h: h["active_taps"] == 0, "both taps ended"
+        )
         return [third, await ws_connect_status(f"{server.ws_url}/tap/cap3")]
 
     assert asyncio.run(run()) == [503, 101]
@@ -97,9 +103,8 @@ def test_below_min_free_space_taps_are_refused(make_server: Any) -> None:
     assert health is not None and health["low_disk"] is True
     assert asyncio.run(ws_connect_status(f"{server.ws_url}/tap/nospace")) == 503
     rtp_burst(server.rtp_port)
-    time.sleep(0.3)
-    health = server.health()
-    assert health is not None and health["rtp"]["refused_low_disk"] == 1
+    health = wait_for_health(server, lambda h: h["rtp"]["datagrams"] == 5, "the burst read")
+    assert health["rtp"]["refused_low_disk"] == 1
     assert not [p for p in server.recordings.iterdir() if not p.name.startswith(".")]
     assert "refusing new taps" in server.log()
 
@@ -116,9 +121,9 @@ def test_crossing_the_floor_finalizes_open_taps_cleanly(make_server: Any, tmpfs:
             session.ws_connect(f"{server.ws_url}/tap/before-full") as ws,
         ):
             await ws.send_bytes(sent)
-            await asyncio.sleep(0.4)
+            await asyncio.to_thread(wait_for_live_frames, server, "before-full", len(sent))
             (small_disk / "filler").write_bytes(b"\0" * (3 * 1024 * 1024 + 512 * 1024))
-            msg = await ws.receive(timeout=5)  # the server closes: try again later
+            msg = await ws.receive(timeout=DEADLINE)  # the server closes: try again later
             assert msg.type == aiohttp.WSMsgType.CLOSE
             code = int(msg.data)
         refused = await ws_connect_status(f"{server.ws_url}/tap/while-full")
@@ -130,10 +135,8 @@ def test_crossing_the_floor_finalizes_open_taps_cleanly(make_server: Any, tmpfs:
     samples, _ = read_wav(recordings / "before-full.wav")
     assert np.array_equal(samples, reference.decode("PCMU", sent))  # finalized, nothing lost
     (small_disk / "filler").unlink()
-    deadline = time.monotonic() + 5
-    while asyncio.run(ws_connect_status(f"{server.ws_url}/tap/after")) != 101:
-        assert time.monotonic() < deadline, "taps not accepted again after space came back"
-        time.sleep(0.3)
+    wait_for_health(server, lambda h: not h["low_disk"], "free space back above the floor")
+    assert asyncio.run(ws_connect_status(f"{server.ws_url}/tap/after")) == 101
 
 
 def test_max_tap_duration_split_keeps_every_sample(make_server: Any) -> None:
@@ -147,7 +150,7 @@ def test_max_tap_duration_split_keeps_every_sample(make_server: Any) -> None:
         ):
             for i in range(0, len(sent), 800):
                 await ws.send_bytes(sent[i : i + 800])
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # pacing: real time, 800 samples every 0.1 s
 
     asyncio.run(run())
     names = ["long", "long.1", "long.2", "long.3"]
@@ -165,7 +168,7 @@ def test_max_tap_duration_split_keeps_every_sample(make_server: Any) -> None:
 def test_max_tap_duration_stop(make_server: Any) -> None:
     server = make_server(
         "--no-auth", "--max-tap-duration", "0.5", "--max-tap-duration-action", "stop",
-        "--rtp-idle-timeout", "0.5",
+        "--rtp-idle-timeout", "30",  # the stopped stream outlives any pause of a busy sender
     )  # fmt: skip
 
     async def run() -> int | None:
@@ -173,12 +176,12 @@ def test_max_tap_duration_stop(make_server: Any) -> None:
             aiohttp.ClientSession() as session,
             session.ws_connect(f"{server.ws_url}/tap/capped") as ws,
         ):
-            reader = asyncio.create_task(ws.receive(timeout=10))
+            reader = asyncio.create_task(ws.receive(timeout=DEADLINE))
             for _ in range(30):
                 if reader.done():
                     break  # the server closed: a sender stops here
                 await ws.send_bytes(b"\xff" * 800)
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # pacing: real time, 800 samples every 0.1 s
             msg = await reader
             assert msg.type == aiohttp.WSMsgType.CLOSE
             return int(msg.data)  # the close frame the server sent
@@ -192,11 +195,13 @@ def test_max_tap_duration_stop(make_server: Any) -> None:
     for n in range(80):  # 1.6 s of RTP: stopped after 0.5 s, the rest dropped, no second file
         sock.sendto(RtpPacket(0, False, n, 160 * n, 9, b"\xff" * 160).serialize(),
                     ("127.0.0.1", server.rtp_port))  # fmt: skip
-        time.sleep(0.02)
+        time.sleep(0.02)  # pacing: real time, a packet every 20 ms
     name = f"rtp-127.0.0.1-{sock.getsockname()[1]}"
     rtp = wait_for_sidecar(server.recordings, name)
     assert rtp["end_reason"] == "max_tap_duration"
-    time.sleep(1.0)
+    # every packet read, and none of those after the stop started a second recording
+    health = wait_for_health(server, lambda h: h["rtp"]["datagrams"] == 80, "all 80 packets read")
+    assert health["taps_started"] == 2  # the WebSocket tap and this stream, nothing else
     assert sorted(p.name for p in server.recordings.glob(f"{name}*")) == [
         f"{name}.json",
         f"{name}.wav",
@@ -208,9 +213,8 @@ def test_allow_lists(make_server: Any) -> None:
     assert closed.health() is not None  # /healthz stays open (container health checks)
     assert asyncio.run(ws_connect_status(f"{closed.ws_url}/tap/denied")) == 403
     rtp_burst(closed.rtp_port)
-    time.sleep(0.3)
-    health = closed.health()
-    assert health is not None and health["rtp"]["refused_not_allowed"] == 1
+    health = wait_for_health(closed, lambda h: h["rtp"]["datagrams"] == 5, "the burst read")
+    assert health["rtp"]["refused_not_allowed"] == 1
     assert not [p for p in closed.recordings.iterdir() if not p.name.startswith(".")]
     opened = make_server(
         "--no-auth", "--http-allow", "127.0.0.0/8, ::1/128", "--rtp-allow", "127.0.0.1/32"
@@ -223,15 +227,16 @@ def test_slow_and_half_open_clients_are_closed(make_server: Any) -> None:
     idle = socket.create_connection(("127.0.0.1", server.http_port))
     slow = socket.create_connection(("127.0.0.1", server.http_port))
     slow.sendall(b"GET /tap/slow HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n")
-    started = time.monotonic()
     for sock in (idle, slow):
-        sock.settimeout(5)
+        # The server closes both. Without http_request_timeout it would keep them for aiohttp's
+        # keep-alive default (75 s): the wait for the close gives up before that, and fails.
+        sock.settimeout(DEADLINE)
         try:
             while sock.recv(4096):
                 pass
         except ConnectionResetError:
             pass
-    assert time.monotonic() - started < 3
+        sock.close()
     assert server.health() is not None
 
 
@@ -248,7 +253,8 @@ def test_crash_recovery_at_start(make_server: Any, tmp_path: Path) -> None:
             session.ws_connect(f"{first.ws_url}/tap/crashed") as ws,
         ):
             await ws.send_bytes(sent)
-            await asyncio.sleep(0.5)
+            # the header says all of it is on disk
+            await asyncio.to_thread(wait_for_wav_frames, recordings / "crashed.wav", len(sent))
             first.kill9()
 
     asyncio.run(record_then_die())
@@ -339,7 +345,7 @@ def test_split_keeps_stereo_tracks_aligned(make_server: Any) -> None:
                     await ws.send_str(media("inbound", n, inbound))
                 if n > 5:
                     await ws.send_str(media("outbound", n - 5, outbound))
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # pacing: real time, a chunk every 20 ms
 
     asyncio.run(run())
     names = sorted(

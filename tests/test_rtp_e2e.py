@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,18 @@ import pytest
 from bench.rtp_load import RAW_BASE_PORT, payload_for, raw_socket
 from receiver.rtp.packet import RtpPacket, TelephoneEvent
 from tests import reference
-from tests.conftest import (
+from tests.helpers import (
     ROOT,
     ServerProcess,
     assert_header_matches_data,
+    missing,
     noise,
     read_wav,
     require_tool,
+    wait_for_health,
+    wait_for_live_frames,
     wait_for_sidecar,
+    wait_until,
 )
 
 IDLE = "0.5"
@@ -54,7 +57,7 @@ def packet(seq: int, ts: int, payload: bytes, pt: int = 0, ssrc: int = 0xABCD, *
 
 
 def finished_recording(server: ServerProcess, name: str) -> tuple[np.ndarray, dict[str, Any]]:
-    sidecar = wait_for_sidecar(server.recordings, name, timeout=15)
+    sidecar = wait_for_sidecar(server.recordings, name)
     wav = server.recordings / f"{name}.wav"
     samples, rate = read_wav(wav)
     assert rate == 8000
@@ -63,14 +66,27 @@ def finished_recording(server: ServerProcess, name: str) -> tuple[np.ndarray, di
 
 
 def only_rtp_recording(server: ServerProcess) -> str:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        names = [p.stem for p in server.recordings.glob("rtp-*.json")]
-        if names:
-            assert len(names) == 1, names
-            return names[0]
-        time.sleep(0.05)
-    raise AssertionError("no RTP recording appeared")
+    names = wait_until(
+        lambda: [p.stem for p in server.recordings.glob("rtp-*.json")], "an RTP recording"
+    )
+    assert len(names) == 1, names
+    return names[0]
+
+
+def finished_sidecars(server: ServerProcess, count: int) -> list[dict[str, Any]]:
+    """Wait until `count` RTP recordings are finished; return their sidecars."""
+
+    def finished() -> list[dict[str, Any]]:
+        sidecars = []
+        for path in server.recordings.glob("rtp-*.json"):
+            try:
+                sidecars.append(json.loads(path.read_text()))
+            except ValueError:  # being replaced right now
+                return []
+        done = [s for s in sidecars if s["state"] == "finished"]
+        return sidecars if len(done) == len(sidecars) >= count else []
+
+    return wait_until(finished, f"{count} finished RTP recordings")
 
 
 @pytest.mark.parametrize(("codec", "ffmpeg_format"), [("PCMU", "mulaw"), ("PCMA", "alaw")])
@@ -139,7 +155,7 @@ def test_loss_reorder_duplicates_over_real_udp(rtp_server: ServerProcess) -> Non
         sock.sendto(
             packet(base_seq + n, base_ts + 160 * n, chunks[n]), ("127.0.0.1", rtp_server.rtp_port)
         )
-        time.sleep(0.005)
+        time.sleep(0.005)  # pacing: the sender spreads its packets out
     name = tap_name(sock)
     samples, sidecar = finished_recording(rtp_server, name)
     expected = reference.decode("PCMU", audio).copy()
@@ -152,18 +168,13 @@ def test_loss_reorder_duplicates_over_real_udp(rtp_server: ServerProcess) -> Non
     assert rtp["last_timestamp"] == (base_ts + 160 * 19) & 0xFFFFFFFF
 
 
-def live_rtp(server: ServerProcess, name: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{server.base_url}/api/taps/{name}", timeout=5) as response:
-        live: dict[str, Any] = json.load(response)["live"]
-    return live
-
-
 def test_a_gap_is_given_up_after_the_jitter_window_while_the_sender_pauses(
     make_server: Any,
 ) -> None:
     """Packets held behind a gap are released once the jitter window (200 ms) has passed, even
     when no further packet arrives to trigger it; afterwards the stream goes on in order."""
-    server: ServerProcess = make_server("--no-auth", "--rtp-idle-timeout", "5")
+    # the idle timeout is far away: only the jitter window can release the held packets
+    server: ServerProcess = make_server("--no-auth", "--rtp-idle-timeout", "60")
     sock = sender()
     audio = noise(160 * 12, seed=5)
     chunks = [audio[i * 160 : (i + 1) * 160] for i in range(12)]
@@ -171,20 +182,17 @@ def test_a_gap_is_given_up_after_the_jitter_window_while_the_sender_pauses(
     def send(numbers: list[int]) -> None:
         for n in numbers:
             sock.sendto(packet(n, 160 * n, chunks[n]), ("127.0.0.1", server.rtp_port))
-            time.sleep(0.005)
+            time.sleep(0.005)  # pacing: the sender spreads its packets out
 
     send([0, 1, 2, 3, 4, 6, 7])  # 5 lost: 6 and 7 wait behind it
     name = tap_name(sock)
-    time.sleep(0.6)
-    live = live_rtp(server, name)
-    assert live["frames"] == 8 * 160  # released, with 5 as silence, before the stream ended
+    # released, with 5 as silence, while the stream goes on (nothing else comes to trigger it)
+    live = wait_for_live_frames(server, name, 8 * 160)
     assert (live["rtp"]["lost"], live["rtp"]["received"]) == (1, 7)
     send(list(range(8, 12)))
-    deadline = time.monotonic() + 5
-    while live_rtp(server, name)["frames"] != 12 * 160 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert live_rtp(server, name)["rtp"]["received"] == 11
-    server.stop()
+    live = wait_for_live_frames(server, name, 12 * 160)
+    assert live["rtp"]["received"] == 11
+    assert server.stop() == 0
     samples, sidecar = finished_recording(server, name)
     expected = reference.decode("PCMU", audio).copy()
     expected[5 * 160 : 6 * 160] = 0
@@ -199,26 +207,24 @@ def test_a_stall_of_the_receiver_does_not_split_calls(make_server: Any) -> None:
     meanwhile (their last handled packets look old). Each call stays one complete recording."""
     server: ServerProcess = make_server("--no-auth", "--rtp-idle-timeout", "0.5")
     assert server.proc is not None
-    streams, seconds = 300, 5
-    start_at = time.time() + 1.5
+    streams, seconds = 300, 6
+    start_at = time.time() + 1.5  # the sender's own schedule: every call starts then
     load = subprocess.Popen(
         [sys.executable, "-m", "bench.rtp_load", "--port", str(server.rtp_port),
          "--streams", str(streams), "--seconds", str(seconds), "--seed", "4",
          "--sender", "sockets", "--start-at", repr(start_at)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(max(0.0, start_at + 1.0 - time.time()))
+    wait_for_health(server, lambda h: h["rtp"]["active_streams"] == streams, "every call under way")
     server.proc.send_signal(signal.SIGSTOP)
+    # The stimulus, not a wait: the server stays frozen for 2 s of wall time (4x the idle
+    # timeout) while the calls go on. A stopped process has no state to wait on.
     time.sleep(2.0)
     server.proc.send_signal(signal.SIGCONT)
+    assert load.poll() is None, "the calls ended before the stall was over: nothing was tested"
     out, _ = load.communicate(timeout=60)
     assert json.loads(out)["packets_sent"] == streams * seconds * 50
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        sidecars = [json.loads(p.read_text()) for p in server.recordings.glob("rtp-*.json")]
-        if len(sidecars) >= streams and all(s["state"] == "finished" for s in sidecars):
-            break
-        time.sleep(0.2)
+    sidecars = finished_sidecars(server, streams)
     assert len(sidecars) == streams, f"{len(sidecars) - streams} calls split by the stall"
     for sidecar in sidecars:
         assert sidecar["frames_written"] == seconds * 8000  # what the kernel dropped is silence
@@ -243,11 +249,11 @@ def test_dtmf_cn_and_ssrc_change_on_one_source(rtp_server: ServerProcess) -> Non
     # comfort noise, then 100 ms later audio again: the gap is silence, not loss
     sock.sendto(packet(seq, ts + 800 + 640, b"\x40", pt=13), dest)
     seq += 1
-    time.sleep(0.05)
+    time.sleep(0.05)  # pacing: the sender pauses, as after comfort noise
     resume = ts + 800 + 640 + 800
     for n in range(5):
         sock.sendto(packet(seq + n, resume + 160 * n, b[n * 160 : (n + 1) * 160], pt=8), dest)
-    time.sleep(0.05)
+    time.sleep(0.05)  # pacing: the sender pauses before it restarts
     # the sender restarts with a new SSRC and new numbering: same file, right after
     c = noise(160 * 3, 6)
     for n in range(3):
@@ -287,21 +293,22 @@ def test_dtmf_cn_and_ssrc_change_on_one_source(rtp_server: ServerProcess) -> Non
 def test_one_stray_packet_of_another_ssrc_does_not_hijack_the_stream(
     rtp_server: ServerProcess, stray: bytes, counted_as: str
 ) -> None:
-    """Issue 16: 250 packets of a call and, after the 101st, one datagram with another SSRC from
-    the same source. The WAV is still the call, sample for sample, and the stray is counted."""
+    """Issue 16: a call and, after its 26th packet, one datagram with another SSRC from the same
+    source. The WAV is still the call, sample for sample, and the stray is counted."""
     sock = sender()
     dest = ("127.0.0.1", rtp_server.rtp_port)
-    audio = noise(160 * 250, seed=16)
-    for n in range(250):
+    count = 60
+    audio = noise(160 * count, seed=16)
+    for n in range(count):
         sock.sendto(packet(n, 160 * n, audio[n * 160 : (n + 1) * 160]), dest)
-        if n == 100:
+        if n == 25:
             sock.sendto(stray, dest)
-        time.sleep(0.002)
+        time.sleep(0.02)  # pacing: a real-time sender (faster audio would run ahead of time)
     samples, sidecar = finished_recording(rtp_server, tap_name(sock))
-    assert sidecar["frames_written"] == 250 * 160
+    assert sidecar["frames_written"] == count * 160
     assert np.array_equal(samples, reference.decode("PCMU", audio))
     rtp = sidecar["rtp"]
-    assert (rtp["received"] + rtp["rtcp"], rtp["lost"], rtp["stale_ssrc"]) == (251, 0, 0)
+    assert (rtp["received"] + rtp["rtcp"], rtp["lost"], rtp["stale_ssrc"]) == (count + 1, 0, 0)
     assert rtp[counted_as] == 1
     assert rtp["ssrcs"] == ["0x0000abcd"]
     assert not [e for e in sidecar["events"] if e["type"] == "ssrc_change"]
@@ -348,7 +355,7 @@ def test_stream_cap_refuses_new_sources(make_server: Any) -> None:
     for n in range(5):
         for sock in socks:
             sock.sendto(packet(n, 160 * n, b"\xff" * 160), dest)
-        time.sleep(0.02)
+        time.sleep(0.02)  # pacing: real time, a packet every 20 ms
     for sock in socks[:2]:
         finished_recording(server, tap_name(sock))
     assert not list(server.recordings.glob(f"{tap_name(socks[2])}*"))
@@ -365,16 +372,12 @@ def can_send_raw() -> bool:
     return sock is not None
 
 
-@pytest.mark.parametrize(
-    "sender",
-    [
-        "sockets",
-        pytest.param("raw", marks=pytest.mark.skipif(not can_send_raw(), reason="no CAP_NET_RAW")),
-    ],
-)
+@pytest.mark.parametrize("sender", ["sockets", "raw"])
 def test_load_smoke_300_streams_real_time(make_server: Any, sender: str) -> None:
     """300 concurrent 20 ms streams for 10 s from a separate process: nothing lost. Both ways the
     load generator sends: a UDP socket per stream, and whole packets over one raw socket."""
+    if sender == "raw" and not can_send_raw():
+        missing("cannot open a raw socket (needs CAP_NET_RAW: root)")
     server = make_server("--no-auth", "--rtp-idle-timeout", "1", "--flush-interval", "1")
     streams, seconds = 300, 10
     result = subprocess.run(
@@ -386,13 +389,7 @@ def test_load_smoke_300_streams_real_time(make_server: Any, sender: str) -> None
     summary = json.loads(result.stdout)
     assert summary["sender"] == sender
     assert summary["packets_sent"] == streams * seconds * 50
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done = [p for p in server.recordings.glob("rtp-*.json") if '"finished"' in p.read_text()]
-        if len(done) == streams:
-            break
-        time.sleep(0.2)
-    sidecars = [json.loads(p.read_text()) for p in server.recordings.glob("rtp-*.json")]
+    sidecars = finished_sidecars(server, streams)
     assert len(sidecars) == streams
     received = sum(s["rtp"]["received"] for s in sidecars)
     assert received == summary["packets_sent"], (

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from tests import reference
-from tests.conftest import (
+from tests.helpers import (
+    DEADLINE,
     ServerProcess,
     assert_header_matches_data,
     noise,
@@ -334,7 +335,7 @@ def test_unsupported_media_format_closes_1003(srv: ServerProcess) -> None:
             session.ws_connect(f"{srv.ws_url}/stream/{tap_id}") as ws,
         ):
             await ws.send_str(json.dumps(start(["inbound"], "audio/opus", 48000)))
-            msg = await ws.receive(timeout=5)
+            msg = await ws.receive(timeout=DEADLINE)
             assert msg.type == aiohttp.WSMsgType.CLOSE
             return ws.close_code
 
@@ -364,7 +365,7 @@ def test_g711_cannot_be_declared_stereo(srv: ServerProcess) -> None:
             session.ws_connect(f"{srv.ws_url}/tap/{tap_id}") as ws,
         ):
             await ws.send_str("content-type:audio/mulaw;rate=8000;channels=2")
-            msg = await ws.receive(timeout=5)
+            msg = await ws.receive(timeout=DEADLINE)
             assert msg.type == aiohttp.WSMsgType.CLOSE
             return int(msg.data)
 

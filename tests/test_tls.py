@@ -12,43 +12,23 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import ROOT, TOKEN, ServerProcess, free_port, noise
-from tests.test_ws_tap import check_recording, new_id
-
-trustme = pytest.importorskip("trustme")
-
-
-@dataclass
-class Certificates:
-    ca: Any  # trustme.CA: the root the clients trust
-    cert: Path  # server certificate chain: leaf, then the intermediate CA
-    key: Path
-
-    def client_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        self.ca.configure_trust(context)
-        return context
-
-
-def make_certificates(directory: Path) -> Certificates:
-    """A root CA, an intermediate, and a server certificate for 127.0.0.1 and localhost signed by
-    the intermediate: the server must send the whole chain for a client that trusts the root."""
-    directory.mkdir(parents=True, exist_ok=True)
-    root = trustme.CA()
-    leaf = root.create_child_ca().issue_cert("127.0.0.1", "localhost")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(key))
-    for path in (cert, key):
-        path.chmod(0o644)  # readable by a container's unprivileged user, too
-    return Certificates(root, cert, key)
+from tests.helpers import (
+    ROOT,
+    TOKEN,
+    Certificates,
+    ServerProcess,
+    check_recording,
+    free_port,
+    make_certificates,
+    new_id,
+    noise,
+)
 
 
 class TlsServerProcess(ServerProcess):
@@ -65,12 +45,12 @@ class TlsServerProcess(ServerProcess):
     def ws_url(self) -> str:
         return f"wss://127.0.0.1:{self.http_port}"
 
-    def health(self) -> dict[str, Any] | None:
+    def health(self, timeout: float = 10.0) -> dict[str, Any] | None:
         opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self.context)
         )
         try:
-            with opener.open(f"{self.base_url}/healthz", timeout=2) as response:
+            with opener.open(f"{self.base_url}/healthz", timeout=timeout) as response:
                 result: dict[str, Any] = json.load(response)
                 return result
         except (OSError, ValueError):

@@ -16,8 +16,16 @@ import numpy as np
 import pytest
 
 from receiver.rtp.packet import RtpPacket, TelephoneEvent
-from tests.conftest import TOKEN, ServerProcess, require_tool, wait_for_sidecar
-from tests.test_ws_tap import new_id, send_tap, tap_url
+from tests.helpers import (
+    TOKEN,
+    ServerProcess,
+    new_id,
+    require_module,
+    require_tool,
+    send_tap,
+    tap_url,
+    wait_for_sidecar,
+)
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -34,7 +42,7 @@ AMPLITUDE = 0.5  # of full scale: the waveform spans half the canvas height each
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     executable = require_tool("chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = require_module("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
         yield chromium
@@ -63,12 +71,12 @@ def record_rtp_with_dtmf(server: ServerProcess) -> str:
     payload = bytes(np.random.default_rng(3).integers(0, 256, 160, dtype=np.uint8))
     for n in range(50):  # 1 s of PCMU, a DTMF "4" at 0.5 s
         sock.sendto(RtpPacket(0, False, 10 + n, 160 * n, 0x99, payload).serialize(), dest)
-        time.sleep(0.002)
+        time.sleep(0.02)  # pacing: a real-time sender (faster audio would run ahead of time)
     for i, end in enumerate((False, True, True, True)):
         event = TelephoneEvent(4, end, 10, 800).serialize()
         sock.sendto(RtpPacket(101, i == 0, 60 + i, 4000, 0x99, event).serialize(), dest)
     sock.close()
-    wait_for_sidecar(server.recordings, name, timeout=15)
+    wait_for_sidecar(server.recordings, name)
     return name
 
 

@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from typing import Any
 
@@ -16,23 +15,30 @@ import numpy as np
 
 from bench.rtp_load import payload_for
 from tests import reference
-from tests.conftest import ROOT, assert_header_matches_data, read_wav, wait_for_sidecar
+from tests.helpers import (
+    ROOT,
+    assert_header_matches_data,
+    read_wav,
+    wait_for_sidecar,
+    wait_until,
+    wav_frames,
+)
 
 
-def _finished_sidecars(server: Any, pattern: str, count: int, timeout: float) -> list[Any]:
-    deadline = time.monotonic() + timeout
-    sidecars: list[Any] = []
-    while time.monotonic() < deadline:
+def _finished_sidecars(server: Any, pattern: str, count: int) -> list[Any]:
+    """Wait until at least `count` recordings matching `pattern` exist, all finished."""
+
+    def finished() -> list[Any]:
         sidecars = []
         for path in server.recordings.glob(pattern):
             try:
                 sidecars.append(json.loads(path.read_text()))
-            except ValueError:
-                continue
-        if len(sidecars) >= count and all(s["state"] == "finished" for s in sidecars):
-            break
-        time.sleep(0.1)
-    return sidecars
+            except ValueError:  # being replaced right now
+                return []
+        done = len(sidecars) >= count and all(s["state"] == "finished" for s in sidecars)
+        return sidecars if done else []
+
+    return wait_until(finished, f"{count} finished recordings {pattern}")
 
 
 def test_rtp_sources_each_land_on_one_worker_and_are_exact(make_server: Any) -> None:
@@ -46,7 +52,7 @@ def test_rtp_sources_each_land_on_one_worker_and_are_exact(make_server: Any) -> 
     )  # fmt: skip
     summary = json.loads(result.stdout)
     assert summary["packets_sent"] == streams * seconds * 50
-    sidecars = _finished_sidecars(server, "rtp-*.json", streams, 20)
+    sidecars = _finished_sidecars(server, "rtp-*.json", streams)
     # One tap per source: a stream that split across workers would make two files.
     assert len(sidecars) == streams, server.log()
     per_worker = Counter(s["worker"] for s in sidecars)
@@ -70,6 +76,14 @@ def test_rtp_sources_each_land_on_one_worker_and_are_exact(make_server: Any) -> 
     assert server.stop() == 0
 
 
+def recording_everywhere(server: Any) -> bool:
+    wavs = [server.recordings / f"ws-worker-{i}.wav" for i in range(8)]
+    if not all(wav_frames(wav) == 160 for wav in wavs):
+        return False
+    rtp = list(server.recordings.glob("rtp-*.wav"))
+    return len(rtp) == 20 and all(wav_frames(wav) for wav in rtp)
+
+
 async def _open_ws_taps(url: str, count: int) -> tuple[aiohttp.ClientSession, list[Any]]:
     session = aiohttp.ClientSession()
     sockets = [await session.ws_connect(f"{url}/tap/ws-worker-{i}") for i in range(count)]
@@ -90,7 +104,9 @@ def test_sigterm_to_the_parent_finalizes_every_workers_taps(make_server: Any) ->
 
     async def scenario() -> int:
         session, sockets = await _open_ws_taps(server.ws_url, 8)
-        await asyncio.sleep(1.5)
+        # Every tap under way, whichever worker has it (the API answers for one worker only):
+        # each WebSocket tap's 160 frames and some audio of every RTP stream are on disk.
+        await asyncio.to_thread(wait_until, lambda: recording_everywhere(server), "every tap")
         code = await asyncio.get_running_loop().run_in_executor(None, server.stop)
         closes = [await ws.receive() for ws in sockets]
         assert all(msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
@@ -104,9 +120,9 @@ def test_sigterm_to_the_parent_finalizes_every_workers_taps(make_server: Any) ->
         sender.kill()
         sender.wait()
     assert code == 0, server.log()
-    rtp = _finished_sidecars(server, "rtp-*.json", 20, 5)
+    rtp = _finished_sidecars(server, "rtp-*.json", 20)
     assert len(rtp) == 20 and all(s["end_reason"] == "shutdown" for s in rtp)
-    ws = [wait_for_sidecar(server.recordings, f"ws-worker-{i}", timeout=5) for i in range(8)]
+    ws = [wait_for_sidecar(server.recordings, f"ws-worker-{i}") for i in range(8)]
     assert all(s["frames_written"] == 160 for s in ws)
     assert {s["worker"] for s in rtp + ws} == {0, 1}
     assert not list(server.recordings.glob("*.1.json"))  # no clashing names

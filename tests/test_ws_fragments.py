@@ -18,7 +18,7 @@ import pytest
 
 from bench.rtp_load import payload_for
 from tests import reference
-from tests.conftest import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
+from tests.helpers import ServerProcess, assert_header_matches_data, read_wav, wait_for_sidecar
 
 TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 MAX_MESSAGE = 65536  # the default ws_max_message_size

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,59 +13,21 @@ import numpy as np
 import pytest
 
 from tests import reference
-from tests.conftest import (
+from tests.helpers import (
+    BAD_IDS,
+    DEADLINE,
     TOKEN,
     ServerProcess,
     assert_header_matches_data,
+    check_recording,
+    new_id,
     noise,
     read_wav,
+    send_tap,
+    tap_url,
+    wait_for_live_frames,
     wait_for_sidecar,
 )
-
-
-def new_id(prefix: str = "tap") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-async def send_tap(
-    url: str,
-    frames: list[bytes | str],
-    headers: dict[str, str] | None = None,
-    pause: float = 0.0,
-) -> dict[str, Any]:
-    """Connect, send frames (bytes = binary, str = text), close; report what the server did."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.ws_connect(url, headers=headers, max_msg_size=0) as ws,
-    ):
-        for frame in frames:
-            if isinstance(frame, str):
-                await ws.send_str(frame)
-            else:
-                await ws.send_bytes(frame)
-            if pause:
-                await asyncio.sleep(pause)
-        await ws.close()
-        return {"close_code": ws.close_code}
-
-
-def tap_url(server: ServerProcess, tap_id: str, query: str = "") -> str:
-    return f"{server.ws_url}/t/{TOKEN}/tap/{tap_id}{query}"
-
-
-def check_recording(server: ServerProcess, name: str, codec: str, sent: bytes) -> dict[str, Any]:
-    sidecar = wait_for_sidecar(server.recordings, name)
-    wav = server.recordings / f"{name}.wav"
-    samples, rate = read_wav(wav)
-    expected = reference.decode(codec, sent)
-    assert rate == 8000
-    assert samples.dtype == np.int16 and samples.ndim == 1
-    assert len(samples) == len(expected) == len(sent)
-    assert np.array_equal(samples, expected)
-    assert assert_header_matches_data(wav) == len(sent)
-    assert sidecar["frames_written"] == len(sent)
-    assert sidecar["duration_seconds"] == pytest.approx(len(sent) / 8000)
-    return sidecar
 
 
 def test_pcmu_tap_is_bit_exact_with_sidecar(server: ServerProcess) -> None:
@@ -252,25 +213,6 @@ def all_files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-BAD_IDS = [
-    "..",
-    "../x",
-    "../../etc/passwd",
-    "%2e%2e",
-    "%2e%2e%2fescape",
-    "a%2Fb",
-    "a%5Cb",
-    "a/b",
-    ".hidden",
-    "-dash",
-    "",
-    "a%00b",
-    "x" * 129,
-    "sp%20ace",
-    "caf%C3%A9",
-]
-
-
 @pytest.mark.parametrize("bad", BAD_IDS)
 def test_bad_tap_ids_get_400_and_leave_no_file(server: ServerProcess, bad: str) -> None:
     parent = server.recordings.parent
@@ -327,7 +269,7 @@ def test_oversized_frame_closes_1009_and_keeps_audio(make_server: Any) -> None:
         ):
             await ws.send_bytes(kept)  # exactly at the limit (4096): accepted
             await ws.send_bytes(b"\xff" * 4097)
-            msg = await ws.receive(timeout=5)
+            msg = await ws.receive(timeout=DEADLINE)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
             return ws.close_code
 
@@ -352,7 +294,7 @@ def test_unsupported_format_header_is_refused_with_1003(server: ServerProcess) -
             session.ws_connect(tap_url(server, tap_id)) as ws,
         ):
             await ws.send_str('{"content-type": "audio/opus;rate=48000"}')
-            msg = await ws.receive(timeout=5)
+            msg = await ws.receive(timeout=DEADLINE)
             assert msg.type == aiohttp.WSMsgType.CLOSE
             assert "unsupported audio format" in msg.extra
             return ws.close_code
@@ -369,7 +311,7 @@ def test_abrupt_disconnect_is_a_normal_end(server: ServerProcess) -> None:
         session = aiohttp.ClientSession()
         ws = await session.ws_connect(tap_url(server, tap_id))
         await ws.send_bytes(sent)
-        await asyncio.sleep(0.1)
+        await asyncio.to_thread(wait_for_live_frames, server, tap_id, len(sent))
         # kill the TCP connection without a close frame (SO_LINGER 0 sends a reset)
         transport = ws._response.connection.transport  # type: ignore[union-attr]
         sock = transport.get_extra_info("socket")

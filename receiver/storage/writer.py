@@ -236,6 +236,7 @@ class DiskWriter:
             return
         try:
             sink.rename(new_id)
+            sink.publish()  # the files have their new name: the loop's view follows at once
             if sink.name is not None:
                 write_json_atomic(sink.sidecar_path, self._sidecar(sink, sidecar))
         except Exception as exc:
