@@ -17,7 +17,6 @@ from receiver.server.lifecycle import Server, StartupError, tls_context
 from receiver.server.logs import setup_logging
 from receiver.server.loop import run
 from receiver.server.workers import run_workers
-from receiver.storage.recovery import recover
 
 log = logging.getLogger("receiver")
 
@@ -87,7 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         where = recordings / TOKEN_FILE
         log.info("%s token in %s", "generated a new" if created else "using the", where)
-    recover(recordings)  # once, before any listener or worker: nothing else writes yet
     workers = cfg.server.workers
     try:
         server = Server(cfg, token, ssl_context) if workers == 1 else None

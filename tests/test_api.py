@@ -29,6 +29,7 @@ from tests.helpers import (
     read_wav,
     send_tap,
     tap_url,
+    wait_for_health,
     wait_for_live,
     wait_for_sidecar,
     wait_for_wav_frames,
@@ -415,10 +416,15 @@ def test_interrupted_recording_after_kill_9(make_server: Any, tmp_path: Path) ->
 
     asyncio.run(record_then_die())
     second = make_server("--no-auth", recordings=recordings)
+    # Until the second server has recovered it (in the background), it is listed as interrupted.
     status, _, body = request(second, "GET", f"/api/taps?q={tap_id}")
     assert status == 200
     (row,) = json.loads(body)["taps"]
-    # the second server recovered it at start-up: header repaired, sidecar finalized
+    assert row["state"] in ("interrupted", "finished")
+    wait_for_health(second, lambda h: h["recovery"]["state"] == "done", "recovery done")
+    status, _, body = request(second, "GET", f"/api/taps?q={tap_id}")
+    (row,) = json.loads(body)["taps"]
+    # recovered: header repaired, sidecar finalized
     assert row["state"] == "finished"
     assert row["duration_seconds"] == 0.4
     sidecar = json.loads((recordings / f"{tap_id}.json").read_text())

@@ -182,10 +182,15 @@ def test_rtp_flood_from_50000_sources(make_server: Any) -> None:
     rtp_stats = health["rtp"]
     dropped = kernel_drops(server.rtp_port)
     flood_read = rtp_stats["datagrams"] - legit.sent  # the legitimate stream lost nothing: below
-    # The legitimate stream plus cap - 1 flood sources hold the cap; every other flood source
-    # that reached the server (one datagram each) was refused, and counted once.
-    assert rtp_stats["active_streams"] == cap
-    assert rtp_stats["streams_refused"] == flood_read - (cap - 1), (rtp_stats, dropped)
+    # Every flood source that reached the server (one datagram each) either holds a stream or
+    # was refused, and counted once: by the cap, or shed while the server was overloaded.
+    active = rtp_stats["active_streams"]
+    assert 1 <= active <= cap
+    assert rtp_stats["streams_refused"] == flood_read - (active - 1), (rtp_stats, dropped)
+    assert (
+        rtp_stats.get("refused_capacity", 0) + rtp_stats.get("refused_overload", 0)
+        == (rtp_stats["streams_refused"])
+    )
     assert rtp_stats["internal_errors"] == 0
     assert watcher.peak_active <= cap
     peak_rss = max(watcher.peak_rss, rss_bytes(pid))
@@ -206,7 +211,7 @@ def test_rtp_flood_from_50000_sources(make_server: Any) -> None:
 
     # Every admitted flood stream is a finished recording with a true header; nothing else is.
     sidecars = sorted(server.recordings.glob("rtp-*.json"))
-    assert len(sidecars) == cap
+    assert len(sidecars) == active
     for path in sidecars:
         assert assert_header_matches_data(path.with_suffix(".wav")) in (160, legit.packets * 160)
         assert '"state": "finished"' in path.read_text()

@@ -264,6 +264,7 @@ def test_crash_recovery_at_start(make_server: Any, tmp_path: Path) -> None:
         fh.seek(4)
         fh.write(b"\0\0\0\0")
     second: ServerProcess = make_server("--no-auth", recordings=recordings)
+    wait_for_health(second, lambda h: h["recovery"]["state"] == "done", "recovery done")
     sidecar = json.loads((recordings / "crashed.json").read_text())
     assert sidecar["state"] == "finished" and sidecar["recovered"] is True
     assert sidecar["end_reason"] == "recovered after a crash"
@@ -310,7 +311,9 @@ def test_recovery_adopts_a_wav_that_never_got_its_sidecar(make_server: Any, tmp_
     for name, text in (("empty", ""), ("cut", '{"tap_id": "cut", "sta')):
         (recordings / f"{name}.wav").write_bytes(raw)
         (recordings / f"{name}.json").write_text(text)
-    make_server("--no-auth", recordings=recordings)
+    server = make_server("--no-auth", recordings=recordings)
+    health = wait_for_health(server, lambda h: h["recovery"]["state"] == "done", "recovery done")
+    assert health["recovery"]["recovered"] == 3
     for name in ("orphan", "empty", "cut"):
         sidecar = json.loads((recordings / f"{name}.json").read_text())
         assert sidecar["state"] == "finished" and sidecar["recovered"] is True

@@ -26,6 +26,7 @@ from receiver.rtp.receiver import RtpReceiver
 from receiver.server.load import LoadMeter
 from receiver.server.loop import loop_name
 from receiver.storage.disk_space import free_bytes
+from receiver.storage.recovery import recover
 from receiver.storage.writer import DiskWriter
 from receiver.taps.admission import Admission
 from receiver.taps.naming import Naming
@@ -75,8 +76,12 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
         worker: int | None = None,
         inherited: tuple[socket.socket, socket.socket] | None = None,
+        recover_interrupted: bool = True,
     ) -> None:
         self.config = config
+        self.started_at = time.time()  # recovery leaves newer files alone
+        self.recover_interrupted = recover_interrupted  # under --workers: worker 0 does it
+        self.recovery: dict[str, Any] = {"state": "running" if recover_interrupted else "off"}
         self.worker = worker  # index under --workers N (in sidecars and /healthz), else None
         self.inherited = inherited  # (UDP, TCP) sockets bound by the --workers parent
         self.ssl_context = ssl_context
@@ -157,6 +162,7 @@ class Server:
             "limits": self.admission.describe(self.config.storage.min_free_space),
             **{name: t.stats() for name, t in self.transports.items()},
             "names": self.naming.stats(),
+            "recovery": self.recovery,
             "webhooks": dict(self.webhooks.counters) if self.webhooks else None,
             "writer": {
                 "batches": self.writer.batches,
@@ -249,6 +255,8 @@ class Server:
             asyncio.create_task(self.load.run(), name="load-meter"),
             asyncio.create_task(self.run_guards(), name="guards"),
         ]
+        if self.recover_interrupted:
+            self._tasks.append(asyncio.create_task(self.recover(), name="recovery"))
         # What exists now (modules, the app and its routes) lives as long as the process: keep
         # it out of every later full garbage collection, whose pause grows with what it scans.
         gc.collect()
@@ -261,6 +269,20 @@ class Server:
             loop_name(),
             cfg.storage.recordings.resolve(),
         )
+
+    async def recover(self) -> None:
+        """Finalize what an earlier process left recording, in the background (see recovery)."""
+        loop = asyncio.get_running_loop()
+        recordings = self.config.storage.recordings
+        try:
+            done = await loop.run_in_executor(None, recover, recordings, self.started_at)
+        except Exception as exc:
+            log.exception("recovery of interrupted recordings failed")
+            self.recovery = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            return
+        self.recovery = {"state": "done", "recovered": len(done)}
+        if done:
+            log.info("recovery finished: %d interrupted recordings finalized", len(done))
 
     async def run_guards(self) -> None:
         """The longest allowed recording, every flush_interval (that is its precision); the

@@ -108,7 +108,15 @@ def _worker(
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerLogFilter(index))
     log.info("worker %d started (pid %d)", index, os.getpid())
-    return run(Server(config, token, ssl_context, worker=index, inherited=(udp, tcp)).run())
+    server = Server(
+        config,
+        token,
+        ssl_context,
+        worker=index,
+        inherited=(udp, tcp),
+        recover_interrupted=index == 0,
+    )
+    return run(server.run())
 
 
 def run_workers(

@@ -2,7 +2,11 @@
 process that died (kill -9, power loss). Their WAV header is made to match the data on disk and
 the sidecar is finalized as `finished` with `recovered: true`.
 
-Runs once, before any listener (and before any worker) starts, so nothing else is writing.
+Runs once per start, in the background once the server listens (a directory of thousands of
+interrupted recordings must not keep it from taking new taps): it touches only files last
+changed before `before`, the moment the server started, so the files of new taps are never
+taken for interrupted ones; and a new tap is never named over one being recovered, since a name
+whose sidecar or WAV exists is never reused.
 """
 
 from __future__ import annotations
@@ -104,20 +108,32 @@ def _orphans(recordings: Path) -> list[Path]:
     ]
 
 
-def recover(recordings: Path) -> list[dict[str, Any]]:
-    """Finalize every interrupted recording in the directory; log what was done."""
+LOG_EACH = 100  # recovered recordings logged one by one; beyond that, one summary line
+
+
+def _older(path: Path, before: float | None) -> bool:
+    try:
+        return before is None or path.stat().st_mtime < before
+    except OSError:
+        return False
+
+
+def recover(recordings: Path, before: float | None = None) -> list[dict[str, Any]]:
+    """Finalize every interrupted recording in the directory (files changed before `before`,
+    a time.time(), if given); log what was done."""
     recovered = []
-    for wav in _orphans(recordings):
+    for wav in [w for w in _orphans(recordings) if _older(w, before)]:
         try:
             adopted = adopt_orphan(wav)
         except OSError as exc:
             log.error("could not recover %s: %s", wav.name, exc)
             continue
         recovered.append(adopted)
-        log.warning("recovered %s after a crash: it had no sidecar; now %s", wav.name,
-                    adopted["state"])  # fmt: skip
+        if len(recovered) <= LOG_EACH:
+            log.warning("recovered %s after a crash: it had no sidecar; now %s", wav.name,
+                        adopted["state"])  # fmt: skip
     for sidecar_path in sorted(recordings.glob("*.json")):
-        if sidecar_path.name.startswith("."):
+        if sidecar_path.name.startswith(".") or not _older(sidecar_path, before):
             continue
         try:
             result = recover_one(sidecar_path)
@@ -126,6 +142,8 @@ def recover(recordings: Path) -> list[dict[str, Any]]:
             continue
         if result is not None:
             recovered.append(result)
+            if len(recovered) > LOG_EACH:
+                continue
             log.warning(
                 "recovered %s after a crash: %s, %s frames%s",
                 result.get("file") or sidecar_path.with_suffix(".wav").name,
@@ -133,4 +151,7 @@ def recover(recordings: Path) -> list[dict[str, Any]]:
                 result.get("frames_written"),
                 f" ({'; '.join(result['header_repairs'])})" if result.get("header_repairs") else "",
             )
+    if len(recovered) > LOG_EACH:
+        log.warning("recovered %d recordings after a crash (the first %d are logged above)",
+                    len(recovered), LOG_EACH)  # fmt: skip
     return recovered
