@@ -79,6 +79,8 @@ class Row:
     samples_compared: int = 0
     per_worker: dict[str, int] = field(default_factory=dict)
     sender_kept_pace: bool = True
+    refused: int = 0  # streams the receiver refused (not recorded at all)
+    exact_taps: int = 0  # recordings complete and exact
     page_cache_dropped: bool = False
     sustainable: bool = False
     note: str = ""
@@ -246,12 +248,23 @@ def compare_wav(path: Path, stream: int, packets: int, codec: str) -> bool:
 
 
 def check_spread(
-    recordings: Path, sidecars: dict[int, dict[str, Any]], count: int, packets: int
+    recordings: Path,
+    sidecars: dict[int, dict[str, Any]],
+    count: int,
+    packets: int,
+    recorded_only: bool = False,
 ) -> tuple[int, int]:
     """Compare SAMPLES_CHECKED recordings spread over the `count` senders sample for sample;
-    returns (checked, exact)."""
+    returns (checked, exact). `recorded_only`: spread over the senders that were recorded
+    (under overload the others were refused)."""
     checked = exact = 0
-    spread = {round(k * (count - 1) / max(1, SAMPLES_CHECKED - 1)) for k in range(SAMPLES_CHECKED)}
+    keys = sorted(sidecars) if recorded_only else list(range(count))
+    if not keys:
+        return 0, 0
+    spread = {
+        keys[round(k * (len(keys) - 1) / max(1, SAMPLES_CHECKED - 1))]
+        for k in range(SAMPLES_CHECKED)
+    }
     for index in sorted(spread):
         sidecar = sidecars.get(index)
         checked += 1
@@ -298,11 +311,22 @@ def start_step(
 
 
 def rtp_step(
-    workdir: Path, streams: int, seconds: float, workers: int, args: argparse.Namespace
+    workdir: Path,
+    streams: int,
+    seconds: float,
+    workers: int,
+    args: argparse.Namespace,
+    series: str = "rtp",
+    ramp: float | None = None,
 ) -> Row:
-    row, receiver = start_step("rtp", workdir, streams, seconds, workers, args)
+    """`series` "rtp": streams started over a ramp of 1 000 a second; "burst": all within one
+    packet time; "overload": offered more than the receiver sustains, with the same ramp (a
+    step succeeds when at least `args.overload_floor` streams are recorded exactly, every other
+    stream refused whole, and no recorded stream damaged)."""
+    row, receiver = start_step(series, workdir, streams, seconds, workers, args)
     try:
-        ramp = min(streams / 1000, seconds / 3)
+        if ramp is None:
+            ramp = min(streams / 1000, seconds / 3)
         start_at = time.time() + 1.0 + streams / 1500
         sender = subprocess.Popen(
             pinned(args.load_cores, [
@@ -342,14 +366,26 @@ def rtp_step(
         if s.get("rtp", {}).get("ssrcs")
     }
     row.per_worker = _per_worker(sidecars)
-    checked, exact = check_spread(receiver.recordings, by_stream, streams, packets)
+    checked, exact = check_spread(
+        receiver.recordings, by_stream, streams, packets, recorded_only=series == "overload"
+    )
     row.samples_compared = checked
     row.wavs_exact = len(complete) == streams == row.taps and exact == checked
     row.sender_kept_pace = float(summary["seconds"]) <= (seconds + ramp) * 1.02 + 0.1
+    row.exact_taps = len(complete) if checked == exact else 0
+    row.refused = streams - row.taps
     row.sustainable = (
         row.lost == 0 and gaps == 0 and row.wavs_exact and row.sender_kept_pace and code == 0
     )
+    if series == "overload":
+        # Refused streams send packets that are never recorded: loss is counted per recording.
+        damaged = row.taps - len(complete)
+        row.lost = sum(packets - int(s.get("rtp", {}).get("received", 0)) for s in sidecars)
+        row.wavs_exact = damaged == 0 and exact == checked
+        row.sustainable = row.wavs_exact and row.exact_taps >= args.overload_floor and code == 0
     notes = []
+    if row.refused:
+        notes.append(f"{row.refused} refused, {row.exact_taps} recorded exactly")
     if gaps:
         notes.append(f"{gaps} lost/late in timelines")
     if not row.sender_kept_pace:
@@ -500,7 +536,13 @@ HEADER = (
 def table(rows: list[Row]) -> str:
     lines = [HEADER, "|" + "---|" * 14]
     for r in rows:
-        label = {"rtp": "RTP", "ws": "WebSocket", "sink": "bare uvloop sink"}[r.series]
+        label = {
+            "rtp": "RTP",
+            "burst": "RTP, all start at once",
+            "overload": "RTP, 2x offered",
+            "ws": "WebSocket",
+            "sink": "bare uvloop sink",
+        }[r.series]
         lines.append(
             f"| {label} | {r.workers} | {r.streams} | {r.offered_pps:,.0f} | {r.sent:,} "
             f"| {r.lost:,} "
@@ -555,6 +597,17 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
             sink_row.us_per_packet / receiver.us_per_packet, 3
         )
         out["ratio_cpu_cost_at_streams"] = receiver.streams
+    burst = best(rows, "burst", 1)
+    if burst is not None:
+        out["burst_streams_exact"] = burst.streams
+    overload = [r for r in rows if r.series == "overload"]
+    if overload:
+        out["overload"] = {
+            "offered": overload[-1].streams,
+            "recorded_exactly": overload[-1].exact_taps,
+            "refused": overload[-1].refused,
+            "damaged": overload[-1].taps - overload[-1].exact_taps,
+        }
     if out.get("rtp_2_workers") and rtp:
         out["scaling_2_workers"] = round(
             out["rtp_2_workers"]["packets_per_second"] / rtp["packets_per_second"], 2
@@ -565,8 +618,16 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few streams for a few seconds")
-    parser.add_argument("--series", default="sink,rtp1,hold,rtp2,ws",
-                        help="comma-separated: sink, rtp1, hold, rtp2, ws")  # fmt: skip
+    parser.add_argument("--series", default="sink,rtp1,burst,overload,hold,rtp2,ws",
+                        help="comma-separated: sink, rtp1, burst, overload, hold, rtp2, ws; "
+                             "burst and overload use the largest count rtp1 sustained (or "
+                             "--burst-streams)")  # fmt: skip
+    parser.add_argument(
+        "--burst-streams",
+        type=int,
+        default=0,
+        help="N for burst (N at once) and overload (2N offered); 0: from rtp1",
+    )
     parser.add_argument("--rtp-steps", default="2000,3000,3500,4000,4500")
     parser.add_argument("--sink-steps", default="3000,4500")
     parser.add_argument("--ws-steps", default="1000,1500,2000")
@@ -586,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds, args.hold_streams, args.hold_seconds = 2.0, 0, 0.0
         args.processes = 2
         if args.series == parser.get_default("series"):
-            args.series = "sink,rtp1,ws"
+            args.series = "sink,rtp1,burst,overload,ws"
     series = [s.strip() for s in args.series.split(",") if s.strip()]
     started = time.monotonic()
     rows: list[Row] = []
@@ -617,6 +678,18 @@ def main(argv: list[str] | None = None) -> int:
                 stepped(lambda n: rtp_step(workdir, n, args.seconds, 2, args), args.rtp_steps)
             elif name == "ws":
                 stepped(lambda n: ws_step(workdir, n, args.seconds, 1, args), args.ws_steps)
+            elif name in ("burst", "overload"):
+                sustained = best(rows, "rtp", 1)
+                n = args.burst_streams or (sustained.streams if sustained else 0)
+                if not n or over_budget():
+                    continue
+                args.overload_floor = n
+                if name == "burst":
+                    row = rtp_step(workdir, n, args.seconds, 1, args, "burst", ramp=0.0)
+                else:
+                    row = rtp_step(workdir, 2 * n, args.seconds, 1, args, "overload")
+                rows.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
             elif name == "hold" and args.hold_streams:
                 if not over_budget():
                     row = rtp_step(workdir, args.hold_streams, args.hold_seconds, 1, args)
