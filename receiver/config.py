@@ -247,7 +247,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_load",
         "float",
-        0.85,
+        0.8,
         "Share of its core the event loop may be busy (averaged over about a second) before new "
         "taps are refused (503; RTP refused_overload), so the taps it has stay exact.",
         _between(0.1, 1.0),

@@ -265,7 +265,11 @@ def open_reader(prefer_mmsg: bool = True) -> Reader:
     """The recvmmsg reader where the C library has it (Linux, 64-bit), else the recvfrom loop."""
     if prefer_mmsg and _LINUX_64:
         try:
-            recvmmsg = ctypes.CDLL(None, use_errno=True).recvmmsg
+            # PyDLL: the call keeps the GIL. It never blocks (MSG_DONTWAIT) and takes microseconds;
+            # releasing the GIL around it would let the disk-writer thread take it each time, and
+            # the event loop would then wait up to the switch interval (5 ms) per read to get it
+            # back (the convoy effect): with 16 reads a tick, stalls of tens of milliseconds.
+            recvmmsg = ctypes.PyDLL(None, use_errno=True).recvmmsg
         except (OSError, AttributeError):
             pass
         else:

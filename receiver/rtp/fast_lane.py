@@ -33,7 +33,13 @@ from receiver.codecs.encoding import Encoding
 from receiver.rtp.datagrams import Batch
 from receiver.rtp.timeline import HotState, RtpTimeline
 
-STORE_BYTES = 8192  # per slot: ~1 s of 8 kHz G.711 (one flush), drained when full
+STORE_BYTES = 8192  # per slot: ~1 s of 8 kHz G.711, drained when full (or at each flush)
+
+
+def store_bytes_for(flush_interval: float) -> int:
+    """A slot's store that holds one flush of 8 kHz G.711 (a packet's worth at least, 64 KiB at
+    most): the tap's buffer then gets about one chunk per flush."""
+    return min(65536, max(1024, round(8000 * flush_interval * 1.024)))
 
 # The record's numeric fields, one array row each. (`codec` is kept per slot; `anchored` is true
 # for every armed stream and the in-order case never changes it.)

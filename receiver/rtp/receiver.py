@@ -31,8 +31,9 @@ import numpy as np
 from receiver.codecs.encoding import Encoding
 from receiver.config import RtpSettings
 from receiver.rtp.datagrams import BATCH, Batch, enable_timestamps, open_reader
-from receiver.rtp.fast_lane import FastLane
+from receiver.rtp.fast_lane import FastLane, store_bytes_for
 from receiver.rtp.packet import AUDIO_CODECS, RtpPacket, RtpParseError, is_rtcp
+from receiver.rtp.refused import RefusedSources
 from receiver.rtp.sockets import open_udp_socket
 from receiver.rtp.stream import Discard, RtpSocket, RtpStream, TapOutput
 from receiver.rtp.timeline import RtpTimeline
@@ -45,11 +46,11 @@ from receiver.taps.tap_id import file_safe_id
 log = logging.getLogger("receiver.rtp")
 
 RECEIVE_INTERVAL = 0.005  # how often readable sockets are drained (see datagrams.py)
+BEHIND = 0.25  # seconds a datagram may wait in the kernel...
+BEHIND_FOR = 1.0  # ... for this long before new streams are refused (a GC pause is not overload)
 MAX_BATCHES = 16  # per socket per drain, so one flooded socket cannot hold the loop for long
 POLL_INTERVAL = 0.02  # how often held packets are checked against the jitter window
 IDLE_CHECK_INTERVAL = 0.25
-_REFUSED_MEMORY = 10_000  # sources remembered so a refused source is counted once
-MAX_SHED = 100_000  # sources shed for overload, remembered until they go idle
 AHEAD_SLACK = 0.5  # seconds an RTP tap's audio may lead the wall clock beyond the jitter window
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused sources, per reason
 _TOTALS = ("received", "lost", "late", "duplicate", "reordered")
@@ -71,6 +72,7 @@ class RtpReceiver:
         admission: Admission,
         naming: Naming,
         registry: TapRegistry,
+        flush_interval: float = 1.0,
     ) -> None:
         self.settings = settings
         self.host = host
@@ -83,11 +85,9 @@ class RtpReceiver:
         # Streams holding packets behind a gap, by when the oldest is due: (due, tiebreak, stream)
         self._due: list[tuple[float, int, RtpStream]] = []
         self._tiebreak = itertools.count()
-        self._refused: set[tuple[str, int]] = set()
-        # Sources refused for overload, by when they last sent: they stay refused until idle, so
-        # a call is recorded whole or not at all (never from its middle on).
-        self._shed: dict[tuple[str, int], float] = {}
-        self.behind = False  # the last receive tick left datagrams in a socket
+        self.refused = RefusedSources()  # refused until they go idle (see refused.py)
+        self.behind = False  # datagrams have waited in the kernel longer than BEHIND for BEHIND_FOR
+        self._behind_since: float | None = None
         self._refusal_log: dict[str, tuple[int, float]] = {}  # reason -> (suppressed, last line)
         self._next_pool_index = 0
         self.counters: dict[str, int] = {
@@ -103,7 +103,7 @@ class RtpReceiver:
         }
         self.totals: dict[str, int] = dict.fromkeys(_TOTALS, 0)  # of ended streams
         self.reader = open_reader()
-        self.lane = FastLane()
+        self.lane = FastLane(store_bytes=store_bytes_for(flush_interval))
         self._selector = selectors.DefaultSelector()
         self._closed = False  # sockets and selector closed (shutdown)
         self._pump: asyncio.Handle | None = None
@@ -186,9 +186,10 @@ class RtpReceiver:
             return True
         read = self.reader.read
         drained = True
+        oldest = float("inf")  # the arrival of the oldest datagram read now
         for key, _ in self._selector.select(0):
             endpoint: RtpSocket = key.data
-            for _ in range(MAX_BATCHES):
+            for n in range(MAX_BATCHES):
                 try:
                     batch = read(endpoint.sock)
                 except OSError as exc:
@@ -197,13 +198,24 @@ class RtpReceiver:
                     break
                 if batch is None:
                     break
+                if n == 0:
+                    oldest = min(oldest, float(batch.arrivals[0]))
                 self.handle_batch(endpoint, batch)
                 if batch.count < BATCH:
                     break
             else:
                 drained = False
         self.counters["truncated"] = self.reader.truncated
-        self.behind = not drained
+        # Behind: datagrams keep waiting in the kernel longer than BEHIND (the receiver cannot keep
+        # up with what it has admitted), or a socket holds more than MAX_BATCHES batches.
+        now = time.monotonic()
+        if not drained or now - oldest > BEHIND:
+            if self._behind_since is None:
+                self._behind_since = now
+            self.behind = now - self._behind_since >= BEHIND_FOR
+        else:
+            self._behind_since = None
+            self.behind = False
         return drained
 
     def handle_batch(self, sock: RtpSocket, batch: Batch) -> None:
@@ -211,6 +223,7 @@ class RtpReceiver:
         self.counters["datagrams"] += batch.count
         done = self.lane.process(batch)
         self.counters["fast_lane_packets"] += int(done.sum())
+        self.counters["packets_refused"] += self.refused.drop(batch, done)
         streams = sock.streams
         arrivals = batch.arrivals.tolist()
         lane_keys = batch.lane_keys.tolist()
@@ -253,6 +266,9 @@ class RtpReceiver:
                 stream.tap.count("malformed_" + exc.reason)
             return
         if stream is None:
+            if self.refused.seen(key, lane_key, now):
+                counters["packets_refused"] += 1
+                return
             stream = self._new_stream(sock, key, packet, now, lane_key)
             if stream is None:
                 return
@@ -270,14 +286,9 @@ class RtpReceiver:
     ) -> RtpStream | None:
         addr = self.reader.address(key)
         source = (addr[0], addr[1])
-        if source in self._shed:
-            self._shed[source] = now
-            self.counters["packets_refused"] += 1
-            return None
         refusal = self.admission.refusal(self.name, source[0], self.stream_count, now)
         if refusal is not None:
-            if refusal.reason == "overload" and len(self._shed) < MAX_SHED:
-                self._shed[source] = now
+            self.refused.add(key, lane_key, now)
             self._refuse(source, refusal.reason, refusal.message)
             return None
         # A pool port's first stream is the tap the port was reserved for; a second sender to
@@ -304,14 +315,9 @@ class RtpReceiver:
         return stream
 
     def _refuse(self, source: tuple[str, int], reason: str, why: str) -> None:
-        """Count a packet from a source that may not start a stream; log once per source."""
+        """Count a source that may not start a stream (it stays refused until it goes idle)."""
         counters = self.counters
         counters["packets_refused"] += 1
-        if source in self._refused:
-            return
-        if len(self._refused) >= _REFUSED_MEMORY:
-            self._refused.clear()
-        self._refused.add(source)
         counters["streams_refused"] += 1
         counters["refused_" + reason] = counters.get("refused_" + reason, 0) + 1
         # A flood must not become a flood of log lines: one line per reason per interval.
@@ -396,8 +402,7 @@ class RtpReceiver:
         lane_seen = self.lane.last_seen_all()  # the fast lane's streams' last packets
         for stream in [s for s in self.streams() if s.idle_for(now, lane_seen) > limit]:
             self._end_stream(stream, "idle timeout")
-        if self._shed:
-            self._shed = {s: seen for s, seen in self._shed.items() if now - seen <= limit}
+        self.refused.expire(now - limit)
 
     async def run_housekeeping(self) -> None:
         next_idle_check = 0.0
@@ -460,16 +465,16 @@ class RtpReceiver:
         return stream.stats() if stream is not None else None
 
     def overloaded(self, transport: str) -> str | None:
-        """An admission check: new RTP streams wait while the sockets are not drained."""
+        """An admission check: new RTP streams wait while datagrams wait in the kernel."""
         if transport == self.name and self.behind:
-            return "RTP sockets are not drained"
+            return f"RTP datagrams wait more than {BEHIND:g} s to be read"
         return None
 
     def stats(self) -> dict[str, Any]:
         return {
             "active_streams": self.stream_count,
             "pool_ports_in_use": len(self.pool_sockets),
-            "shed_sources": len(self._shed),
+            "refused_sources": len(self.refused),
             **self.counters,
         }
 

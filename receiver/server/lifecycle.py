@@ -100,7 +100,12 @@ class Server:
         )
         self.ws = WsTapEndpoint(config.ws, self.auth, self.admission, self.naming, self.registry)
         self.rtp = RtpReceiver(
-            config.rtp, config.server.host, self.admission, self.naming, self.registry
+            config.rtp,
+            config.server.host,
+            self.admission,
+            self.naming,
+            self.registry,
+            storage.flush_interval,
         )
         self.transports: dict[str, Transport] = {t.name: t for t in (self.ws, self.rtp)}
         self.load = LoadMeter(config.limits.max_load)
@@ -261,6 +266,12 @@ class Server:
         # it out of every later full garbage collection, whose pause grows with what it scans.
         gc.collect()
         gc.freeze()
+        import os as _os  # EXPERIMENT
+
+        if _os.environ.get("NOGC"):
+            gc.disable()
+        if _os.environ.get("SWITCH"):
+            sys.setswitchinterval(float(_os.environ["SWITCH"]))
         log.info(
             "tap-receiver ready on %s://%s:%d (%s), recordings in %s",
             self.scheme,

@@ -35,9 +35,9 @@ class TapState(StrEnum):
 def write_json_atomic(path: Path, data: dict[str, Any], durable: bool = True) -> None:
     """Write JSON next to `path` and rename it into place: readers never see half a file.
 
-    `durable` fsyncs it before the rename. A tap's first sidecar (`state: recording`) skips
-    that: an fsync costs ~0.2 ms of CPU per new tap, and a sidecar lost or left empty by a power
-    cut is rebuilt by recovery from its WAV like a missing one.
+    `durable` fsyncs it before the rename. A tap's sidecars skip that (the disk writer's): an
+    fsync costs milliseconds, and a sidecar lost or left empty by a power cut is rebuilt by
+    recovery from its WAV like a missing one; recovery's own are durable.
 
     On a full disk the temporary file cannot be written; then the existing file is rewritten in
     place (its blocks are already allocated), so a failed tap can still say why it failed.
