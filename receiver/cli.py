@@ -13,8 +13,8 @@ from pathlib import Path
 from receiver import __version__, config
 from receiver.http.auth import TOKEN_FILE, load_or_create_token
 from receiver.inspect import commands
+from receiver.logs import setup_logging
 from receiver.server.lifecycle import Server, StartupError, tls_context
-from receiver.server.logs import setup_logging
 from receiver.server.loop import run
 from receiver.server.workers import run_workers
 

@@ -14,13 +14,13 @@ def test_bench_runner_quick(tmp_path: Path) -> None:
     output = tmp_path / "quick.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| RTP | 1 |" in result.stdout and "| WebSocket | 1 |" in result.stdout
     data = json.loads(output.read_text())
     rows = data["rows"]
-    assert {r["series"] for r in rows} == {"sink", "rtp", "ws"}
+    assert {r["series"] for r in rows} == {"sink", "rtp", "burst", "overload", "ws"}
     for row in rows:
         assert row["sent"] > 0 and row["lost"] == 0, row
         assert row["sustainable"], row
@@ -28,3 +28,11 @@ def test_bench_runner_quick(tmp_path: Path) -> None:
             assert row["wavs_exact"] and row["samples_compared"] > 0, row
             assert row["us_per_packet"] > 0 and row["rss_mib"] > 0, row
     assert data["summary"]["rtp_1_worker"]["max_streams"] == 40
+    # 40 streams starting at once, and 80 offered: every one recorded exactly, none refused
+    assert data["summary"]["burst_streams_exact"] == 40
+    assert data["summary"]["overload"] == {
+        "offered": 80,
+        "recorded_exactly": 80,
+        "refused": 0,
+        "damaged": 0,
+    }

@@ -32,6 +32,7 @@ from tests.helpers import (
     wait_for_health,
     wait_for_sidecar,
     wait_until,
+    wav_frames,
 )
 
 
@@ -226,7 +227,8 @@ def test_kill_9_after_a_burst_loses_at_most_a_flush_of_the_recording_tap(
     )
     legit = RealTimeSender(server.rtp_port, seconds=30.0)
     legit.start()
-    wait_for_health(server, lambda h: h["rtp"]["active_streams"] == 1, "the first stream")
+    # a tap that is recording: its audio is reaching the disk
+    wait_until(lambda: (wav_frames(recordings / f"{legit.name}.wav") or 0) > 0, "its first batch")
     burst_of_sources(server.rtp_port, 3000)
     legit.stop.set()
     legit.join()

@@ -41,6 +41,7 @@ def store_bytes_for(flush_interval: float) -> int:
     most): the tap's buffer then gets about one chunk per flush."""
     return min(65536, max(1024, round(8000 * flush_interval * 1.024)))
 
+
 # The record's numeric fields, one array row each. (`codec` is kept per slot; `anchored` is true
 # for every armed stream and the in-order case never changes it.)
 INT_FIELDS = tuple(f.name for f in fields(HotState) if f.type == "int")

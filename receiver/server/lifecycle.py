@@ -27,7 +27,7 @@ from receiver.server.load import LoadMeter
 from receiver.server.loop import loop_name
 from receiver.storage.disk_space import free_bytes
 from receiver.storage.recovery import recover
-from receiver.storage.writer import DiskWriter
+from receiver.storage.writer_process import WriterProcess
 from receiver.taps.admission import Admission
 from receiver.taps.naming import Naming
 from receiver.taps.registry import TapRegistry
@@ -89,7 +89,7 @@ class Server:
         self.auth = Auth(token)
         self.admission = Admission(config.limits)
         self.naming = Naming()
-        self.writer = DiskWriter()
+        self.writer = WriterProcess(config.log.level, config.log.format)
         self.writer.worker = worker
         self.registry = TapRegistry(
             storage.recordings,
@@ -176,6 +176,7 @@ class Server:
                 "taps_waiting_for_files": self.writer.opening,
                 "unwritten_bytes": self.writer.unwritten_bytes,
                 "flushes_deferred": self.registry.flushes_deferred,
+                "restarts": self.writer.restarts,
             },
             "load": {"event_loop": round(self.load.load, 3), "peak": round(self.load.peak, 3)},
             "dropped_frames": dict(self.registry.dropped_frames()),
@@ -185,6 +186,7 @@ class Server:
     async def startup(self) -> None:
         cfg = self.config
         host = cfg.server.host
+        await self.writer.start()
         budget = self.admission.fit_open_file_limit()
         log.info(
             "open-file limit %d: room for %d WebSocket taps and %d RTP streams",
@@ -266,12 +268,6 @@ class Server:
         # it out of every later full garbage collection, whose pause grows with what it scans.
         gc.collect()
         gc.freeze()
-        import os as _os  # EXPERIMENT
-
-        if _os.environ.get("NOGC"):
-            gc.disable()
-        if _os.environ.get("SWITCH"):
-            sys.setswitchinterval(float(_os.environ["SWITCH"]))
         log.info(
             "tap-receiver ready on %s://%s:%d (%s), recordings in %s",
             self.scheme,
@@ -376,10 +372,8 @@ class Server:
                 await asyncio.wait_for(self._runner.cleanup(), timeout=1.0)
         self.registry.finish_all("shutdown")
         remaining = max(0.5, timeout - (time.monotonic() - started))
-        loop = asyncio.get_running_loop()
-        # The writer keeps to the deadline itself (what is left stays valid on disk); only a
-        # thread stuck in the kernel (a hung disk) outlives it.
-        await loop.run_in_executor(None, self.writer.shutdown, remaining)
+        # The writer keeps to the deadline itself (what is left stays valid on disk).
+        await self.writer.stop(remaining)
         self.writer_stuck = self.writer.stuck
         if self.webhooks is not None:  # the last finalized taps' notifications get what is left
             await asyncio.sleep(0)  # let the writer's last completions reach the loop

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from receiver.config import Config
+from receiver.logs import WorkerLogFilter
 from receiver.rtp.sockets import open_udp_socket
 from receiver.server.lifecycle import Server, StartupError
 from receiver.server.loop import run
@@ -79,21 +80,6 @@ def bind_shared(config: Config, count: int) -> tuple[list[socket.socket], list[s
     return udp, tcp
 
 
-class _WorkerLogFilter(logging.Filter):
-    """Marks each log line with the worker: `receiver.taps[1]`, and `worker` in JSON lines."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__()
-        self.index = index
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.endswith("]"):
-            record.name = f"{record.name}[{self.index}]"
-            fields = getattr(record, "fields", None)
-            record.fields = {**(fields if isinstance(fields, dict) else {}), "worker": self.index}
-        return True
-
-
 def _worker(
     config: Config,
     token: str | None,
@@ -106,7 +92,7 @@ def _worker(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_WorkerLogFilter(index))
+        handler.addFilter(WorkerLogFilter(index))
     log.info("worker %d started (pid %d)", index, os.getpid())
     server = Server(
         config,

@@ -80,7 +80,6 @@ class WavSink:
         self._carry: list[np.ndarray] = [np.zeros(0, np.int16) for _ in range(channels)]
         self._track_names = track_names or []
         self.track_sinks: dict[str, WavSink] = {}
-        self.final_sidecar: dict[str, Any] | None = None  # set by the writer when finalized
         # The writer's book-keeping: files created yet, the sidecar to create them with, and
         # batches that came before them.
         self.opened = False

@@ -18,18 +18,21 @@ the sidecars) and is logged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from receiver.storage.sidecar import TapState, write_json_atomic
-from receiver.storage.wav_sink import WavSink
+from receiver.storage.wav_sink import SinkInfo, WavSink
 
 log = logging.getLogger("receiver.writer")
 WRITER_SLICE = 0.002  # seconds of batch work (holding the GIL) between pauses
@@ -51,7 +54,44 @@ class Pending(Protocol):
         ...
 
 
-Job = tuple[Callable[..., None], tuple[Any, ...], Future[None], int]
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What a closed tap's files came to: the future of `finish` gives it."""
+
+    info: SinkInfo
+    sidecar: dict[str, Any] | None  # the final sidecar (None: the tap never got files)
+
+
+class Sink(Protocol):
+    """A tap's files as the event loop holds them (a WavSink, or its handle in another
+    process): `info` is all the loop may read."""
+
+    info: SinkInfo
+    tap_id: str
+
+
+class Writer(Protocol):
+    """What the registry asks of a disk writer (this module's, or writer_process's)."""
+
+    @property
+    def unwritten_bytes(self) -> int: ...
+
+    def new_sink(
+        self, directory: Path, tap_id: str, rate: int, channels: int, tracks: list[str] | None
+    ) -> Sink: ...
+
+    def open(self, sink: Any, sidecar: dict[str, Any]) -> Future[Any]: ...
+
+    def write(self, batch: list[tuple[Any, Pending]]) -> Future[Any]: ...
+
+    def finish(
+        self, sink: Any, pending: Pending, sidecar: dict[str, Any], successor: Any = None
+    ) -> Future[Finished]: ...
+
+    def rename(self, sink: Any, new_id: str, sidecar: dict[str, Any]) -> Future[Any]: ...
+
+
+Job = tuple[Callable[..., Any], tuple[Any, ...], Future[Any], int]
 
 
 class DiskWriter:
@@ -74,18 +114,30 @@ class DiskWriter:
         self.bytes_done = 0  # writer thread: of it written (or dropped with a failed tap)
         self.open_seconds = FIRST_OPEN_ESTIMATE  # writer thread: CPU for a tap's files, on average
         self.abandoned = 0  # jobs left undone at the shutdown deadline
+        # Hooks for a writer in its own process (writer_process.py), called on this thread.
+        self.on_publish: Callable[[WavSink], None] | None = None
+        self.on_job_done: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name="disk-writer", daemon=True)
         self._thread.start()
 
     # -- called on the event loop -------------------------------------------------------------
+
+    def new_sink(
+        self, directory: Path, tap_id: str, rate: int, channels: int, tracks: list[str] | None
+    ) -> WavSink:
+        return WavSink(directory, tap_id, rate, channels, tracks)
 
     def open(self, sink: WavSink, sidecar: dict[str, Any]) -> Future[None]:
         """Create the tap's files soon (paced; see the module's docstring)."""
         self.opens_requested += 1
         return self._submit(self._open, sink, sidecar)
 
-    def write(self, batch: list[tuple[WavSink, Pending]]) -> Future[None]:
-        return self._submit(self._write, batch, nbytes=sum(p.nbytes for _, p in batch))
+    def write(
+        self, batch: list[tuple[WavSink, Pending]], nbytes: int | None = None
+    ) -> Future[None]:
+        if nbytes is None:
+            nbytes = sum(p.nbytes for _, p in batch)
+        return self._submit(self._write, batch, nbytes=nbytes)
 
     def finish(
         self,
@@ -93,9 +145,10 @@ class DiskWriter:
         pending: Pending,
         sidecar: dict[str, Any],
         successor: WavSink | None = None,
-    ) -> Future[None]:
+    ) -> Future[Finished]:
         """Close the tap's files. With a `successor` (a segment split), the channels' uneven
-        remainder goes on into it instead of being padded."""
+        remainder goes on into it instead of being padded. The future's result (set on the
+        writer thread) says what they came to."""
         return self._submit(self._finish, sink, pending, sidecar, successor, nbytes=pending.nbytes)
 
     def rename(self, sink: WavSink, new_id: str, sidecar: dict[str, Any]) -> Future[None]:
@@ -110,6 +163,16 @@ class DiskWriter:
     def opening_seconds(self) -> float:
         """About how long creating the files of the taps waiting for them will take."""
         return self.opening * self.open_seconds / OPEN_DUTY
+
+    @property
+    def busy(self) -> bool:
+        """Jobs wait, or taps wait for their files."""
+        return bool(self._jobs or self._unopened)
+
+    async def stop(self, timeout: float) -> bool:
+        """`shutdown` without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.shutdown, timeout)
 
     @property
     def unwritten_bytes(self) -> int:
@@ -135,8 +198,8 @@ class DiskWriter:
         """After `shutdown`: the thread did not stop (a disk that hangs in the kernel)."""
         return self._stopping and self._thread.is_alive()
 
-    def _submit(self, fn: Callable[..., None], *args: Any, nbytes: int = 0) -> Future[None]:
-        future: Future[None] = Future()
+    def _submit(self, fn: Callable[..., Any], *args: Any, nbytes: int = 0) -> Future[Any]:
+        future: Future[Any] = Future()
         self.bytes_queued += nbytes
         with self._wake:
             self._jobs.append((fn, args, future, nbytes))
@@ -158,15 +221,20 @@ class DiskWriter:
                 return
             if job is None:
                 self._open_some()
+                if self.on_job_done is not None:
+                    self.on_job_done()
                 continue
             fn, args, future, nbytes = job
+            result = None
             try:
-                fn(*args)
+                result = fn(*args)
             except Exception:  # a bug: never let it stop the thread (and every other tap)
                 self.errors += 1
                 log.exception("disk writer job failed")
             self.bytes_done += nbytes
-            future.set_result(None)
+            future.set_result(result)
+            if self.on_job_done is not None:
+                self.on_job_done()
 
     def _give_up(self, job: Job | None) -> None:
         with self._wake:
@@ -213,8 +281,13 @@ class DiskWriter:
         waiting, sink.waiting = sink.waiting, []
         for pending in waiting:
             self._append(sink, pending)
-        sink.publish()
+        self._publish(sink)
         return sink.error is None
+
+    def _publish(self, sink: WavSink) -> None:
+        sink.publish()
+        if self.on_publish is not None:
+            self.on_publish(sink)
 
     def _fail(self, sink: WavSink, exc: BaseException) -> None:
         self.errors += 1
@@ -236,13 +309,13 @@ class DiskWriter:
             return
         try:
             sink.rename(new_id)
-            sink.publish()  # the files have their new name: the loop's view follows at once
+            self._publish(sink)  # the files have their new name: the loop's view follows at once
             if sink.name is not None:
                 write_json_atomic(sink.sidecar_path, self._sidecar(sink, sidecar))
         except Exception as exc:
             self.errors += 1
             log.error("tap %s: could not rename to %s: %s", sink.tap_id, new_id, exc)
-        sink.publish()
+        self._publish(sink)
 
     def _append(self, sink: WavSink, pending: Pending, last: bool = False) -> None:
         if sink.error is not None or not (pending or last):
@@ -256,7 +329,7 @@ class DiskWriter:
             self.bytes_written += (sink.frames_written - before) * 2 * sink.channels
         except Exception as exc:
             self._fail(sink, exc)
-        sink.publish()
+        self._publish(sink)
 
     def _write(self, batch: list[tuple[WavSink, Pending]]) -> None:
         started = slice_start = time.perf_counter()
@@ -283,7 +356,7 @@ class DiskWriter:
         pending: Pending,
         sidecar: dict[str, Any],
         successor: WavSink | None = None,
-    ) -> None:
+    ) -> Finished:
         self._ensure_open(sink)
         self._append(sink, pending, last=successor is None)
         if successor is not None:
@@ -293,11 +366,10 @@ class DiskWriter:
                 sink.close()
             except Exception as exc:
                 self._fail(sink, exc)
-        sink.publish()
+        self._publish(sink)
         if sink.name is None:
-            return  # never got a file (the open failed and was logged)
+            return Finished(sink.info, None)  # never got a file (the open failed and was logged)
         final = self._sidecar(sink, sidecar)
-        sink.final_sidecar = final
         try:
             # Not fsynced (~5-20 ms each here: thousands of calls ending together would hold up
             # every other tap's batches for seconds). The WAV's data is not fsynced either; if a
@@ -307,6 +379,8 @@ class DiskWriter:
         except Exception as exc:
             self.errors += 1
             log.error("tap %s: could not write sidecar: %s", sink.tap_id, exc)
+        self._publish(sink)
+        return Finished(sink.info, final)
 
     def _sidecar(self, sink: WavSink, sidecar: dict[str, Any]) -> dict[str, Any]:
         data = dict(sidecar)

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from receiver.storage.sidecar import TapState
-from receiver.storage.wav_sink import WavSink
-from receiver.storage.writer import DiskWriter
+from receiver.storage.writer import Finished, Writer
 from receiver.taps.audio_buffer import BufferGuard
 from receiver.taps.tap import Tap, utc_now_iso
 
@@ -31,7 +30,7 @@ class TapRegistry:
     def __init__(
         self,
         recordings: Path,
-        writer: DiskWriter,
+        writer: Writer,
         flush_interval: float,
         max_unwritten_seconds: float = 10.0,
         max_unwritten_bytes: int = 256 * 1024 * 1024,
@@ -106,7 +105,7 @@ class TapRegistry:
             tap.started_monotonic,
             on_drop=lambda kind: _warn_drop(tap, kind),
         )
-        tap.sink = WavSink(
+        tap.sink = self.writer.new_sink(
             self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files
         )
         self._active[tap.serial] = tap
@@ -134,7 +133,7 @@ class TapRegistry:
             }},
         )  # fmt: skip
 
-    def finish(self, tap: Tap, reason: str) -> Future[None] | None:
+    def finish(self, tap: Tap, reason: str) -> Future[Finished] | None:
         """End the tap: its last audio, the WAV close and the final sidecar go to the writer."""
         if self._active.pop(tap.serial, None) is None:
             return None
@@ -146,9 +145,8 @@ class TapRegistry:
         tap.end_reason = reason
         if tap.sink.info.error is not None:
             tap.state = TapState.FAILED
-        sink = tap.sink
-        future = self.writer.finish(sink, tap.buffer.take(), tap.describe())
-        future.add_done_callback(lambda _: self._finalized(tap, sink, reason))
+        future = self.writer.finish(tap.sink, tap.buffer.take(), tap.describe())
+        future.add_done_callback(lambda done: self._finalized(tap, done.result(), reason))
         return future
 
     def split(self, tap: Tap) -> None:
@@ -160,41 +158,45 @@ class TapRegistry:
         reason = "max_tap_duration: continued in the next segment"
         tap.extra["segment"] = tap.extra.get("segment", 1)
         sidecar = {**tap.describe(), "ended_at": utc_now_iso(), "end_reason": reason}
-        new = WavSink(self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files)
+        new = self.writer.new_sink(
+            self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files
+        )
         future = self.writer.finish(old, tap.buffer.take(), sidecar, successor=new)
-        future.add_done_callback(lambda _: self._finalized(tap, old, reason))
+        future.add_done_callback(lambda done: self._finalized(tap, done.result(), reason))
         tap.extra["segment"] += 1
-        tap.extra["previous_segment"] = old.name
+        tap.extra["previous_segment"] = old.info.name
         tap.segment_start_frames = tap.buffer.frames
         tap.started_at = utc_now_iso()
         tap.sink = new
         self.writer.open(new, tap.describe())
         log.info("tap %s: segment %d begins (max_tap_duration)", tap.tap_id, tap.extra["segment"])
 
-    def _finalized(self, tap: Tap, sink: WavSink, reason: str) -> None:
-        """On the writer thread, once the tap's files are complete."""
-        sidecar = sink.final_sidecar or {}
-        failed = sidecar.get("state") == TapState.FAILED or sink.error is not None
+    def _finalized(self, tap: Tap, done: Finished, reason: str) -> None:
+        """Once the tap's files are complete (on the writer's thread, or the event loop)."""
+        sidecar = done.sidecar or {}
+        info = done.info
+        failed = sidecar.get("state") == TapState.FAILED or info.error is not None
+        file = f"{info.name}.wav" if info.name else None
         log.info(
             "tap %s %s (%s): %s, %d frames, %.3f s",
             tap.tap_id,
             "FAILED" if failed else "finished",
             reason,
-            sink.wav_path.name if sink.name else "no file",
-            sink.frames_written,
-            sink.frames_written / sink.sample_rate,
+            file or "no file",
+            info.frames_written,
+            info.frames_written / tap.sample_rate,
             extra={"fields": {
                 "event": "tap_finished",
                 "tap_id": tap.tap_id,
-                "file": sink.wav_path.name if sink.name else None,
+                "file": file,
                 "transport": tap.transport,
                 "state": sidecar.get("state"),
                 "reason": reason,
-                "frames": sink.frames_written,
-                "duration_seconds": round(sink.frames_written / sink.sample_rate, 3),
+                "frames": info.frames_written,
+                "duration_seconds": round(info.frames_written / tap.sample_rate, 3),
                 "counters": sidecar.get("counters", {}),
                 "rtp": sidecar.get("rtp"),
-                "error": sink.error,
+                "error": info.error,
             }},
         )  # fmt: skip
         loop = self._loop
@@ -247,7 +249,7 @@ class TapRegistry:
             await asyncio.sleep(self.flush_interval)
             self.flush()
 
-    def finish_all(self, reason: str) -> list[Future[None]]:
+    def finish_all(self, reason: str) -> list[Future[Finished]]:
         futures = [self.finish(tap, reason) for tap in list(self._active.values())]
         return [f for f in futures if f is not None]
 

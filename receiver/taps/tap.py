@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from receiver.storage.sidecar import TapState
-from receiver.storage.wav_sink import WavSink
+from receiver.storage.writer import Sink
 from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
 
 _serial = itertools.count(1)
@@ -53,7 +53,7 @@ class Tap:
         self.ahead_allowance = ahead_allowance
         self.buffer: AudioBuffer | ChannelBuffer = AudioBuffer(channels)
         self.track_files: list[str] | None = None  # also one mono WAV per named track
-        self.sink: WavSink | None = None  # set by the registry; the writer's (read `sink.info`)
+        self.sink: Sink | None = None  # set by the registry; the writer's (read `sink.info`)
         self.counters: dict[str, int] = {}
         self.events: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}  # transport-specific sidecar fields

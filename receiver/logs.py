@@ -51,3 +51,18 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp").setLevel(max(logging.WARNING, root.level))
+
+
+class WorkerLogFilter(logging.Filter):
+    """Marks each log line with the worker: `receiver.taps[1]`, and `worker` in JSON lines."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.endswith("]"):
+            record.name = f"{record.name}[{self.index}]"
+            fields = getattr(record, "fields", None)
+            record.fields = {**(fields if isinstance(fields, dict) else {}), "worker": self.index}
+        return True
