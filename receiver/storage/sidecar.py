@@ -63,6 +63,18 @@ def write_json_atomic(path: Path, data: dict[str, Any], durable: bool = True) ->
             os.fsync(fh.fileno())
 
 
+def write_json_new(path: Path, data: dict[str, Any]) -> None:
+    """A tap's first sidecar, written in place (one file creation, where write_json_atomic makes
+    two): a reader may meet it empty for an instant, which `read_sidecar` takes for no sidecar,
+    as it does one that a power cut left empty (recovery then rebuilds it from the WAV)."""
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, text)
+    finally:
+        os.close(fd)
+
+
 def read_sidecar(path: Path) -> dict[str, Any] | None:
     """The sidecar as a dict, or None if it is missing, unreadable or not a JSON object."""
     try:

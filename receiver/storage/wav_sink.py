@@ -29,19 +29,19 @@ def _command(handle: soundfile.SoundFile, command: int, value: int) -> int:
     return int(soundfile._snd.sf_command(handle._file, command, soundfile._ffi.NULL, value))
 
 
-def reserve_name(directory: Path, tap_id: str) -> str:
+def reserve_name(directory: Path, tap_id: str) -> tuple[str, int]:
     """Claim `<tap_id>.wav`, else `<tap_id>.1.wav`, `.2` ...: an existing recording is never
-    overwritten, also not by a concurrent tap with the same id (O_EXCL decides)."""
+    overwritten, also not by a concurrent tap with the same id (O_EXCL decides). Returns the
+    name and the new WAV, open for writing (file creation is dear: it is not opened twice)."""
     for n in range(MAX_SUFFIX):
         name = tap_id if n == 0 else f"{tap_id}.{n}"
         if (directory / f"{name}.json").exists():
             continue  # a sidecar whose WAV was removed still names a recording
         try:
-            fd = os.open(directory / f"{name}.wav", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(directory / f"{name}.wav", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             continue
-        os.close(fd)
-        return name
+        return name, fd
     raise FileExistsError(f"no free file name for tap {tap_id!r} after {MAX_SUFFIX} tries")
 
 
@@ -106,18 +106,23 @@ class WavSink:
         return self.directory / f"{self.name}.json"
 
     def open(self) -> None:
-        self.name = reserve_name(self.directory, self.tap_id)
-        self._file = soundfile.SoundFile(
-            self.wav_path,
-            "w",
-            samplerate=self.sample_rate,
-            channels=self.channels,
-            subtype="PCM_16",
-            format="RF64",
-        )
+        self.name, fd = reserve_name(self.directory, self.tap_id)
+        try:
+            self._file = soundfile.SoundFile(
+                fd,
+                "w",
+                samplerate=self.sample_rate,
+                channels=self.channels,
+                subtype="PCM_16",
+                format="RF64",
+                closefd=True,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
         _command(self._file, SFC_RF64_AUTO_DOWNGRADE, 1)
         _command(self._file, SFC_UPDATE_HEADER_NOW, 0)
-        self._data_offset = os.path.getsize(self.wav_path)  # the header, before any audio
+        self._data_offset = os.fstat(fd).st_size  # the header, before any audio
         for track in self._track_names:
             track_sink = WavSink(self.directory, f"{self.name}.{track}", self.sample_rate, 1)
             track_sink.open()
@@ -131,7 +136,8 @@ class WavSink:
         if self.name is None:
             return
         old_wav, old_json = self.wav_path, self.sidecar_path
-        new_name = reserve_name(self.directory, new_id)
+        new_name, fd = reserve_name(self.directory, new_id)
+        os.close(fd)  # a placeholder: the open file is renamed over it
         os.replace(old_wav, self.directory / f"{new_name}.wav")
         if old_json.exists():
             os.replace(old_json, self.directory / f"{new_name}.json")

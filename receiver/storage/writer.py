@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from receiver.storage.sidecar import TapState, write_json_atomic
+from receiver.storage.sidecar import TapState, write_json_atomic, write_json_new
 from receiver.storage.wav_sink import SinkInfo, WavSink
 
 log = logging.getLogger("receiver.writer")
@@ -39,7 +39,7 @@ WRITER_SLICE = 0.002  # seconds of batch work (holding the GIL) between pauses
 WRITER_PAUSE = 0.001  # seconds the writer sleeps so the event loop can drain its sockets
 OPEN_SLICE = 0.005  # seconds of file creation between pauses
 OPEN_DUTY = 0.5  # at most this share of the time goes to creating files
-FIRST_OPEN_ESTIMATE = 0.001  # CPU seconds per tap's files, until measured
+FIRST_OPEN_ESTIMATE = 0.001  # seconds per tap's files, until measured
 
 
 class Pending(Protocol):
@@ -112,7 +112,7 @@ class DiskWriter:
         self.opens_done = 0  # writer thread (created or failed)
         self.bytes_queued = 0  # event loop: encoded audio handed over
         self.bytes_done = 0  # writer thread: of it written (or dropped with a failed tap)
-        self.open_seconds = FIRST_OPEN_ESTIMATE  # writer thread: CPU for a tap's files, on average
+        self.open_seconds = FIRST_OPEN_ESTIMATE  # writer thread: a tap's files, on average
         self.abandoned = 0  # jobs left undone at the shutdown deadline
         # Hooks for a writer in its own process (writer_process.py), called on this thread.
         self.on_publish: Callable[[WavSink], None] | None = None
@@ -252,15 +252,14 @@ class DiskWriter:
 
     def _open_some(self) -> None:
         """Create files for waiting taps for OPEN_SLICE, then pause for the event loop."""
-        started, cpu = time.perf_counter(), time.thread_time()
+        started = time.perf_counter()
         opened = 0
         while self._unopened and time.perf_counter() - started < OPEN_SLICE:
             if self._ensure_open(self._unopened.popleft(), now=True):
                 opened += 1
         spent = time.perf_counter() - started
-        if opened:  # its own CPU time: waiting for the GIL or the core is not its cost
-            per_open = (time.thread_time() - cpu) / opened
-            self.open_seconds += (per_open - self.open_seconds) * 0.2
+        if opened:  # wall time: on a busy machine, waiting for the CPU is part of the cost
+            self.open_seconds += (spent / opened - self.open_seconds) * 0.2
         with self._wake:  # a job that comes meanwhile goes first
             if not self._jobs and not self._stopping:
                 self._wake.wait(spent * (1 - OPEN_DUTY) / OPEN_DUTY)
@@ -273,8 +272,7 @@ class DiskWriter:
         sink.opened = True
         try:
             sink.open()
-            initial = sink.initial_sidecar or {}
-            write_json_atomic(sink.sidecar_path, self._sidecar(sink, initial), durable=False)
+            write_json_new(sink.sidecar_path, self._sidecar(sink, sink.initial_sidecar or {}))
         except Exception as exc:
             self._fail(sink, exc)
         self.opens_done += 1

@@ -39,6 +39,7 @@ log = logging.getLogger("receiver.writer")
 HEADER = 4  # bytes of big-endian length before each pickled message
 STATS_INTERVAL = 0.05  # seconds between the child's reports of its counters
 STARTUP_TIMEOUT = 30.0  # seconds the child may take to import and say it is ready
+NICENESS = 5  # the child's scheduling priority below the server's (about a quarter of a core)
 READ_CHUNK = 1 << 20
 
 
@@ -409,6 +410,10 @@ def main(argv: list[str]) -> int:
     from receiver.logs import WorkerLogFilter, setup_logging
 
     _die_with_parent()
+    # Below the event loop: where they compete for a core, receiving packets (which are lost if
+    # not read in time) goes before writing them (which may lag, within max_unwritten_*) and
+    # before creating new taps' files (admission refuses new taps while those lag).
+    os.nice(NICENESS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     defaults = ["info", "text", ""]
