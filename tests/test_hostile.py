@@ -65,3 +65,48 @@ def test_non_utf8_bearer_token_is_a_plain_401_everywhere(make_server: Any) -> No
         assert len(log_lines(server)) - before <= 1, log_lines(server)[before:]
     assert server.health() is not None
     assert "Traceback" not in server.log()
+
+
+# -- 8: malformed control bodies ---------------------------------------------------------------
+
+
+def post_bytes(server: ServerProcess, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    status, headers, answer = raw_http(
+        server,
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n".encode()
+        + body,
+    )
+    assert headers["content-type"].startswith("application/json"), (path, status, answer)
+    return status, json.loads(answer)
+
+
+def ws_status_event(uri: str) -> bytes:
+    device = {"type": "ws", "params": {"uri": uri}}
+    params = {"control_id": "ctl-uri", "state": "tapping", "device": device}
+    return json.dumps({"event_type": "calling.call.tap", "params": params}).encode()
+
+
+def test_malformed_control_bodies_get_400_json(make_server: Any) -> None:
+    server = make_server("--token", TOKEN)
+    hostile = [
+        b"[" * 5000 + b"]" * 5000,
+        b'{"a":' * 5000 + b"1" + b"}" * 5000,
+        b"[" * 100_000,
+        b'{"tap_id": "\xff\xfe"}',
+        b"",
+        b"null",
+    ]
+    for path in ("/api/taps", "/signalwire/tap-status", f"/t/{TOKEN}/signalwire/tap-status"):
+        for body in hostile:
+            status, answer = post_bytes(server, path, body)
+            assert status == 400 and answer["status"] == 400, (path, body[:20], answer)
+    for uri in ("ws://[::1", "wss://[fe80::1/t/x/tap/a", "ws://a\uff03b/tap/x"):
+        status, answer = post_bytes(server, "/signalwire/tap-status", ws_status_event(uri))
+        assert status == 400 and "uri" in answer["error"], (uri, answer)
+    # a URI that parses still works, and so does the server
+    status, answer = post_bytes(server, "/signalwire/tap-status", ws_status_event("ws://h/tap/a"))
+    assert status == 200 and answer["result"].startswith("linked")
+    assert server.health() is not None
+    assert "Traceback" not in server.log()

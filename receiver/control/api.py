@@ -17,6 +17,7 @@ import logging
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import orjson
 from aiohttp import web
 
 from receiver.codecs.encoding import Encoding, encoding_named
@@ -93,9 +94,11 @@ class ControlApi:
 
     async def _json_body(self, request: web.Request) -> dict[str, Any] | web.Response:
         try:
-            body = await request.json()
-        except ValueError:
-            return json_error(400, "the body must be JSON")
+            # orjson: no recursion (it refuses nesting past 1024 levels), and bytes that are not
+            # UTF-8 are a JSON error like any other
+            body = orjson.loads(await request.read())
+        except (ValueError, RecursionError) as exc:
+            return json_error(400, f"the body must be JSON: {exc}")
         if not isinstance(body, dict):
             return json_error(400, "the body must be a JSON object")
         if too_deep(body):  # it goes into the sidecar, the API answers and the webhook
@@ -200,7 +203,11 @@ class ControlApi:
         if kind == "rtp":
             result = self._rtp_status(control_id, state, _int(device_params.get("port")), info)
         elif kind == "ws":
-            uri_id = tap_id_from_uri(str(device_params.get("uri", "")))
+            try:
+                uri_id = tap_id_from_uri(str(device_params.get("uri", "")))
+            except ValueError as exc:  # e.g. "ws://[::1": urlsplit refuses it
+                self._count("status_bad")
+                return json_error(400, f"params.device.params.uri is not a valid URI: {exc}")
             result = self._ws_status(control_id, state, uri_id, info)
         else:
             result = "unknown device type"
