@@ -9,7 +9,7 @@ import socket
 import time
 from typing import Any
 
-from tests.conftest import TOKEN, ServerProcess
+from tests.conftest import TOKEN, ServerProcess, wait_for_sidecar
 
 DEADLINE = 10.0  # seconds: bounds a hang, never a speed
 
@@ -110,3 +110,89 @@ def test_malformed_control_bodies_get_400_json(make_server: Any) -> None:
     assert status == 200 and answer["result"].startswith("linked")
     assert server.health() is not None
     assert "Traceback" not in server.log()
+
+
+# -- 12: exact answers: an empty suffix range, the close code a protocol error sent -------------
+
+
+def raw_websocket(server: ServerProcess, path: str) -> socket.socket:
+    """A WebSocket upgraded by hand, so that frames no client library would send can be sent."""
+    sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=DEADLINE)
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def masked(opcode_byte: int, payload: bytes) -> bytes:
+    """A client frame (FIN and opcode in the first byte), masked with a zero key."""
+    assert len(payload) < 126
+    return bytes([opcode_byte, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+def close_code_received(sock: socket.socket) -> int:
+    """The code of the close frame the server sends (skipping any other frame)."""
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed without a close frame"
+        data += chunk
+        while len(data) >= 2:
+            length = data[1] & 0x7F
+            if len(data) < 2 + length:
+                break
+            if data[0] & 0x0F == 0x8:
+                return int.from_bytes(data[2:4], "big")
+            data = data[2 + length :]
+
+
+def test_protocol_errors_record_the_close_code_sent(make_server: Any) -> None:
+    server = make_server("--token", TOKEN)
+    audio = masked(0x82, b"\xff" * 100)
+    cases = {  # tap id: (what the peer sends, the code the server closes with, the sidecar's)
+        "bad-utf8": (masked(0x81, b"ok \xff\xfe"), 1007, 1007),
+        "reserved-bits": (masked(0xC2, b"\xff" * 10), 1002, 1002),
+        "close-1005": (masked(0x88, (1005).to_bytes(2, "big")), 1002, 1002),
+        "peer-says-1007": (masked(0x88, (1007).to_bytes(2, "big") + b"bad data"), 1000, 1007),
+        "peer-says-4001": (masked(0x88, (4001).to_bytes(2, "big")), 1000, 4001),
+    }
+    for tap_id, (frame, answer, code) in cases.items():
+        with raw_websocket(server, f"/t/{TOKEN}/tap/{tap_id}") as sock:
+            sock.sendall(audio + frame)
+            assert close_code_received(sock) == answer, tap_id
+        sidecar = wait_for_sidecar(server.recordings, tap_id)
+        assert sidecar["close_code"] == code, (tap_id, sidecar)
+        assert sidecar["frames_written"] == 100  # what came before is kept
+    assert "Traceback" not in server.log()
+
+
+def test_an_empty_suffix_range_is_416(make_server: Any) -> None:
+    server = make_server("--token", TOKEN)
+    with raw_websocket(server, f"/t/{TOKEN}/tap/ranged") as sock:
+        sock.sendall(masked(0x82, b"\xff" * 100) + masked(0x88, (1000).to_bytes(2, "big")))
+        close_code_received(sock)
+    wait_for_sidecar(server.recordings, "ranged")
+    size = (server.recordings / "ranged.wav").stat().st_size
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+
+    def get(range_value: str) -> tuple[int, dict[str, str], bytes]:
+        return raw_http(
+            server,
+            f"GET /api/taps/ranged/audio HTTP/1.1\r\nHost: x\r\n{auth}Range: {range_value}\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+
+    for empty in ("bytes=-0", "bytes=-000"):
+        status, headers, _ = get(empty)
+        assert status == 416 and headers["content-range"] == f"bytes */{size}", (empty, status)
+    # every other suffix still works, the smallest included
+    status, headers, body = get("bytes=-1")
+    assert status == 206 and headers["content-range"] == f"bytes {size - 1}-{size - 1}/{size}"
+    assert body == (server.recordings / "ranged.wav").read_bytes()[-1:]
+    status, _, body = get(f"bytes=-{size + 10}")
+    assert status == 206 and len(body) == size

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +37,7 @@ STATIC_FILES = {"app.js", "style.css", "favicon.svg"}
 ACTIONS = ("audio", "waveform", "spectrogram", "levels")
 CACHE_ENTRIES = 64
 MAX_PAGE = 1000
+_EMPTY_SUFFIX_RANGE = re.compile(r"bytes=-0+")
 
 T = TypeVar("T")
 LiveStats = Callable[[Tap], dict[str, Any] | None]  # a transport's counters of a live tap
@@ -252,6 +254,13 @@ class RecordingsApi:
         exists = await self._run(path.is_file)
         if not exists:
             return json_error(404, f"no recording {name!r}")
+        if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get("Range", "")):
+            # "the last 0 bytes" can never be satisfied (RFC 9110 14.1.2); aiohttp reads it as
+            # "from byte 0" and sends the whole file as a 206
+            size = (await self._run(path.stat)).st_size
+            answer = json_error(416, "the range bytes=-0 selects no byte")
+            answer.headers["Content-Range"] = f"bytes */{size}"
+            return answer
         headers = {"Content-Type": "audio/wav", "Cache-Control": "no-cache"}
         if request.query.get("download"):
             headers["Content-Disposition"] = f'attachment; filename="{name}.wav"'

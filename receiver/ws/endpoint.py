@@ -154,9 +154,15 @@ class WsTapEndpoint:
                     except Exception:
                         self._internal_error(session)
                 elif msg.type == WSMsgType.ERROR:
-                    error = ws.exception()
+                    error = msg.data if isinstance(msg.data, BaseException) else ws.exception()
                     reason = f"error: {error}"
-                    too_big = getattr(error, "code", None) == WSCloseCode.MESSAGE_TOO_BIG
+                    # A protocol error (bad UTF-8: 1007, a bad frame or close code: 1002, too
+                    # big: 1009) is answered with that code: record it, not the 1006 that
+                    # the socket reports once the peer has dropped the connection.
+                    sent = getattr(error, "code", None)
+                    if isinstance(sent, int) and 1000 <= sent < 5000:
+                        close_code = sent
+                    too_big = sent == WSCloseCode.MESSAGE_TOO_BIG
                     if too_big or ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
                         reason = "message too big"
                         close_code = WSCloseCode.MESSAGE_TOO_BIG
