@@ -5,11 +5,16 @@ may cost the server its life, a traceback in its log, or another tap its recordi
 from __future__ import annotations
 
 import json
+import os
 import socket
+import struct
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from tests.conftest import TOKEN, ServerProcess, wait_for_sidecar
+from tests.conftest import ROOT, TOKEN, ServerProcess, noise, wait_for_sidecar
 
 DEADLINE = 10.0  # seconds: bounds a hang, never a speed
 
@@ -196,3 +201,99 @@ def test_an_empty_suffix_range_is_416(make_server: Any) -> None:
     assert body == (server.recordings / "ranged.wav").read_bytes()[-1:]
     status, _, body = get(f"bytes=-{size + 10}")
     assert status == 206 and len(body) == size
+
+
+# -- 6: links and special files in the recordings directory ------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`tap-receiver ARGS` (as `python -m receiver`), bounded so that a hang fails the test."""
+    return subprocess.run(
+        [sys.executable, "-m", "receiver", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def plain_wav(samples: int = 800, rate: int = 8000, channels: int = 1, bits: int = 16,
+              block_align: int | None = None, data: bytes | None = None) -> bytes:  # fmt: skip
+    """A 44-byte-header PCM WAV built by hand, any field as given (sane or not)."""
+    block = channels * bits // 8 if block_align is None else block_align
+    audio = noise(samples * 2, 5) if data is None else data
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * block, block, bits)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data"
+    body += struct.pack("<I", len(audio)) + audio
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def test_links_and_special_files_are_never_followed_or_opened(
+    make_server: Any, tmp_path: Path
+) -> None:
+    recordings = tmp_path / "rec"
+    recordings.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # a WAV outside whose header recovery would "repair" (RIFF size 0) if it followed a link
+    target = outside / "victim.wav"
+    target.write_bytes(b"RIFF\0\0\0\0" + plain_wav()[8:])
+    secret = outside / "secret.json"
+    secret.write_text(json.dumps({"state": "finished", "tap_id": "secret", "password": "x"}))
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    (recordings / "passwd.wav").symlink_to("/etc/passwd")
+    (recordings / "evil.wav").symlink_to(target)
+    (recordings / "evil2.wav").symlink_to(target)
+    (recordings / "evil2.json").write_text(json.dumps({"state": "recording", "tap_id": "evil2"}))
+    (recordings / "leak.wav").write_bytes(plain_wav())
+    (recordings / "leak.json").symlink_to(secret)
+    (recordings / ".planted.json.tmp").symlink_to(outside / "planted.json")
+    os.mkfifo(recordings / "fifo.wav")
+    os.mkfifo(recordings / "fifo2.json")
+    (recordings / "fifo2.wav").write_bytes(plain_wav())
+    (recordings / "dir.wav").mkdir()
+
+    server = make_server("--token", TOKEN, recordings=recordings)  # starts: no fifo waited on
+    assert "recovery skips evil.wav: not a regular file" in server.log()
+    sidecar = wait_for_sidecar(recordings, "evil2", "failed")
+    assert "not a regular file" in sidecar["error"]
+    with raw_websocket(server, f"/t/{TOKEN}/tap/planted") as sock:
+        sock.sendall(masked(0x82, b"\xff" * 80) + masked(0x88, (1000).to_bytes(2, "big")))
+        close_code_received(sock)
+    assert wait_for_sidecar(recordings, "planted")["frames_written"] == 80
+
+    def get(target: str) -> tuple[int, bytes]:
+        status, _, body = raw_http(
+            server,
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+        return status, body
+
+    for name in ("passwd", "evil", "fifo", "dir"):
+        for action in ("", "/audio", "/waveform", "/spectrogram", "/levels"):
+            status, body = get(f"/api/taps/{name}{action}")
+            assert status == 404, (name, action, status, body[:200])
+            assert b"root:" not in body
+    status, body = get("/api/taps?limit=1000")
+    listed = {tap["name"] for tap in json.loads(body)["taps"]}
+    assert not listed & {"passwd", "evil", "fifo", "dir"}
+    # its WAV is real, its sidecar a link: never read (recovery gave the WAV a sidecar of its
+    # own, in place of the link; the file the link pointed to is untouched, see below)
+    status, body = get("/api/taps/leak")
+    assert status == 200 and b"password" not in body
+
+    ls = run_cli("ls", "--json", "--recordings", str(recordings))
+    assert ls.returncode == 0 and "passwd" not in ls.stdout and "password" not in ls.stdout
+    for name in ("passwd", "evil", "fifo"):
+        inspected = run_cli("inspect", name, "--recordings", str(recordings))
+        assert inspected.returncode == 1, inspected
+        assert "not a regular file" in inspected.stderr and "root:" not in inspected.stdout
+        assert "Traceback" not in inspected.stderr
+    repaired = run_cli("repair", "--force", str(recordings))
+    assert "skipped evil.wav: not a regular file" in repaired.stdout, repaired.stdout
+    assert "Traceback" not in repaired.stderr
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before  # nothing outside
+    assert (recordings / "passwd.wav").is_symlink() and (recordings / "evil.wav").is_symlink()
+    assert server.health() is not None
+    assert "Traceback" not in server.log()

@@ -25,12 +25,12 @@ from receiver.config import Config
 from receiver.http.auth import Auth
 from receiver.http.errors import json_error
 from receiver.rtp.receiver import NoFreePort, RtpReceiver
+from receiver.storage.sidecar import too_deep
 from receiver.taps.naming import Expected, Naming, rtp_port_key, rtp_source_key, websocket_key
 from receiver.taps.registry import TapRegistry
 from receiver.taps.tap import Tap
 from receiver.taps.tap_id import TAP_ID_RULE, is_valid_tap_id
 from receiver.taps.transport import Transport
-from receiver.ws.dialects.base import too_deep
 
 log = logging.getLogger("receiver.control")
 

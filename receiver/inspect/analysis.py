@@ -15,7 +15,8 @@ import numpy as np
 import soundfile
 
 from receiver.inspect.png import encode_rgb
-from receiver.storage.wav_header import WavError, WavLayout, frames_on_disk
+from receiver.storage.files import open_regular
+from receiver.storage.wav_header import WavError, WavLayout, frames_in_file
 
 FULL_SCALE = 32768.0
 BLOCK_FRAMES = 1 << 20  # frames per block when scanning a whole file
@@ -54,17 +55,18 @@ class Audio:
 def open_audio(path: Path) -> Audio:
     """The frames that are really on disk: the declared data size, or less if the file is
     shorter (a file being recorded, or cut short). Raises WavError or OSError."""
-    layout, frames = frames_on_disk(path)
-    shape = (frames, layout.channels)
-    if layout.is_pcm16:
-        if frames == 0:
-            return Audio(path, layout, np.zeros(shape, dtype=np.int16))
-        samples = np.memmap(path, dtype="<i2", mode="r", offset=layout.data_offset, shape=shape)
-        return Audio(path, layout, samples)
-    try:  # other encodings (24-bit, float, G.711 WAVs from other tools): decoded in memory
-        data, _ = soundfile.read(str(path), dtype="int16", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError) as exc:
-        raise WavError(f"cannot decode {layout.format_name}: {exc}") from None
+    with open_regular(path) as fh:  # a link is not followed, a fifo not waited on
+        layout, frames = frames_in_file(fh)
+        shape = (frames, layout.channels)
+        if layout.is_pcm16:
+            if frames == 0:
+                return Audio(path, layout, np.zeros(shape, dtype=np.int16))
+            samples = np.memmap(fh, dtype="<i2", mode="r", offset=layout.data_offset, shape=shape)
+            return Audio(path, layout, samples)
+        try:  # other encodings (24-bit, float, G.711 WAVs from other tools): decoded in memory
+            data, _ = soundfile.read(fh, dtype="int16", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError) as exc:
+            raise WavError(f"cannot decode {layout.format_name}: {exc}") from None
     return Audio(path, layout, np.ascontiguousarray(data, dtype=np.int16))
 
 

@@ -26,6 +26,7 @@ from receiver.http.auth import Auth
 from receiver.http.errors import json_error
 from receiver.inspect import analysis
 from receiver.inspect.catalog import STATES, Catalog, Recording, loss_percent, markers
+from receiver.storage.files import regular_stat
 from receiver.storage.sidecar import TapState
 from receiver.storage.wav_header import WavError, check_wav
 from receiver.taps.registry import TapRegistry
@@ -251,13 +252,15 @@ class RecordingsApi:
 
     async def _audio(self, request: web.Request, name: str) -> web.StreamResponse:
         path = self.catalog.wav_path(name)
-        exists = await self._run(path.is_file)
-        if not exists:
+        # Only a regular file, never through a link (`passwd.wav -> /etc/passwd`); a fifo
+        # or a device under a recording's name is no recording either.
+        st = await self._run(regular_stat, path)
+        if st is None:
             return json_error(404, f"no recording {name!r}")
         if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get("Range", "")):
             # "the last 0 bytes" can never be satisfied (RFC 9110 14.1.2); aiohttp reads it as
             # "from byte 0" and sends the whole file as a 206
-            size = (await self._run(path.stat)).st_size
+            size = st.st_size
             answer = json_error(416, "the range bytes=-0 selects no byte")
             answer.headers["Content-Range"] = f"bytes */{size}"
             return answer
@@ -283,7 +286,9 @@ class RecordingsApi:
 
     def _compute(self, path: Path, kind: str, params: tuple[int, ...]) -> bytes:
         """In a worker thread: the cached body, or compute it from the file as it is now."""
-        st = path.stat()
+        st = regular_stat(path)
+        if st is None:
+            raise FileNotFoundError(path.name)
         key = (path.name, st.st_size, st.st_mtime_ns, kind, *params)
         return self.cache.get_or_compute(key, lambda: _render(path, kind, params))
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from receiver.storage.files import regular_stat
 from receiver.storage.sidecar import TapState, read_sidecar
 from receiver.storage.wav_header import WavError, frames_on_disk
 from receiver.taps.tap_id import is_valid_tap_id
@@ -110,20 +111,26 @@ def markers(sidecar: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _mtime_iso(path: Path) -> str | None:
-    try:
-        stamp = path.stat().st_mtime
-    except OSError:
+    st = regular_stat(path)
+    if st is None:
         return None
+    stamp = st.st_mtime
     moment = datetime.fromtimestamp(stamp, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _stat_key(path: Path) -> tuple[int, int] | None:
+    """Only regular files count: a link (`passwd.wav -> /etc/passwd`), a fifo or a directory
+    under a recording's name is not a recording."""
+    st = regular_stat(path)
+    return None if st is None else (st.st_mtime_ns, st.st_size)
+
+
+def _is_regular(entry: os.DirEntry[str]) -> bool:
     try:
-        st = path.stat()
+        return entry.is_file(follow_symlinks=False)
     except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
+        return False
 
 
 class Catalog:
@@ -151,7 +158,7 @@ class Catalog:
             return sidecars, wavs
         for entry in entries:
             stem, dot, ext = entry.name.rpartition(".")
-            if dot and is_valid_tap_id(stem):
+            if dot and is_valid_tap_id(stem) and _is_regular(entry):
                 if ext == "json":
                     sidecars.add(stem)
                 elif ext == "wav":

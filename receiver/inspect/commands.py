@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from receiver import config
 from receiver.inspect.analysis import DEFAULT_SILENCE_DBFS, Levels, measure_levels, open_audio
 from receiver.inspect.catalog import STATES, Catalog, markers
+from receiver.storage.files import regular_stat
 from receiver.storage.sidecar import read_sidecar
 from receiver.storage.wav_header import RepairPlan, WavError, apply_repair, check_wav
 from receiver.taps.tap_id import is_valid_tap_id
@@ -137,11 +138,12 @@ def list_recordings(directory: Path, state: str | None, as_json: bool, out: Text
 
 
 def resolve_target(directory: Path, target: str) -> Path | None:
-    """A WAV path as given, or `<recordings>/<TAP_ID>.wav`."""
+    """A WAV path as given, or `<recordings>/<TAP_ID>.wav` (if it is no regular file, opening
+    it says so: a link is not followed, a fifo not waited on)."""
     path = Path(target)
-    if path.suffix == ".wav" and path.is_file():
+    if path.suffix == ".wav" and os.path.lexists(path):
         return path
-    if is_valid_tap_id(target) and (directory / f"{target}.wav").is_file():
+    if is_valid_tap_id(target) and os.path.lexists(directory / f"{target}.wav"):
         return directory / f"{target}.wav"
     return None
 
@@ -246,7 +248,7 @@ def inspect(directory: Path, target: str, silence_db: float, as_json: bool, out:
         ("format", audio.layout.format_name),
         (
             "duration",
-            f"{audio.duration:.3f} s ({audio.frames} frames, {path.stat().st_size} bytes)",
+            f"{audio.duration:.3f} s ({audio.frames} frames, {plan.file_size} bytes)",
         ),
     ]
     if plan.problem:
@@ -280,8 +282,8 @@ def repair(paths: Sequence[Path], dry_run: bool, force: bool, out: TextIO) -> in
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix == ".wav" and p.is_file())
-        elif path.is_file():
+            files += sorted(p for p in path.iterdir() if p.suffix == ".wav")
+        elif os.path.lexists(path):
             files.append(path)
         else:
             print(f"tap-receiver: no such file or directory: {path}", file=sys.stderr)
@@ -291,7 +293,12 @@ def repair(paths: Sequence[Path], dry_run: bool, force: bool, out: TextIO) -> in
     now = time.time()
     for path in files:
         try:
-            if not force and now - path.stat().st_mtime < RECENT_SECONDS:
+            st = regular_stat(path)
+            if st is None:  # a link is not followed out of the directory, a fifo not waited on
+                counts["skipped"] += 1
+                print(f"skipped {path.name}: not a regular file", file=out)
+                continue
+            if not force and now - st.st_mtime < RECENT_SECONDS:
                 counts["skipped"] += 1
                 print(
                     f"skipped {path.name}: modified in the last {RECENT_SECONDS:g} s "

@@ -8,10 +8,12 @@ Runs once, before any listener (and before any worker) starts, so nothing else i
 from __future__ import annotations
 
 import logging
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from receiver.storage.files import regular_stat
 from receiver.storage.sidecar import TapState, read_sidecar, write_json_atomic
 from receiver.storage.wav_header import repair_wav
 
@@ -24,10 +26,10 @@ def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
     if sidecar is None or sidecar.get("state") != TapState.RECORDING:
         return None
     wav = sidecar_path.with_suffix(".wav")
-    if not wav.exists():
-        sidecar.update(
-            state=TapState.FAILED, error="recovered after a crash: the WAV file is missing"
-        )
+    st = regular_stat(wav)
+    if st is None:
+        missing = "is missing" if not os.path.lexists(wav) else "is not a regular file"
+        sidecar.update(state=TapState.FAILED, error=f"recovered after a crash: the WAV {missing}")
         sidecar["recovered"] = True
         write_json_atomic(sidecar_path, sidecar)
         return sidecar
@@ -36,7 +38,7 @@ def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
     if isinstance(tracks, dict):  # per-track WAVs were being written as well
         for name in tracks.values():
             track_wav = sidecar_path.parent / str(name)
-            if track_wav.is_file() and "/" not in str(name):
+            if "/" not in str(name) and regular_stat(track_wav) is not None:
                 repair_wav(track_wav)
     if plan.problem is not None:
         sidecar.update(state=TapState.FAILED, error=f"recovered after a crash: {plan.problem}")
@@ -46,7 +48,7 @@ def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
         sidecar["frames_written"] = plan.frames
         sidecar["duration_seconds"] = round(plan.frames / rate, 6)
         sidecar["header_repairs"] = plan.describe()
-    modified = datetime.fromtimestamp(wav.stat().st_mtime, UTC)
+    modified = datetime.fromtimestamp(st.st_mtime, UTC)
     sidecar["ended_at"] = modified.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     sidecar["end_reason"] = "recovered after a crash"
     sidecar["recovered"] = True
@@ -58,7 +60,7 @@ def adopt_orphan(wav: Path) -> dict[str, Any]:
     """A WAV without a sidecar (the process died between creating one and writing the other):
     repair its header and give it a sidecar saying what is known."""
     plan = repair_wav(wav)
-    modified = datetime.fromtimestamp(wav.stat().st_mtime, UTC)
+    modified = datetime.fromtimestamp(os.lstat(wav).st_mtime, UTC)
     sidecar: dict[str, Any] = {
         "tap_id": wav.stem,
         "file": wav.name,
@@ -97,11 +99,24 @@ def _orphans(recordings: Path) -> list[Path]:
                 named.update(str(name) for name in tracks.values())
     return [
         wav
-        for wav in sorted(recordings.glob("*.wav"))
-        if not wav.name.startswith(".")
-        and wav.name not in named
-        and wav.with_suffix(".json").name not in readable
+        for wav in _regular_files(recordings, "*.wav")
+        if wav.name not in named and wav.with_suffix(".json").name not in readable
     ]
+
+
+def _regular_files(recordings: Path, pattern: str) -> list[Path]:
+    """The directory's regular files matching `pattern`, hidden ones left out. Anything else
+    under such a name (a link, a fifo, a directory) is logged and left alone: recovery never
+    follows a link out of the directory, nor waits on a fifo."""
+    found = []
+    for path in sorted(recordings.glob(pattern)):
+        if path.name.startswith("."):
+            continue
+        if regular_stat(path) is None:
+            log.warning("recovery skips %s: not a regular file", path.name)
+            continue
+        found.append(path)
+    return found
 
 
 def recover(recordings: Path) -> list[dict[str, Any]]:
@@ -116,9 +131,7 @@ def recover(recordings: Path) -> list[dict[str, Any]]:
         recovered.append(adopted)
         log.warning("recovered %s after a crash: it had no sidecar; now %s", wav.name,
                     adopted["state"])  # fmt: skip
-    for sidecar_path in sorted(recordings.glob("*.json")):
-        if sidecar_path.name.startswith("."):
-            continue
+    for sidecar_path in _regular_files(recordings, "*.json"):
         try:
             result = recover_one(sidecar_path)
         except OSError as exc:

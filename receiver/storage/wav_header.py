@@ -16,6 +16,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+from receiver.storage.files import open_regular
 
 U32_MAX = 0xFFFFFFFF
 WAVE_FORMAT_PCM = 0x0001
@@ -269,21 +272,28 @@ def file_reader(fh: object) -> ReadAt:
 
 
 def read_layout_of(path: Path) -> WavLayout:
-    with path.open("rb") as fh:
+    with open_regular(path) as fh:
         return read_layout(file_reader(fh))
 
 
 def frames_on_disk(path: Path) -> tuple[WavLayout, int]:
     """The header and the number of frames really on disk: the declared data size, or less if
     the file is shorter (a file being recorded, or cut short). Raises WavError or OSError."""
-    layout = read_layout_of(path)
-    available = path.stat().st_size - layout.data_offset
+    with open_regular(path) as fh:
+        return frames_in_file(fh)
+
+
+def frames_in_file(fh: BinaryIO) -> tuple[WavLayout, int]:
+    """`frames_on_disk` of a file already open."""
+    layout = read_layout(file_reader(fh))
+    available = os.fstat(fh.fileno()).st_size - layout.data_offset
     declared = available if layout.data_size in (0, U32_MAX) else layout.data_size
     return layout, max(0, min(declared, available)) // layout.block_align
 
 
 def check_wav(path: Path) -> RepairPlan:
-    with path.open("rb") as fh:
+    """Only a regular file is read: a link is not followed, a fifo is not waited on."""
+    with open_regular(path) as fh:
         return plan_repair(file_reader(fh), os.fstat(fh.fileno()).st_size)
 
 
@@ -291,7 +301,7 @@ def apply_repair(path: Path, plan: RepairPlan) -> None:
     """Write the planned fields (after checking the file has not changed size since)."""
     if plan.problem is not None or not plan.needed:
         return
-    with path.open("r+b") as fh:
+    with open_regular(path, write=True) as fh:
         if os.fstat(fh.fileno()).st_size != plan.file_size:
             raise WavError(f"{path.name} changed size since it was checked; not touching it")
         if plan.header is not None:

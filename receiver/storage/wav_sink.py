@@ -34,7 +34,7 @@ def reserve_name(directory: Path, tap_id: str) -> str:
     overwritten, also not by a concurrent tap with the same id (O_EXCL decides)."""
     for n in range(MAX_SUFFIX):
         name = tap_id if n == 0 else f"{tap_id}.{n}"
-        if (directory / f"{name}.json").exists():
+        if os.path.lexists(directory / f"{name}.json"):
             continue  # a sidecar whose WAV was removed still names a recording
         try:
             fd = os.open(directory / f"{name}.wav", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
