@@ -297,3 +297,41 @@ def test_links_and_special_files_are_never_followed_or_opened(
     assert (recordings / "passwd.wav").is_symlink() and (recordings / "evil.wav").is_symlink()
     assert server.health() is not None
     assert "Traceback" not in server.log()
+
+
+# -- 5: the server starts whatever recovery finds ----------------------------------------------
+
+
+def test_recovery_handles_each_file_on_its_own_and_the_server_starts(
+    make_server: Any, tmp_path: Path
+) -> None:
+    recordings = tmp_path / "rec"
+    recordings.mkdir()
+    hostile = {
+        "rate0.wav": plain_wav(rate=0),
+        "deep.json": b'{"state": "recording", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "deep.wav": plain_wav(),
+        "deeper.json": b"[" * 100_000,
+        "garbage.wav": noise(3000, 7),
+        "empty.wav": b"",
+        "badrate.json": json.dumps({"state": "recording", "sample_rate": "x"}).encode(),
+        "badrate.wav": plain_wav(),
+        "tracks.json": json.dumps({"state": "recording", "track_files": {"a": "../../x.wav",
+                                                                        "b": 7}}).encode(),
+        "tracks.wav": plain_wav(),
+    }  # fmt: skip
+    for name, content in hostile.items():
+        (recordings / name).write_bytes(content)
+    good = plain_wav(1600)
+    (recordings / "good.wav").write_bytes(b"RIFF\0\0\0\0" + good[8:])  # a crash's zeroed size
+
+    server = make_server("--token", TOKEN, recordings=recordings)
+    sidecar = wait_for_sidecar(recordings, "good")
+    assert sidecar["recovered"] is True and sidecar["frames_written"] == 1600
+    assert (recordings / "good.wav").read_bytes() == good  # repaired
+    log = server.log()
+    for name in hostile:
+        stem = name.rpartition(".")[0]
+        assert stem in log, f"nothing logged about {name}"
+    assert "Traceback" not in log
+    assert server.health() is not None

@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from receiver.storage.files import regular_stat
-from receiver.storage.sidecar import TapState, read_sidecar, write_json_atomic
+from receiver.storage.sidecar import TapState, load_sidecar, read_sidecar, write_json_atomic
 from receiver.storage.wav_header import repair_wav
 
 log = logging.getLogger("receiver.recovery")
 
 
 def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
-    """Finalize one interrupted recording; returns its new sidecar (None if not interrupted)."""
-    sidecar = read_sidecar(sidecar_path)
+    """Finalize one interrupted recording; returns its new sidecar (None if not interrupted).
+    Raises ValueError for a sidecar that cannot be read."""
+    sidecar, problem = load_sidecar(sidecar_path)
+    if problem is not None:
+        raise ValueError(problem)
     if sidecar is None or sidecar.get("state") != TapState.RECORDING:
         return None
     wav = sidecar_path.with_suffix(".wav")
@@ -43,7 +46,9 @@ def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
     if plan.problem is not None:
         sidecar.update(state=TapState.FAILED, error=f"recovered after a crash: {plan.problem}")
     else:
-        rate = int(sidecar.get("sample_rate") or (plan.layout.sample_rate if plan.layout else 8000))
+        rate = sidecar.get("sample_rate")
+        if not isinstance(rate, int) or rate <= 0:  # the header's, if the sidecar's is no rate
+            rate = plan.layout.sample_rate if plan.layout and plan.layout.sample_rate else 8000
         sidecar["state"] = TapState.FINISHED
         sidecar["frames_written"] = plan.frames
         sidecar["duration_seconds"] = round(plan.frames / rate, 6)
@@ -119,14 +124,23 @@ def _regular_files(recordings: Path, pattern: str) -> list[Path]:
     return found
 
 
+def _skip(path: Path, exc: Exception) -> None:
+    """One line, no traceback: a file recovery cannot handle is left as it is, and the server
+    starts anyway (whatever is in the directory, it must not keep the others from recording)."""
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    log.error("could not recover %s, left as it is: %s: %s", path.name, type(exc).__name__,
+              detail)  # fmt: skip
+
+
 def recover(recordings: Path) -> list[dict[str, Any]]:
-    """Finalize every interrupted recording in the directory; log what was done."""
+    """Finalize every interrupted recording in the directory, each file on its own; log what
+    was done and what was skipped."""
     recovered = []
     for wav in _orphans(recordings):
         try:
             adopted = adopt_orphan(wav)
-        except OSError as exc:
-            log.error("could not recover %s: %s", wav.name, exc)
+        except Exception as exc:
+            _skip(wav, exc)
             continue
         recovered.append(adopted)
         log.warning("recovered %s after a crash: it had no sidecar; now %s", wav.name,
@@ -134,8 +148,8 @@ def recover(recordings: Path) -> list[dict[str, Any]]:
     for sidecar_path in _regular_files(recordings, "*.json"):
         try:
             result = recover_one(sidecar_path)
-        except OSError as exc:
-            log.error("could not recover %s: %s", sidecar_path.name, exc)
+        except Exception as exc:
+            _skip(sidecar_path, exc)
             continue
         if result is not None:
             recovered.append(result)
