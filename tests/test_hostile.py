@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -24,10 +25,10 @@ def raw_http(server: ServerProcess, request: bytes) -> tuple[int, dict[str, str]
     (lower-case names) and the body of the answer."""
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=DEADLINE) as sock:
         sock.sendall(request)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(1 << 20):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {}
     for line in lines[1:]:
@@ -335,3 +336,98 @@ def test_recovery_handles_each_file_on_its_own_and_the_server_starts(
         assert stem in log, f"nothing logged about {name}"
     assert "Traceback" not in log
     assert server.health() is not None
+
+
+# -- 7: odd WAVs and sidecars in the inspection API and the command line ------------------------
+
+
+def float_wav_header(frames: int) -> bytes:
+    """The header of a mono 32-bit float WAV of `frames` frames (data not included)."""
+    fmt = struct.pack("<HHIIHH", 3, 1, 8000, 32000, 4, 32)
+    size = 4 * frames
+    return (b"RIFF" + struct.pack("<I", 36 + size) + b"WAVE" + b"fmt " + struct.pack("<I", 16)
+            + fmt + b"data" + struct.pack("<I", size))  # fmt: skip
+
+
+def odd_recordings(directory: Path) -> set[str]:
+    """WAVs whose headers lie, and sidecars no server wrote; returns their names."""
+    wavs = {
+        "rate0": plain_wav(rate=0),
+        "ch65535": plain_wav(50, channels=65535, bits=8, data=bytes(65535 * 50)),
+        "ch65535-16": plain_wav(50, channels=65535, block_align=2, data=bytes(65535 * 100)),
+        "block3": plain_wav(block_align=3),
+        "bits0": plain_wav(bits=0, block_align=1),
+        "hugerate": plain_wav(rate=4_000_000_000 // 2),
+        "deep": plain_wav(),
+        "deep900": plain_wav(),
+        "typed": plain_wav(),
+        "fine": plain_wav(),
+    }
+    for name, content in wavs.items():
+        (directory / f"{name}.wav").write_bytes(content)
+    with (directory / "bigfloat.wav").open("wb") as fh:  # sparse: 160 MB that take no disk
+        fh.write(float_wav_header(40_000_000))
+        fh.truncate(44 + 4 * 40_000_000)
+    (directory / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (directory / "deep900.json").write_text('{"state": "finished", "x": ' + "[" * 900
+                                            + "]" * 900 + "}")  # fmt: skip
+    (directory / "typed.json").write_text(json.dumps({
+        "state": ["finished"], "started_at": 5, "ended_at": {}, "duration_seconds": "long",
+        "rtp": {"lost": "many", "received": [], "ssrcs": [1, None], "dtmf": [1, {"start": "x"}],
+                "discontinuities": "none"},
+        "events": [None, {"type": "dtmf", "at": 1e308, "digit": {}}, {"type": 5, "at": "x"}],
+        "counters": [1, 2], "track_files": [1], "tap_id": {"a": 1}, "transport": 5,
+    }))  # fmt: skip
+    return {*wavs, "bigfloat"}
+
+
+def test_odd_wavs_and_sidecars_get_clear_answers_and_bounded_memory(make_server: Any) -> None:
+    server = make_server("--token", TOKEN, start=False)
+    server.recordings.mkdir(parents=True)
+    # memory per request must not follow a header: 2 GiB of address space is plenty
+    gib = 1 << 30
+    server.popen_kwargs["preexec_fn"] = lambda: resource.setrlimit(
+        resource.RLIMIT_AS, (2 * gib, 2 * gib)
+    )
+    server.start()
+    names = odd_recordings(server.recordings)  # after recovery: the server sees them as they are
+
+    def get(target: str) -> tuple[int, dict[str, str], bytes]:
+        return raw_http(
+            server,
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+
+    status, _, body = get("/api/taps?limit=1000")
+    assert status == 200
+    assert {tap["name"] for tap in json.loads(body)["taps"]} == names
+    for name in sorted(names):
+        for action in ("", "/audio", "/waveform?width=10000", "/spectrogram?width=4000&height=1024",
+                       "/levels"):  # fmt: skip
+            status, headers, body = get(f"/api/taps/{name}{action}")
+            assert status in (200, 422), (name, action, status, body[:300])
+            if status == 422:
+                assert headers["content-type"].startswith("application/json")
+                assert json.loads(body)["error"].startswith(f"cannot read {name}.wav")
+    for bad in ("rate0", "ch65535", "ch65535-16", "block3", "bits0", "bigfloat"):
+        assert get(f"/api/taps/{bad}/levels")[0] == 422, bad
+    assert get("/api/taps/fine/levels")[0] == 200
+    assert get("/api/taps/hugerate/spectrogram")[0] == 200  # odd but readable
+    assert server.health() is not None
+    assert "Traceback" not in server.log()
+
+    ls = run_cli("ls", "--recordings", str(server.recordings))
+    assert ls.returncode == 0 and "Traceback" not in ls.stderr, ls.stderr
+    assert f"{len(names)} recording(s)" in ls.stdout
+    assert "deep.json is not valid JSON" in ls.stderr and "deep900.json nests" in ls.stderr
+    as_json = run_cli("ls", "--json", "--recordings", str(server.recordings))
+    assert {json.loads(line)["name"] for line in as_json.stdout.splitlines()} == names
+    for name in sorted(names):
+        inspected = run_cli("inspect", name, "--recordings", str(server.recordings))
+        assert "Traceback" not in inspected.stderr, (name, inspected.stderr)
+        if name in ("rate0", "ch65535", "ch65535-16", "block3", "bits0", "bigfloat"):
+            said = "bad fmt chunk" in inspected.stderr or "too many to decode" in inspected.stderr
+            assert inspected.returncode == 1 and said, (name, inspected.stderr)
+        else:
+            assert inspected.returncode == 0, (name, inspected.stderr)

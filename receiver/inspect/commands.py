@@ -14,9 +14,9 @@ from typing import Any, TextIO
 
 from receiver import config
 from receiver.inspect.analysis import DEFAULT_SILENCE_DBFS, Levels, measure_levels, open_audio
-from receiver.inspect.catalog import STATES, Catalog, markers
+from receiver.inspect.catalog import STATES, Catalog, loss_percent, markers
 from receiver.storage.files import regular_stat
-from receiver.storage.sidecar import read_sidecar
+from receiver.storage.sidecar import load_sidecar
 from receiver.storage.wav_header import RepairPlan, WavError, apply_repair, check_wav
 from receiver.taps.tap_id import is_valid_tap_id
 
@@ -104,6 +104,9 @@ def list_recordings(directory: Path, state: str | None, as_json: bool, out: Text
         return 1
     rows = [r.summary() for r in Catalog(directory).scan()]
     rows = [r for r in rows if state is None or r["state"] == state]
+    for row in rows:  # listed all the same, with what is known
+        if row.get("problem"):
+            print(f"tap-receiver: {row['name']}: {row['problem']}", file=sys.stderr)
     if as_json:
         for row in rows:
             print(json.dumps(row), file=out)
@@ -114,8 +117,8 @@ def list_recordings(directory: Path, state: str | None, as_json: bool, out: Text
         table.append(
             (
                 r["name"],
-                r["state"],
-                r["transport"] or "-",
+                str(r["state"]),
+                str(r["transport"] or "-"),
                 f"{r['codec'] or '-'}/{r['sample_rate'] or '?'}",
                 (r["started_at"] or "-").replace("T", " ").removesuffix("Z"),
                 _duration(r["duration_seconds"]),
@@ -196,22 +199,24 @@ def _sidecar_lines(sidecar: dict[str, Any]) -> list[tuple[str, str]]:
         lines.append(
             ("written", f"{sidecar['frames_written']} frames, {sidecar.get('duration_seconds')} s")
         )
-    counters = sidecar.get("counters") or {}
-    if counters:
+    counters = sidecar.get("counters")
+    if counters and isinstance(counters, dict):
         lines.append(("counters", " ".join(f"{k}={v}" for k, v in counters.items())))
     rtp = sidecar.get("rtp")
-    if rtp:
+    if rtp and isinstance(rtp, dict):
         received, lost = rtp.get("received", 0), rtp.get("lost", 0)
-        share = 100.0 * lost / (received + lost) if received + lost else 0.0
+        share = loss_percent(rtp)
         lines.append(
             (
                 "rtp",
-                f"received={received} lost={lost} ({share:.2f}%) late={rtp.get('late', 0)} "
-                f"duplicate={rtp.get('duplicate', 0)} reordered={rtp.get('reordered', 0)} "
-                f"jitter={rtp.get('jitter_ms', 0)} ms",
+                f"received={received} lost={lost} ({'-' if share is None else f'{share:.2f}'}%) "
+                f"late={rtp.get('late', 0)} duplicate={rtp.get('duplicate', 0)} "
+                f"reordered={rtp.get('reordered', 0)} jitter={rtp.get('jitter_ms', 0)} ms",
             )
         )
-        lines.append(("ssrcs", ", ".join(rtp.get("ssrcs") or []) or "-"))
+        ssrcs = rtp.get("ssrcs")
+        listed = ", ".join(str(s) for s in ssrcs) if isinstance(ssrcs, list) else ""
+        lines.append(("ssrcs", listed or "-"))
     for m in markers(sidecar):
         extra = f" ({m['duration'] * 1000:.0f} ms)" if m.get("duration") else ""
         lines.append((m["type"], f"{m['label']} at {m['at']:.3f} s{extra}"))
@@ -232,7 +237,9 @@ def inspect(directory: Path, target: str, silence_db: float, as_json: bool, out:
     except (OSError, WavError) as exc:
         print(f"tap-receiver: {path}: {exc}", file=sys.stderr)
         return 1
-    sidecar = read_sidecar(path.with_suffix(".json"))
+    sidecar, problem = load_sidecar(path.with_suffix(".json"))
+    if problem is not None:
+        print(f"tap-receiver: {problem}", file=sys.stderr)
     if as_json:
         report = {
             "file": str(path),
@@ -265,7 +272,7 @@ def inspect(directory: Path, target: str, silence_db: float, as_json: bool, out:
         print(f"sidecar {path.with_suffix('.json').name}", file=out)
         _print_block(_sidecar_lines(sidecar), out)
     else:
-        print("no sidecar", file=out)
+        print("no sidecar" if problem is None else "sidecar unreadable", file=out)
     return 0
 
 
