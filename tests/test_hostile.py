@@ -431,3 +431,45 @@ def test_odd_wavs_and_sidecars_get_clear_answers_and_bounded_memory(make_server:
             assert inspected.returncode == 1 and said, (name, inspected.stderr)
         else:
             assert inspected.returncode == 0, (name, inspected.stderr)
+
+
+# -- 10: every file the server writes can be listed, fetched and deleted -----------------------
+
+
+def test_a_128_character_id_used_twice_is_listed_fetched_and_deleted(make_server: Any) -> None:
+    server = make_server("--token", TOKEN)
+    tap_id = "L" + "o" * 126 + "g"
+    for n in range(2):
+        with raw_websocket(server, f"/t/{TOKEN}/tap/{tap_id}") as sock:
+            sock.sendall(masked(0x82, bytes([n]) * 80) + masked(0x88, (1000).to_bytes(2, "big")))
+            close_code_received(sock)
+    second = f"{tap_id}.1"
+    wait_for_sidecar(server.recordings, tap_id)
+    assert wait_for_sidecar(server.recordings, second)["file"] == f"{second}.wav"
+
+    def call(method: str, target: str) -> tuple[int, bytes]:
+        status, _, body = raw_http(
+            server,
+            f"{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+        return status, body
+
+    status, body = call("GET", "/api/taps")
+    assert {t["name"] for t in json.loads(body)["taps"]} == {tap_id, second}
+    ls = run_cli("ls", "--recordings", str(server.recordings))
+    assert second in ls.stdout and "2 recording(s)" in ls.stdout
+    assert run_cli("inspect", second, "--recordings", str(server.recordings)).returncode == 0
+    for action in ("", "/audio", "/waveform", "/levels", "/spectrogram"):
+        status, body = call("GET", f"/api/taps/{second}{action}")
+        assert status == 200, (action, body[:200])
+    assert body.startswith(b"\x89PNG")
+    status, body = call("GET", f"/api/taps/{second}/audio")
+    assert body == (server.recordings / f"{second}.wav").read_bytes()
+    for name in (second, tap_id):
+        status, body = call("DELETE", f"/api/taps/{name}")
+        assert status == 200, body
+    assert not [p for p in server.recordings.iterdir() if not p.name.startswith(".")]
+    # what is not a name the server writes is still refused
+    for bad in ("x" * 129, f"{tap_id}.12345", f"{tap_id}.a", f"{tap_id}x.1"):
+        assert call("GET", f"/api/taps/{bad}")[0] == 400, bad

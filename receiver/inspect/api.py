@@ -31,7 +31,7 @@ from receiver.storage.sidecar import TapState
 from receiver.storage.wav_header import WavError, check_wav
 from receiver.taps.registry import TapRegistry
 from receiver.taps.tap import Tap, utc_now_iso
-from receiver.taps.tap_id import TAP_ID_RULE, is_valid_tap_id
+from receiver.taps.tap_id import NAME_RULE, is_valid_name
 
 PAGE_DIR = Path(__file__).parent / "page"
 STATIC_FILES = {"app.js", "style.css", "favicon.svg"}
@@ -208,8 +208,8 @@ class RecordingsApi:
 
     async def get_tap(self, request: web.Request) -> web.StreamResponse:
         name, action = _split(request.match_info["rest"])
-        if not is_valid_tap_id(name):
-            return json_error(400, TAP_ID_RULE)
+        if not is_valid_name(name):
+            return json_error(400, NAME_RULE)
         try:
             if action == "audio":
                 return await self._audio(request, name)
@@ -294,8 +294,8 @@ class RecordingsApi:
 
     async def delete_tap(self, request: web.Request) -> web.StreamResponse:
         name, action = _split(request.match_info["rest"])
-        if not is_valid_tap_id(name):
-            return json_error(400, TAP_ID_RULE)
+        if not is_valid_name(name):
+            return json_error(400, NAME_RULE)
         if action:
             return json_error(405, "only a recording itself can be deleted")
         if name in self._active():

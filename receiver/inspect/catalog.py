@@ -17,7 +17,7 @@ from typing import Any
 from receiver.storage.files import regular_stat
 from receiver.storage.sidecar import TapState, load_sidecar, read_sidecar
 from receiver.storage.wav_header import WavError, frames_on_disk
-from receiver.taps.tap_id import is_valid_tap_id
+from receiver.taps.tap_id import is_valid_name
 
 STATES = tuple(state.value for state in TapState)
 
@@ -186,7 +186,7 @@ class Catalog:
             return sidecars, wavs
         for entry in entries:
             stem, dot, ext = entry.name.rpartition(".")
-            if dot and is_valid_tap_id(stem) and _is_regular(entry):
+            if dot and is_valid_name(stem) and _is_regular(entry):
                 if ext == "json":
                     sidecars.add(stem)
                 elif ext == "wav":
@@ -271,7 +271,7 @@ class Catalog:
             paths += [
                 self.directory / str(f)
                 for f in tracks.values()
-                if str(f).endswith(".wav") and is_valid_tap_id(str(f)[:-4])
+                if str(f).endswith(".wav") and is_valid_name(str(f)[:-4])
             ]
         paths.append(self.sidecar_path(name))
         removed = []

@@ -18,7 +18,7 @@ from receiver.inspect.catalog import STATES, Catalog, loss_percent, markers
 from receiver.storage.files import regular_stat
 from receiver.storage.sidecar import load_sidecar
 from receiver.storage.wav_header import RepairPlan, WavError, apply_repair, check_wav
-from receiver.taps.tap_id import is_valid_tap_id
+from receiver.taps.tap_id import is_valid_name
 
 COMMANDS = ("ls", "inspect", "repair")
 RECENT_SECONDS = 5.0  # a WAV written this recently may belong to a running server
@@ -146,7 +146,7 @@ def resolve_target(directory: Path, target: str) -> Path | None:
     path = Path(target)
     if path.suffix == ".wav" and os.path.lexists(path):
         return path
-    if is_valid_tap_id(target) and os.path.lexists(directory / f"{target}.wav"):
+    if is_valid_name(target) and os.path.lexists(directory / f"{target}.wav"):
         return directory / f"{target}.wav"
     return None
 
