@@ -473,3 +473,60 @@ def test_a_128_character_id_used_twice_is_listed_fetched_and_deleted(make_server
     # what is not a name the server writes is still refused
     for bad in ("x" * 129, f"{tap_id}.12345", f"{tap_id}.a", f"{tap_id}x.1"):
         assert call("GET", f"/api/taps/{bad}")[0] == 400, bad
+
+
+# -- 11: the command line in pipes, and repair --dry-run as a check ----------------------------
+
+
+def many_recordings(directory: Path, count: int) -> None:
+    """`count` small finished recordings, written as the server would leave them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for n in range(count):
+        (directory / f"pipe-{n:04d}.wav").write_bytes(plain_wav(80))
+        (directory / f"pipe-{n:04d}.json").write_text(json.dumps({
+            "tap_id": f"pipe-{n:04d}", "transport": "websocket", "codec": "PCMU",
+            "sample_rate": 8000, "channels": 1, "state": "finished", "duration_seconds": 0.01,
+            "started_at": f"2026-01-01T00:00:{n % 60:02d}.000Z",
+        }))  # fmt: skip
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    recordings = tmp_path / "rec"
+    many_recordings(recordings, 600)  # ls --json writes far more than a pipe holds
+    for command in ("ls --json", "ls", "inspect pipe-0001 --json"):
+        shell = (f"set -o pipefail; {sys.executable} -m receiver {command} "
+                 f"--recordings {recordings} | head -1")  # fmt: skip
+        result = subprocess.run(["bash", "-c", shell], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        assert len(result.stdout.splitlines()) == 1, (command, result.stdout[:300])
+        assert result.stderr == "", (command, result.stderr)
+        assert result.returncode in (0, 141), (command, result.returncode)
+    # a reader that is gone before anything is written: the first write fails, every time
+    for command in (["ls", "--json"], ["inspect", "pipe-0001"], ["repair", "--dry-run"]):
+        proc = subprocess.Popen([sys.executable, "-m", "receiver", *command, "--recordings",
+                                 str(recordings)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 141, (command, stderr)
+        assert stderr == "", (command, stderr)
+
+
+def test_repair_dry_run_exit_status_says_whether_fixes_are_needed(tmp_path: Path) -> None:
+    healthy = tmp_path / "healthy"
+    healthy.mkdir()
+    wav = healthy / "a.wav"
+    wav.write_bytes(plain_wav())
+    os.utime(wav, (time.time() - 3600, time.time() - 3600))
+    assert run_cli("repair", "--dry-run", str(healthy)).returncode == 0
+    wav.write_bytes(b"RIFF\0\0\0\0" + plain_wav()[8:])  # a crash's zeroed RIFF size
+    os.utime(wav, (time.time() - 3600, time.time() - 3600))
+    checked = run_cli("repair", "--dry-run", str(healthy))
+    assert checked.returncode == 3 and "would fix a.wav" in checked.stdout
+    assert wav.read_bytes()[4:8] == b"\0\0\0\0"  # a dry run changes nothing
+    assert run_cli("repair", str(healthy)).returncode == 0  # fixed
+    assert run_cli("repair", "--dry-run", str(healthy)).returncode == 0  # nothing left to fix
+    (healthy / "b.wav").write_bytes(b"not a wav at all")
+    os.utime(healthy / "b.wav", (time.time() - 3600, time.time() - 3600))
+    assert run_cli("repair", "--dry-run", str(healthy)).returncode == 1  # cannot be repaired

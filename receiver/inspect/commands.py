@@ -22,6 +22,8 @@ from receiver.taps.tap_id import is_valid_name
 
 COMMANDS = ("ls", "inspect", "repair")
 RECENT_SECONDS = 5.0  # a WAV written this recently may belong to a running server
+EXIT_NEEDS_REPAIR = 3  # repair --dry-run: some header does not match its data
+EXIT_BROKEN_PIPE = 128 + 13  # as a process ended by SIGPIPE
 
 
 def _recordings_default() -> Path:
@@ -78,13 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str], out: TextIO | None = None) -> int:
+    """Exit status: 0 done (nothing to fix, or fixed); 1 an error (no such directory or file,
+    a file that cannot be read or repaired); 2 a usage error; 3 `repair --dry-run` found
+    headers to fix; 141 the reader of the output went away (`| head`), as SIGPIPE ends other
+    tools, quietly."""
     args = build_parser().parse_args(argv)
     stream = out or sys.stdout
-    if args.command == "ls":
-        return list_recordings(args.recordings, args.state, args.json, stream)
-    if args.command == "inspect":
-        return inspect(args.recordings, args.target, args.silence_db, args.json, stream)
-    return repair(args.paths or [args.recordings], args.dry_run, args.force, stream)
+    try:
+        if args.command == "ls":
+            code = list_recordings(args.recordings, args.state, args.json, stream)
+        elif args.command == "inspect":
+            code = inspect(args.recordings, args.target, args.silence_db, args.json, stream)
+        else:
+            code = repair(args.paths or [args.recordings], args.dry_run, args.force, stream)
+        stream.flush()  # here, where a closed pipe can be handled, not at the interpreter's exit
+    except BrokenPipeError:
+        # Nothing more can be written: point stdout at /dev/null so that the interpreter's
+        # final flush does not fail again, and stop.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    return code
 
 
 # -- ls ---------------------------------------------------------------------------------------
@@ -333,4 +350,6 @@ def repair(paths: Sequence[Path], dry_run: bool, force: bool, out: TextIO) -> in
             print(f"  {line}", file=out)
     summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n or k == "ok")
     print(f"{len(files)} WAV file(s) checked: {summary}", file=out)
-    return 1 if counts["unrepairable"] else 0
+    if counts["unrepairable"]:
+        return 1
+    return EXIT_NEEDS_REPAIR if dry_run and counts[verb] else 0
