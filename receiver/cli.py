@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ""
             if cfg.server.tls_cert
             else "  (TLS terminated by your proxy, or --tls-cert/--tls-key)",
+            extra={"reveals_token": True},  # the one line that shows it, on purpose
         )
         if server is None:
             return run_workers(cfg, token, ssl_context, workers)

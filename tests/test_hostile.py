@@ -4,6 +4,7 @@ may cost the server its life, a traceback in its log, or another tap its recordi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -15,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, TOKEN, ServerProcess, noise, wait_for_sidecar
+import aiohttp
+from aiohttp import web
+
+from tests.conftest import ROOT, TOKEN, ServerProcess, free_port, noise, wait_for_sidecar
 
 DEADLINE = 10.0  # seconds: bounds a hang, never a speed
 
@@ -530,3 +534,115 @@ def test_repair_dry_run_exit_status_says_whether_fixes_are_needed(tmp_path: Path
     (healthy / "b.wav").write_bytes(b"not a wav at all")
     os.utime(healthy / "b.wav", (time.time() - 3600, time.time() - 3600))
     assert run_cli("repair", "--dry-run", str(healthy)).returncode == 1  # cannot be repaired
+
+
+# -- 3: the token never leaves in what is stored, served, sent or logged -----------------------
+
+
+def test_the_token_is_redacted_everywhere_it_could_leave(make_server: Any) -> None:
+    hooked: list[bytes] = []
+    device = {
+        "type": "ws",
+        "params": {
+            "uri": f"wss://tap.example.com/t/{TOKEN}/tap/early?token={TOKEN}",
+            "codec": "PCMU",
+            "headers": {"Authorization": f"Bearer {TOKEN}"},
+        },
+    }
+    params = {"call_id": "c-1", "node_id": "n-1", "tap": {"params": {"direction": "both"}},
+              "device": device}  # fmt: skip
+    custom = {"token": TOKEN, "Authorization": f"Bearer {TOKEN}",
+              "callback": f"https://x.example/t/{TOKEN}/hook?token={TOKEN}"}  # fmt: skip
+    media_format = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+    start = {"event": "start", "start": {"streamSid": "MZ1", "tracks": ["inbound"],
+                                         "customParameters": custom,
+                                         "mediaFormat": media_format}}  # fmt: skip
+
+    async def run(server: ServerProcess) -> dict[str, bytes]:
+        served: dict[str, bytes] = {}
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        status_url = f"{server.base_url}/t/{TOKEN}/signalwire/tap-status"
+        async with aiohttp.ClientSession() as session:
+            tapping = {"params": {**params, "control_id": "ctl-early", "state": "tapping"}}
+            async with session.post(status_url, json=tapping) as answer:
+                served["tapping"] = await answer.read()
+            async with session.ws_connect(f"{server.ws_url}/t/{TOKEN}/tap/early") as ws:
+                await ws.send_bytes(b"\xff" * 800)
+                await asyncio.to_thread(wait_until, lambda: (server.recordings / "ctl-early.json")
+                                        .exists(), "the first sidecar")  # fmt: skip
+                async with session.get(f"{server.base_url}/api/taps/ctl-early",
+                                       headers=auth) as answer:  # fmt: skip
+                    served["live"] = await answer.read()
+            async with session.ws_connect(f"{server.ws_url}/stream/streamed?token={TOKEN}") as ws:
+                await ws.send_str(json.dumps(start))
+                await ws.send_bytes(b"")
+            finished = {"params": {**params, "control_id": "ctl-early", "state": "finished"}}
+            async with session.post(status_url, json=finished) as answer:
+                served["finished"] = await answer.read()
+            for name in ("ctl-early", "streamed"):
+                await asyncio.to_thread(wait_for_sidecar, server.recordings, name)
+                async with session.get(f"{server.base_url}/api/taps/{name}",
+                                       headers=auth) as answer:  # fmt: skip
+                    served[name] = await answer.read()
+            async with session.get(f"{server.base_url}/api/taps", headers=auth) as answer:
+                served["list"] = await answer.read()
+        await asyncio.to_thread(wait_until, lambda: len(hooked) >= 2, "both webhooks")
+        return served
+
+    async def main() -> tuple[ServerProcess, dict[str, bytes]]:
+        async def hook(request: web.Request) -> web.Response:
+            hooked.append(await request.read())
+            return web.Response()
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        hook_url = f"http://127.0.0.1:{port}/hook"
+        server = make_server("--token", TOKEN, "--webhook-url", hook_url, "--webhook-secret", "s")
+        try:
+            return server, await run(server)
+        finally:
+            await runner.cleanup()
+
+    server, served = asyncio.run(main())
+    # a request line aiohttp refuses is logged with a traceback that quotes it
+    raw_http(server, f"GET /t/{TOKEN}/tap/x\xff HTTP/1.1\r\nHost: x\r\n\r\n".encode("latin-1"))
+    secret = TOKEN.encode()
+    sidecar = json.loads((server.recordings / "ctl-early.json").read_text())
+    assert sidecar["signalwire"]["device"]["params"]["uri"] == (
+        "wss://tap.example.com/t/<redacted>/tap/early?token=<redacted>"
+    )
+    for path in server.recordings.glob("*.json"):
+        assert secret not in path.read_bytes(), path.name
+    for what, body in served.items():
+        assert secret not in body, (what, body[:500])
+    assert len(hooked) == 2 and not [body for body in hooked if secret in body]
+    cli_json = run_cli("inspect", "streamed", "--json", "--recordings", str(server.recordings))
+    assert cli_json.returncode == 0 and TOKEN not in cli_json.stdout
+    assert server.stop() == 0
+    leaking = [line for line in server.log().splitlines() if TOKEN in line]
+    assert len(leaking) == 1 and "tap URI (paste into device.params.uri)" in leaking[0], leaking
+
+
+def test_sidecars_written_before_redaction_serve_no_token(make_server: Any, tmp_path: Path) -> None:
+    recordings = tmp_path / "rec"
+    recordings.mkdir()
+    (recordings / "old.wav").write_bytes(plain_wav())
+    old = {"tap_id": "old", "state": "finished", "started_at": "2026-01-01T00:00:00.000Z",
+           "signalwire": {"device": {"params": {"uri": f"wss://h/t/{TOKEN}/tap/old"}}}}  # fmt: skip
+    (recordings / "old.json").write_text(json.dumps(old))
+    server = make_server("--token", TOKEN, recordings=recordings)
+    for target in ("/api/taps", "/api/taps/old"):
+        status, _, body = raw_http(
+            server,
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+        assert status == 200 and TOKEN.encode() not in body
+        assert target == "/api/taps" or b"/t/<redacted>/tap/old" in body
+    for args in (("inspect", "old"), ("inspect", "old", "--json"), ("ls", "--json")):
+        shown = run_cli(*args, "--recordings", str(recordings))
+        assert shown.returncode == 0 and TOKEN not in shown.stdout, args

@@ -24,6 +24,7 @@ from receiver.codecs.encoding import Encoding, encoding_named
 from receiver.config import Config
 from receiver.http.auth import Auth
 from receiver.http.errors import json_error
+from receiver.redaction import redact
 from receiver.rtp.receiver import NoFreePort, RtpReceiver
 from receiver.storage.sidecar import too_deep
 from receiver.taps.naming import Expected, Naming, rtp_port_key, rtp_source_key, websocket_key
@@ -199,6 +200,7 @@ class ControlApi:
                 "device": device,
             }
         }
+        info = redact(info)  # the device's uri carries the token
         kind = str(device.get("type", "")).lower()
         if kind == "rtp":
             result = self._rtp_status(control_id, state, _int(device_params.get("port")), info)

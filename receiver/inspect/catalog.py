@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from receiver.redaction import redact
 from receiver.storage.files import regular_stat
 from receiver.storage.sidecar import TapState, load_sidecar, read_sidecar
 from receiver.storage.wav_header import WavError, frames_on_disk
@@ -204,6 +205,8 @@ class Catalog:
         if cached is not None and cached[0] == key:
             return cached[1]
         sidecar, problem = load_sidecar(side) if key[0] is not None else (None, None)
+        if sidecar is not None:  # one written before tokens were redacted serves none either
+            sidecar = redact(sidecar)
         # A sidecar is a file anyone may have edited: a field of the wrong type is no field.
         state = (_text(sidecar.get("state")) if sidecar else None) or TapState.UNKNOWN
         started = _text(sidecar.get("started_at")) if sidecar else None

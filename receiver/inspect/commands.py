@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from receiver import config
 from receiver.inspect.analysis import DEFAULT_SILENCE_DBFS, Levels, measure_levels, open_audio
 from receiver.inspect.catalog import STATES, Catalog, loss_percent, markers
+from receiver.redaction import redact
 from receiver.storage.files import regular_stat
 from receiver.storage.sidecar import load_sidecar
 from receiver.storage.wav_header import RepairPlan, WavError, apply_repair, check_wav
@@ -255,6 +256,7 @@ def inspect(directory: Path, target: str, silence_db: float, as_json: bool, out:
         print(f"tap-receiver: {path}: {exc}", file=sys.stderr)
         return 1
     sidecar, problem = load_sidecar(path.with_suffix(".json"))
+    sidecar = redact(sidecar) if sidecar is not None else None
     if problem is not None:
         print(f"tap-receiver: {problem}", file=sys.stderr)
     if as_json:

@@ -12,6 +12,14 @@ from typing import Any
 
 import orjson
 
+from receiver.redaction import redact_text
+
+
+def _reveals_token(record: logging.LogRecord) -> bool:
+    """Only the start-up line that tells the operator the tap URI to paste carries the token on
+    purpose (`extra={"reveals_token": True}`); every other line is redacted."""
+    return bool(getattr(record, "reveals_token", False))
+
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
@@ -29,7 +37,8 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        line = orjson.dumps(entry, default=str).decode()
+        return line if _reveals_token(record) else redact_text(line)
 
 
 class TextFormatter(logging.Formatter):
@@ -41,7 +50,7 @@ class TextFormatter(logging.Formatter):
         fields = _fields(record)
         if fields.get("counters"):
             line += " " + " ".join(f"{k}={v}" for k, v in sorted(fields["counters"].items()))
-        return line
+        return line if _reveals_token(record) else redact_text(line)
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:

@@ -8,6 +8,7 @@ from collections.abc import Hashable
 from datetime import UTC, datetime
 from typing import Any
 
+from receiver.redaction import redact
 from receiver.storage.sidecar import TapState
 from receiver.storage.wav_sink import WavSink
 from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
@@ -79,7 +80,8 @@ class Tap:
         return self.sink.info.name if self.sink else None
 
     def describe(self) -> dict[str, Any]:
-        """The sidecar's view of this tap (built on the event loop; files fields added later)."""
+        """The sidecar's view of this tap (built on the event loop; files fields added later).
+        What senders and the control plane gave it is redacted: no token leaves in it."""
         return {
             "tap_id": self.tap_id,
             "transport": self.transport,
@@ -92,6 +94,6 @@ class Tap:
             "ended_at": self.ended_at,
             "end_reason": self.end_reason,
             "counters": dict(self.counters),
-            "events": list(self.events),
-            **self.extra,
+            "events": redact(self.events),
+            **redact(self.extra),
         }
