@@ -646,3 +646,55 @@ def test_sidecars_written_before_redaction_serve_no_token(make_server: Any, tmp_
     for args in (("inspect", "old"), ("inspect", "old", "--json"), ("ls", "--json")):
         shown = run_cli(*args, "--recordings", str(recordings))
         assert shown.returncode == 0 and TOKEN not in shown.stdout, args
+
+
+# -- 9: what a status callback for a tap not yet connected keeps -------------------------------
+
+
+def rss_kib(server: ServerProcess) -> int:
+    assert server.proc is not None
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
+def test_pending_names_keep_only_small_signalwire_fields(make_server: Any) -> None:
+    server = make_server("--token", TOKEN)
+    url = f"/t/{TOKEN}/signalwire/tap-status"
+    padding = "p" * 450_000
+
+    def callback(n: int) -> bytes:
+        device = {
+            "type": "ws",
+            "params": {
+                "uri": f"wss://h/tap/later-{n}",
+                "codec": "PCMU",
+                "junk": padding,
+                "nested": {"a": [padding[:1000]]},
+            },
+        }
+        params = {"control_id": f"ctl-later-{n}", "state": "tapping", "call_id": padding,
+                  "node_id": {"deep": padding[:1000]}, "device": device}  # fmt: skip
+        return json.dumps({"event_type": "calling.call.tap", "params": params}).encode()
+
+    post_bytes(server, url, callback(0))  # the first one grows the heap for good
+    before = rss_kib(server)
+    for n in range(1, 300):
+        status, answer = post_bytes(server, url, callback(n))
+        assert status == 200 and answer["result"].startswith("linked"), answer
+    grown = rss_kib(server) - before
+    health = server.health()
+    assert health is not None and health["names"]["pending"] == 300
+    assert grown < 100_000, f"300 pending names hold {grown} KiB"  # 0.9 MB each were kept
+    with raw_websocket(server, f"/t/{TOKEN}/tap/later-7") as sock:
+        sock.sendall(masked(0x82, b"\xff" * 80) + masked(0x88, (1000).to_bytes(2, "big")))
+        close_code_received(sock)
+    sidecar = wait_for_sidecar(server.recordings, "ctl-later-7")
+    assert sidecar["signalwire"] == {
+        "control_id": "ctl-later-7",
+        "call_id": padding[:256],
+        "node_id": None,
+        "segment_id": None,
+        "direction": None,
+        "device": {"type": "ws", "params": {"uri": "wss://h/tap/later-7", "codec": "PCMU"}},
+    }
+    assert (server.recordings / "ctl-later-7.json").stat().st_size < 10_000

@@ -34,6 +34,8 @@ from receiver.taps.tap_id import TAP_ID_RULE, is_valid_tap_id
 from receiver.taps.transport import Transport
 
 log = logging.getLogger("receiver.control")
+MAX_FIELD = 256  # characters kept of each SignalWire value
+DEVICE_PARAMS = ("uri", "addr", "port", "codec", "rate", "ptime")  # of device.params, kept
 
 
 def _int(value: Any) -> int | None:
@@ -44,6 +46,16 @@ def _int(value: Any) -> int | None:
         return int(str(value).strip())
     except (TypeError, ValueError):
         return None
+
+
+def _field(value: Any) -> str | int | float | None:
+    """A SignalWire value as kept: a number, or a string of at most MAX_FIELD characters;
+    anything else (objects, lists) is not kept."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return value
+    return value[:MAX_FIELD] if isinstance(value, str) else None
 
 
 def tap_id_from_uri(uri: str) -> str | None:
@@ -190,17 +202,29 @@ class ControlApi:
         tap_params = (
             params.get("tap", {}).get("params", {}) if isinstance(params.get("tap"), dict) else {}
         )
+        # What a name waiting for its tap keeps, and what goes into the sidecar: the fields
+        # the sidecar needs, each a short scalar, tokens redacted; never the body as it came
+        # (300 callbacks of 0.9 MB for taps not yet connected kept 260 MB for 600 s).
         info = {
             "signalwire": {
                 "control_id": control_id,
-                "call_id": params.get("call_id"),
-                "node_id": params.get("node_id"),
-                "segment_id": params.get("segment_id"),
-                "direction": tap_params.get("direction") if isinstance(tap_params, dict) else None,
-                "device": device,
+                "call_id": _field(params.get("call_id")),
+                "node_id": _field(params.get("node_id")),
+                "segment_id": _field(params.get("segment_id")),
+                "direction": _field(tap_params.get("direction"))
+                if isinstance(tap_params, dict)
+                else None,
+                "device": {
+                    "type": _field(device.get("type")),
+                    "params": {
+                        key: _field(device_params[key])
+                        for key in DEVICE_PARAMS
+                        if key in device_params
+                    },
+                },
             }
         }
-        info = redact(info)  # the device's uri carries the token
+        info = redact(info)
         kind = str(device.get("type", "")).lower()
         if kind == "rtp":
             result = self._rtp_status(control_id, state, _int(device_params.get("port")), info)
