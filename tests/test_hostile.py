@@ -13,13 +13,26 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
+import pytest
 from aiohttp import web
 
-from tests.conftest import ROOT, TOKEN, ServerProcess, free_port, noise, wait_for_sidecar
+from receiver.rtp.packet import RtpPacket
+from tests import reference
+from tests.conftest import (
+    ROOT,
+    TOKEN,
+    ServerProcess,
+    free_port,
+    noise,
+    read_wav,
+    wait_for_sidecar,
+)
 
 DEADLINE = 10.0  # seconds: bounds a hang, never a speed
 
@@ -141,8 +154,12 @@ def raw_websocket(server: ServerProcess, path: str) -> socket.socket:
 
 def masked(opcode_byte: int, payload: bytes) -> bytes:
     """A client frame (FIN and opcode in the first byte), masked with a zero key."""
-    assert len(payload) < 126
-    return bytes([opcode_byte, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+    if len(payload) < 126:
+        length = bytes([0x80 | len(payload)])
+    else:
+        assert len(payload) < 65536
+        length = bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return bytes([opcode_byte]) + length + b"\0\0\0\0" + payload
 
 
 def close_code_received(sock: socket.socket) -> int:
@@ -698,3 +715,122 @@ def test_pending_names_keep_only_small_signalwire_fields(make_server: Any) -> No
         "device": {"type": "ws", "params": {"uri": "wss://h/tap/later-7", "codec": "PCMU"}},
     }
     assert (server.recordings / "ctl-later-7.json").stat().st_size < 10_000
+
+
+# -- 2: a recordings directory that stops taking files -----------------------------------------
+
+
+@pytest.fixture
+def read_only_mounts() -> Iterator[Any]:
+    """Factory: make a directory read-only with a bind mount over it (the files already open
+    stay writable through the mount below, as when a volume is remounted read-only under a
+    running server); returns a function that makes it writable again. Needs root: under CI=true
+    (which runs as root) a failure to mount fails the test instead of skipping it."""
+    mounted: list[Path] = []
+
+    def make_read_only(directory: Path) -> Any:
+        for command in (["mount", "--bind", str(directory), str(directory)],
+                        ["mount", "-o", "remount,ro,bind", str(directory)]):  # fmt: skip
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                if os.environ.get("CI"):
+                    pytest.fail(f"{' '.join(command)}: {result.stderr.strip()} (CI runs as root)")
+                pytest.skip(f"cannot make a read-only bind mount here: {result.stderr.strip()}")
+            if command[1] == "--bind":
+                mounted.append(directory)
+
+        def make_writable() -> None:
+            subprocess.run(["umount", str(directory)], check=True)
+            mounted.remove(directory)
+
+        return make_writable
+
+    yield make_read_only
+    for directory in mounted:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def close_frame_received(sock: socket.socket) -> tuple[int, str]:
+    """The code and reason of the close frame the server sends (skipping other frames)."""
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed without a close frame"
+        data += chunk
+        while len(data) >= 2:
+            length = data[1] & 0x7F
+            if len(data) < 2 + length:
+                break
+            if data[0] & 0x0F == 0x8:
+                return int.from_bytes(data[2:4], "big"), data[4 : 2 + length].decode()
+            data = data[2 + length :]
+
+
+def test_a_read_only_recordings_directory_refuses_taps_and_recovers(
+    make_server: Any, read_only_mounts: Any
+) -> None:
+    server = make_server("--token", TOKEN)
+    recordings = server.recordings
+    sent = noise(1600, 21)
+    during = raw_websocket(server, f"/t/{TOKEN}/tap/during")
+    during.sendall(masked(0x82, sent[:100]))
+    wait_for_sidecar(recordings, "during", "recording")
+    late = raw_websocket(server, f"/t/{TOKEN}/tap/late")  # upgraded, no frame yet: no files
+    make_writable = read_only_mounts(recordings)
+
+    # accepted before the directory turned read-only: refused once its files cannot be made
+    late.sendall(masked(0x82, b"\xff" * 100))
+    code, reason = close_frame_received(late)
+    late.close()
+    assert code == 1011 and "Read-only file system" in reason, (code, reason)
+    # known before the upgrade: 503, for WebSocket and RTP alike
+    wait_until(lambda: (server.health() or {}).get("recordings", {}).get("writable") is False,
+               "the health check to report the directory")  # fmt: skip
+    status, _, body = raw_http(
+        server,
+        f"GET /t/{TOKEN}/tap/refused HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade, close\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode(),
+    )
+    assert status == 503 and "not writable" in json.loads(body)["error"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rtp:
+        rtp.sendto(RtpPacket(0, True, 1, 160, 7, b"\xff" * 160).serialize(),
+                   ("127.0.0.1", server.rtp_port))  # fmt: skip
+        wait_until(lambda: (server.health() or {}).get("rtp", {}).get("refused_unwritable"),
+                   "the RTP source to be refused")  # fmt: skip
+    health = server.health()
+    assert health is not None
+    assert health["recordings"]["problem"] == "Read-only file system"
+    assert health["recordings"]["taps_refused_without_files"] == 1
+    assert health["websocket"]["rejected_unwritable"] == 1
+    checked = subprocess.run([sys.executable, "-m", "receiver.server.healthcheck", "--host",
+                              "127.0.0.1", "--http-port", str(server.http_port)],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert checked.returncode == 1 and "not writable" in checked.stderr
+
+    # a tap that was recording goes on, and ends while nothing can be created
+    during.sendall(masked(0x82, sent[100:]) + masked(0x88, (1000).to_bytes(2, "big")))
+    close_code_received(during)
+    during.close()
+    wait_until(lambda: (server.health() or {}).get("recordings", {}).get("sidecars_pending"),
+               "the final sidecar to wait for the directory")  # fmt: skip
+    status, _, _ = raw_http(
+        server,
+        f"DELETE /api/taps/during HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    assert status == 409  # still being finalized
+
+    make_writable()
+    sidecar = wait_for_sidecar(recordings, "during")  # finalized once it could be
+    assert sidecar["frames_written"] == len(sent) and sidecar["close_code"] == 1000
+    samples, _ = read_wav(recordings / "during.wav")
+    assert np.array_equal(samples, reference.decode("PCMU", sent))
+    assert not list(recordings.glob("late*")) and not list(recordings.glob("refused*"))
+    wait_until(lambda: (server.health() or {}).get("recordings", {}).get("writable"),
+               "the directory to be writable again")  # fmt: skip
+    with raw_websocket(server, f"/t/{TOKEN}/tap/after") as sock:
+        sock.sendall(masked(0x82, b"\xff" * 100) + masked(0x88, (1000).to_bytes(2, "big")))
+        assert close_code_received(sock) == 1000
+    assert wait_for_sidecar(recordings, "after")["frames_written"] == 100
+    assert "Traceback" not in server.log()

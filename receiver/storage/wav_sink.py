@@ -194,6 +194,20 @@ class WavSink:
         for track_sink in self.track_sinks.values():
             track_sink.close()
 
+    def abandon(self) -> None:
+        """Its files could not be created: remove whatever part of them was (a reserved name,
+        a header), so that a tap refused for want of files leaves nothing on disk."""
+        handle, self._file = self._file, None
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                handle.close()
+        for track_sink in self.track_sinks.values():
+            track_sink.abandon()
+        if self.name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.wav_path)
+            self.name = None
+
     def fail(self, error: str) -> None:
         """After a write error: keep the header true to what reached the disk, then close."""
         self.error = error

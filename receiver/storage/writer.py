@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -42,6 +43,12 @@ class DiskWriter:
         self.last_batch_seconds = 0.0
         self.observe_batch: Callable[[float], None] | None = None  # metrics, on this thread
         self.worker: int | None = None  # under --workers N: written into every sidecar
+        # Called on this thread when a tap's files cannot be created (the sink, and why in a
+        # few words): the registry has its transport refuse the tap (close 1011).
+        self.on_open_failed: Callable[[WavSink, str], None] | None = None
+        # Final sidecars that could not be written (a read-only directory), by path: written
+        # by `retry_sidecars` once the directory takes files again.
+        self._unwritten_sidecars: dict[Path, dict[str, Any]] = {}
 
     # -- called on the event loop -------------------------------------------------------------
 
@@ -65,6 +72,14 @@ class DiskWriter:
     def rename(self, sink: WavSink, new_id: str, sidecar: dict[str, Any]) -> Future[None]:
         return self._executor.submit(self._rename, sink, new_id, sidecar)
 
+    @property
+    def sidecars_pending(self) -> int:
+        """Final sidecars waiting for the directory to take files again."""
+        return len(self._unwritten_sidecars)
+
+    def retry_sidecars(self) -> Future[None]:
+        return self._executor.submit(self._retry_sidecars)
+
     def shutdown(self) -> None:
         """Run every queued job, then stop the thread (blocking: call it from a thread)."""
         self._executor.shutdown(wait=True)
@@ -85,8 +100,20 @@ class DiskWriter:
             sink.open()
             write_json_atomic(sink.sidecar_path, self._sidecar(sink, sidecar), durable=False)
         except Exception as exc:
-            self._fail(sink, exc)
+            self._open_failed(sink, exc)
         sink.publish()
+
+    def _open_failed(self, sink: WavSink, exc: Exception) -> None:
+        """The tap's files cannot be created (a read-only directory, a full disk): nothing of
+        them stays, and the tap is refused (`on_open_failed`) rather than recorded into
+        nothing."""
+        self.errors += 1
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        log.error("tap %s: cannot create its files: %s: %s", sink.tap_id, type(exc).__name__, exc)
+        sink.error = f"cannot create the recording's files: {why}"
+        sink.abandon()
+        if self.on_open_failed is not None:
+            self.on_open_failed(sink, why)
 
     def _rename(self, sink: WavSink, new_id: str, sidecar: dict[str, Any]) -> None:
         try:
@@ -152,7 +179,20 @@ class DiskWriter:
             write_json_atomic(sink.sidecar_path, final)
         except Exception as exc:
             self.errors += 1
-            log.error("tap %s: could not write sidecar: %s", sink.tap_id, exc)
+            # Kept, and written as soon as the directory takes files again (the server's
+            # guard calls retry_sidecars): a tap that ended meanwhile is not left `recording`.
+            self._unwritten_sidecars[sink.sidecar_path] = final
+            log.error("tap %s: could not write its sidecar, will retry: %s", sink.tap_id, exc)
+
+    def _retry_sidecars(self) -> None:
+        for path, final in list(self._unwritten_sidecars.items()):
+            try:
+                write_json_atomic(path, final)
+            except Exception as exc:
+                log.debug("sidecar %s still cannot be written: %s", path.name, exc)
+                continue
+            del self._unwritten_sidecars[path]
+            log.warning("sidecar %s written now (state %s)", path.name, final.get("state"))
 
     def _sidecar(self, sink: WavSink, sidecar: dict[str, Any]) -> dict[str, Any]:
         data = dict(sidecar)

@@ -218,14 +218,17 @@ class WsTapEndpoint:
     def gather(self) -> None:
         """Sessions hand their audio to the tap as it comes: nothing is held here."""
 
-    def stop_tap(self, tap: Tap, reason: str, *, drop_rest: bool = False) -> bool:
-        """Close the connection that feeds `tap` with 1000; its handler then flushes the session
-        (a Media Streams track timeline, a partial frame) and finishes the tap with `reason`.
-        The close handshake runs in the background: nobody waits on the peer. A closed socket
-        sends nothing more, so `drop_rest` needs nothing here."""
+    def stop_tap(
+        self, tap: Tap, reason: str, *, drop_rest: bool = False, close_code: int = 1000
+    ) -> bool:
+        """Close the connection that feeds `tap` with `close_code` (1000; 1011 when its files
+        cannot be created, with `reason`); its handler then flushes the session (a Media
+        Streams track timeline, a partial frame) and finishes the tap with `reason`. The close
+        handshake runs in the background: nobody waits on the peer. A closed socket sends
+        nothing more, so `drop_rest` needs nothing here."""
         for ws, session in list(self.sessions.items()):
             if session.tap is tap:
-                self._start_close(ws, WSCloseCode.OK, reason, reason)
+                self._start_close(ws, close_code, reason, reason)
                 return True
         return False
 
