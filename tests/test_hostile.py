@@ -8,10 +8,12 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -834,3 +836,35 @@ def test_a_read_only_recordings_directory_refuses_taps_and_recovers(
         assert close_code_received(sock) == 1000
     assert wait_for_sidecar(recordings, "after")["frames_written"] == 100
     assert "Traceback" not in server.log()
+
+
+# -- a recordings directory the server's uid cannot write: say how to fix it -------------------
+
+
+def test_an_unwritable_recordings_directory_names_the_uid_and_the_fix(tmp_path: Path) -> None:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("needs setpriv (util-linux) and root, which CI has")
+        pytest.skip("needs setpriv (util-linux) and root to run the server as uid 10001")
+    top = Path(tempfile.mkdtemp(prefix="perm-"))  # tmp_path's parents are 0700: 10001 can't
+    try:
+        top.chmod(0o755)
+        owned_by_root = top / "recordings"
+        owned_by_root.mkdir(mode=0o755)
+        for directory, owner in (
+            (owned_by_root, owned_by_root),
+            (owned_by_root / "sub", owned_by_root),
+        ):
+            result = subprocess.run(
+                [setpriv, "--reuid", "10001", "--regid", "10001", "--clear-groups",
+                 sys.executable, "-m", "receiver", "--recordings", str(directory)],
+                cwd=ROOT, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert result.returncode == 2, result.stderr
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+            assert "uid 10001" in lines[0] and f"chown 10001:10001 {owner}" in lines[0], lines[0]
+            assert "--build-arg UID=" in lines[0]
+    finally:
+        shutil.rmtree(top)
