@@ -33,6 +33,7 @@ from tests.conftest import (
     free_port,
     noise,
     read_wav,
+    require_tool,
     wait_for_sidecar,
 )
 
@@ -868,3 +869,113 @@ def test_an_unwritable_recordings_directory_names_the_uid_and_the_fix(tmp_path: 
             assert "--build-arg UID=" in lines[0]
     finally:
         shutil.rmtree(top)
+
+
+# -- A-law sent to a tap that expects µ-law (and the reverse): detected, reported, kept ---------
+
+
+def talk(seconds: float, seed: int) -> np.ndarray:
+    """Something like a call: bursts of a wavering voice-band tone at about -16 dBFS, and
+    between them the quiet of a line (a few LSB of noise)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(8000 * seconds)) / 8000
+    speaking = (t % 0.7) < 0.4
+    voice = 5000 * np.sin(2 * np.pi * (250 + 60 * np.sin(2 * np.pi * 3 * t)) * t)
+    voice *= 1 + 0.3 * rng.standard_normal(len(t))
+    signal = np.where(speaking, voice, 0.0) + 8 * rng.standard_normal(len(t))
+    return np.clip(signal, -32768, 32767).astype(np.int16)
+
+
+def g711_encode(codec: str, samples: np.ndarray) -> bytes:
+    compress = reference.g191_ulaw_compress if codec == "PCMU" else reference.g191_alaw_compress
+    return bytes(compress(int(x)) for x in samples)
+
+
+def test_the_other_g711_law_is_detected_reported_and_recorded_as_declared(
+    make_server: Any,
+) -> None:
+    server = make_server("--token", TOKEN)
+    alaw = g711_encode("PCMA", talk(2.0, 1))
+    ulaw = g711_encode("PCMU", talk(2.0, 2))
+    cases = {  # tap id: (query, audio, what the check must say: likely law or None)
+        "alaw-as-ulaw": ("", alaw, "PCMA"),
+        "ulaw-as-alaw": ("?codec=pcma", ulaw, "PCMU"),
+        "alaw-as-alaw": ("?codec=pcma", alaw, None),
+        "ulaw-as-ulaw": ("", ulaw, None),
+        "random-bytes": ("", noise(16000, 3), None),
+    }
+    for tap_id, (query, audio, likely) in cases.items():
+        with raw_websocket(server, f"/t/{TOKEN}/tap/{tap_id}{query}") as sock:
+            for i in range(0, len(audio), 160):
+                sock.sendall(masked(0x82, audio[i : i + 160]))
+            if tap_id == "alaw-as-ulaw":  # reported while it records, too
+                wait_until(lambda: (get_detail(server, "alaw-as-ulaw").get("sidecar") or {})
+                           .get("codec_mismatch"), "the live report")  # fmt: skip
+            sock.sendall(masked(0x88, (1000).to_bytes(2, "big")))
+            close_code_received(sock)
+        sidecar = wait_for_sidecar(server.recordings, tap_id)
+        declared = "PCMA" if query else "PCMU"
+        samples, _ = read_wav(server.recordings / f"{tap_id}.wav")
+        assert np.array_equal(samples, reference.decode(declared, audio))  # as declared, always
+        if likely is None:
+            assert "codec_mismatch" not in sidecar, (tap_id, sidecar.get("codec_mismatch"))
+            continue
+        mismatch = sidecar["codec_mismatch"]
+        assert (mismatch["declared"], mismatch["likely"]) == (declared, likely), tap_id
+        assert f"?codec={likely.lower()}" in mismatch["message"]
+        assert get_detail(server, tap_id)["sidecar"]["codec_mismatch"] == mismatch
+        warned = [line for line in server.log().splitlines() if f"tap {tap_id}: the audio" in line]
+        assert len(warned) == 1, warned  # once per tap
+
+    # RTP: payload type 0 (µ-law) that carries A-law
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rtp:
+        rtp.bind(("127.0.0.1", 0))
+        for n in range(len(alaw) // 160):
+            packet = RtpPacket(0, n == 0, n, 160 * n, 9, alaw[160 * n : 160 * (n + 1)])
+            rtp.sendto(packet.serialize(), ("127.0.0.1", server.rtp_port))
+            time.sleep(0.02)  # in real time: audio ahead of the clock is not for this test
+        name = f"rtp-127.0.0.1-{rtp.getsockname()[1]}"
+        assert wait_until(lambda: (get_detail(server, name).get("sidecar") or {})
+                          .get("codec_mismatch"), "the RTP report")["likely"] == "PCMA"  # fmt: skip
+    assert "Traceback" not in server.log()
+
+
+def get_detail(server: ServerProcess, name: str) -> dict[str, Any]:
+    status, _, body = raw_http(
+        server,
+        f"GET /api/taps/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    return json.loads(body) if status == 200 else {}
+
+
+def test_the_page_shows_the_codec_warning(make_server: Any) -> None:
+    executable = require_tool("chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    server = make_server("--token", TOKEN)
+    alaw = g711_encode("PCMA", talk(1.5, 4))
+    for tap_id, audio in (("mixed-up", alaw), ("random", noise(12000, 4))):
+        with raw_websocket(server, f"/t/{TOKEN}/tap/{tap_id}") as sock:
+            for i in range(0, len(audio), 160):
+                sock.sendall(masked(0x82, audio[i : i + 160]))
+            sock.sendall(masked(0x88, (1000).to_bytes(2, "big")))
+            close_code_received(sock)
+        wait_for_sidecar(server.recordings, tap_id)
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=executable, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = chromium.new_page()
+            page.goto(f"{server.base_url}/t/{TOKEN}/#/tap/mixed-up")
+            badge = page.locator("#d-codec-warning")
+            badge.wait_for(state="visible", timeout=10_000)
+            assert badge.inner_text().lower() == "looks like pcma"
+            facts = page.locator("#d-facts").inner_text()
+            assert "Codec check" in facts and "A-law (PCMA)" in facts
+            page.goto(f"{server.base_url}/t/{TOKEN}/#/tap/random")
+            page.wait_for_function("() => document.getElementById('d-facts').innerText"
+                                   ".includes('random.wav')")  # fmt: skip
+            assert page.locator("#d-codec-warning").count() == 0
+        finally:
+            chromium.close()

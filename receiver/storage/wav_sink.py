@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import soundfile
 
+from receiver.codecs.law_check import LawCheck
+
 SFC_UPDATE_HEADER_NOW = 0x1060
 SFC_RF64_AUTO_DOWNGRADE = 0x1210
 MAX_SUFFIX = 10_000
@@ -53,6 +55,7 @@ class SinkInfo:
     frames_written: int = 0
     track_names: tuple[str, ...] = ()  # base names of the per-track WAVs
     error: str | None = None
+    codec_mismatch: dict[str, Any] | None = None  # G.711 of the other law, likely (law_check)
 
 
 class WavSink:
@@ -81,6 +84,9 @@ class WavSink:
         self._track_names = track_names or []
         self.track_sinks: dict[str, WavSink] = {}
         self.final_sidecar: dict[str, Any] | None = None  # set by the writer when finalized
+        # The writer's check of its first seconds of G.711 (None once it has said its piece)
+        self.law_check: LawCheck | None = LawCheck()
+        self.codec_mismatch: dict[str, Any] | None = None
         self.info = SinkInfo()  # for the event loop: see `publish`
 
     def publish(self) -> None:
@@ -91,6 +97,7 @@ class WavSink:
             self.frames_written,
             tuple(s.name for s in self.track_sinks.values() if s.name),
             self.error,
+            self.codec_mismatch,
         )
 
     @property

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from receiver.codecs.encoding import Encoding
+from receiver.codecs.law_check import LawCheck
 from receiver.storage.sidecar import TapState, write_json_atomic
 from receiver.storage.wav_sink import WavSink
 
@@ -28,6 +30,10 @@ class Pending(Protocol):
     """A tap's audio taken from its buffer (receiver.taps.audio_buffer.Pending), decoded here."""
 
     def __bool__(self) -> bool: ...
+
+    def encoded(self) -> Iterable[tuple[Encoding, bytes]]:
+        """The encoded chunks as they came (for the G.711 law check)."""
+        ...
 
     def render(self) -> list[np.ndarray]:
         """One int16 array per channel (the channels may differ in length)."""
@@ -128,6 +134,8 @@ class DiskWriter:
     def _append(self, sink: WavSink, pending: Pending, last: bool = False) -> None:
         if sink.error is not None or not (pending or last):
             return
+        if sink.law_check is not None and pending:
+            self._check_law(sink, sink.law_check, pending)
         try:
             before = sink.frames_written
             if pending:
@@ -138,6 +146,18 @@ class DiskWriter:
         except Exception as exc:
             self._fail(sink, exc)
         sink.publish()
+
+    def _check_law(self, sink: WavSink, check: LawCheck, pending: Pending) -> None:
+        """The first seconds of a G.711 tap: A-law declared as µ-law, or the reverse, is
+        reported (log once, sidecar, page); the audio is written as declared all the same."""
+        for encoding, chunk in pending.encoded():
+            check.feed(encoding, chunk)
+        mismatch = check.decide()
+        if check.done:
+            sink.law_check = None
+        if mismatch is not None:
+            sink.codec_mismatch = mismatch.to_dict()
+            log.warning("tap %s: %s", sink.tap_id, mismatch.message)
 
     def _write(self, batch: list[tuple[WavSink, Pending]]) -> None:
         started = slice_start = time.perf_counter()
@@ -203,6 +223,8 @@ class DiskWriter:
             data["track_files"] = {t: ts.wav_path.name for t, ts in sink.track_sinks.items()}
         data["frames_written"] = sink.frames_written
         data["duration_seconds"] = round(sink.frames_written / sink.sample_rate, 6)
+        if sink.codec_mismatch is not None:
+            data["codec_mismatch"] = sink.codec_mismatch
         if sink.error is not None:
             data["state"] = TapState.FAILED
             data["error"] = sink.error

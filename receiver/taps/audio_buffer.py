@@ -8,6 +8,8 @@ channels arrive separately (Media Streams inbound/outbound tracks).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from receiver.codecs.encoding import Encoding
@@ -103,6 +105,14 @@ class Pending:
 
     def __bool__(self) -> bool:
         return any(self.runs)
+
+    def encoded(self) -> Iterator[tuple[Encoding, bytes]]:
+        """The encoded audio as it came, chunk by chunk (silence left out)."""
+        for runs in self.runs:
+            for run in runs:
+                if run.encoding is not None:
+                    for chunk in run.chunks:
+                        yield run.encoding, chunk
 
     def render(self) -> list[np.ndarray]:
         """One int16 array per channel (the channels may differ in length)."""

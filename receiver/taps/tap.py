@@ -96,4 +96,10 @@ class Tap:
             "counters": dict(self.counters),
             "events": redact(self.events),
             **redact(self.extra),
+            **self._codec_check(),
         }
+
+    def _codec_check(self) -> dict[str, Any]:
+        """What the writer found in its first seconds of G.711 (receiver.codecs.law_check)."""
+        mismatch = self.sink.info.codec_mismatch if self.sink is not None else None
+        return {"codec_mismatch": mismatch} if mismatch is not None else {}
