@@ -979,3 +979,25 @@ def test_the_page_shows_the_codec_warning(make_server: Any) -> None:
             assert page.locator("#d-codec-warning").count() == 0
         finally:
             chromium.close()
+
+
+# -- requests aiohttp cannot parse: a 400 and one line, never a traceback per request -----------
+
+
+def test_unparsable_requests_are_one_log_line_each(make_server: Any) -> None:
+    server = make_server("--token", TOKEN)
+    garbage = [
+        b"GET /tap/x\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /api/taps?token=\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nBroken header without a colon\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+    ]
+    for request in garbage:
+        before = len(log_lines(server))
+        status, _, _ = raw_http(server, request)
+        assert status == 400, request
+        new = log_lines(server)[before:]
+        assert len(new) <= 1, new
+    assert "Traceback" not in server.log()
+    assert server.health() is not None
