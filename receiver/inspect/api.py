@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import re
 import threading
 import time
@@ -18,15 +19,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from receiver.http.auth import Auth
 from receiver.http.errors import json_error
 from receiver.inspect import analysis
 from receiver.inspect.catalog import STATES, Catalog, Recording, loss_percent, markers
-from receiver.storage.files import regular_stat
+from receiver.storage.files import open_regular, regular_stat
 from receiver.storage.sidecar import TapState
 from receiver.storage.wav_header import WavError, check_wav
 from receiver.taps.registry import TapRegistry
@@ -254,21 +256,22 @@ class RecordingsApi:
         path = self.catalog.wav_path(name)
         # Only a regular file, never through a link (`passwd.wav -> /etc/passwd`); a fifo
         # or a device under a recording's name is no recording either.
-        st = await self._run(regular_stat, path)
-        if st is None:
+        try:
+            fh = await self._run(open_regular, path)
+        except OSError:
             return json_error(404, f"no recording {name!r}")
         if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get("Range", "")):
             # "the last 0 bytes" can never be satisfied (RFC 9110 14.1.2); aiohttp reads it as
             # "from byte 0" and sends the whole file as a 206
-            size = st.st_size
+            with fh:
+                size = os.fstat(fh.fileno()).st_size
             answer = json_error(416, "the range bytes=-0 selects no byte")
             answer.headers["Content-Range"] = f"bytes */{size}"
             return answer
         headers = {"Content-Type": "audio/wav", "Cache-Control": "no-cache"}
         if request.query.get("download"):
             headers["Content-Disposition"] = f'attachment; filename="{name}.wav"'
-        # FileResponse does Range (206), If-Range, ETag and sendfile without blocking the loop.
-        return web.FileResponse(path, headers=headers)
+        return OpenedFileResponse(fh, path, headers)
 
     async def _computed(
         self, name: str, kind: str, params: tuple[int, ...], content_type: str
@@ -309,6 +312,24 @@ class RecordingsApi:
             return json_error(409, f"{name!r} is being finalized; try again in a moment")
         removed = await self._run(self.catalog.delete, name)
         return web.json_response({"deleted": name, "files": removed})
+
+
+class OpenedFileResponse(web.FileResponse):
+    """aiohttp's FileResponse (Range and 206, If-Range, ETag and 304, sendfile off the loop) of
+    a file already opened without following a link: it opens a path, so it is given the open
+    file's /proc/self/fd/N, which names that file whatever is put under the recording's name
+    meanwhile (elsewhere than on Linux, the path itself). The file is closed once sent."""
+
+    def __init__(self, fh: BinaryIO, path: Path, headers: dict[str, str]) -> None:
+        opened = Path(f"/proc/self/fd/{fh.fileno()}")
+        super().__init__(opened if opened.exists() else path, headers=headers)
+        self._opened = fh
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            self._opened.close()
 
 
 def _render(path: Path, kind: str, params: tuple[int, ...]) -> bytes:
