@@ -5,6 +5,7 @@ may cost the server its life, a traceback in its log, or another tap its recordi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -1001,3 +1002,27 @@ def test_unparsable_requests_are_one_log_line_each(make_server: Any) -> None:
         assert len(new) <= 1, new
     assert "Traceback" not in server.log()
     assert server.health() is not None
+
+
+def test_a_tap_whose_files_do_not_fit_is_closed_with_1011(make_server: Any, tmpfs: Any) -> None:
+    disk = tmpfs("1m")
+    recordings = disk / "rec"
+    server = make_server("--token", TOKEN, "--min-free-space", "0", recordings=recordings)
+    filler = disk / "filler"
+    # fill the disk to the last block
+    with filler.open("wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 4096)
+    with raw_websocket(server, f"/t/{TOKEN}/tap/no-room") as sock:
+        sock.sendall(masked(0x82, b"\xff" * 160))
+        code, reason = close_frame_received(sock)
+    assert code == 1011 and reason.endswith("No space left on device"), (code, reason)
+    assert not list(recordings.glob("no-room*"))  # nothing half-made is left
+    health = server.health()
+    assert health is not None and health["recordings"]["taps_refused_without_files"] == 1
+    filler.unlink()
+    with raw_websocket(server, f"/t/{TOKEN}/tap/room") as sock:
+        sock.sendall(masked(0x82, b"\xff" * 160) + masked(0x88, (1000).to_bytes(2, "big")))
+        assert close_code_received(sock) == 1000
+    assert wait_for_sidecar(recordings, "room")["frames_written"] == 160
+    assert "Traceback" not in server.log()

@@ -7,7 +7,10 @@ that matches its data; the thread goes on with every other tap.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,12 +21,14 @@ import numpy as np
 
 from receiver.codecs.encoding import Encoding
 from receiver.codecs.law_check import LawCheck
+from receiver.storage.disk_space import free_bytes
 from receiver.storage.sidecar import TapState, write_json_atomic
 from receiver.storage.wav_sink import WavSink
 
 log = logging.getLogger("receiver.writer")
 WRITER_SLICE = 0.002  # seconds of batch work (holding the GIL) between pauses
 WRITER_PAUSE = 0.001  # seconds the writer sleeps so the event loop can drain its sockets
+FULL_DISK = 64 * 1024  # free bytes below which a failed file creation is put down to space
 
 
 class Pending(Protocol):
@@ -114,7 +119,7 @@ class DiskWriter:
         them stays, and the tap is refused (`on_open_failed`) rather than recorded into
         nothing."""
         self.errors += 1
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        why = _open_failure(sink, exc)
         log.error("tap %s: cannot create its files: %s: %s", sink.tap_id, type(exc).__name__, exc)
         sink.error = f"cannot create the recording's files: {why}"
         sink.abandon()
@@ -233,3 +238,14 @@ class DiskWriter:
         elif data.get("ended_at"):
             data["state"] = TapState.FINISHED
         return data
+
+
+def _open_failure(sink: WavSink, exc: Exception) -> str:
+    """Why a tap's files could not be created, in a few words for its peer. libsndfile says
+    only "System error." when the disk is full."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    with contextlib.suppress(OSError):
+        if free_bytes(sink.directory) < FULL_DISK:
+            return os.strerror(errno.ENOSPC)
+    return str(getattr(exc, "error_string", "") or type(exc).__name__).rstrip(".")
