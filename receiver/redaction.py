@@ -57,7 +57,8 @@ def redact(value: Any) -> Any:
         if isinstance(original, dict):
             assert isinstance(new, dict)
             for key, child in original.items():
-                new[key] = REDACTED if _is_secret(key, child) else copy_of(child)
+                value = REDACTED if _is_secret(key, child) else copy_of(child)
+                new[redact_text(key) if isinstance(key, str) else key] = value
         else:
             assert isinstance(new, list)
             for index, child in enumerate(original):
@@ -66,8 +67,12 @@ def redact(value: Any) -> Any:
 
 
 def _is_secret(key: Any, value: Any) -> bool:
-    """A value under a key such as `token`, `authToken` or `Authorization` (a mapping or list
-    under it is searched instead; an empty value or a flag says nothing)."""
-    if not isinstance(key, str) or not _SECRET_KEY.search(key) or isinstance(value, bool):
-        return False
-    return isinstance(value, str | int | float) and value != ""
+    """A string under a key such as `token`, `authToken` or `Authorization` (a mapping or list
+    under it is searched instead; numbers, flags and empty strings say nothing: a counter
+    named `tokens` stays)."""
+    return (
+        isinstance(key, str)
+        and isinstance(value, str)
+        and value != ""
+        and bool(_SECRET_KEY.search(key))
+    )
