@@ -6,7 +6,8 @@ Who writes which fields:
   `started_at`, `ended_at`, `end_reason`, `counters`, `events` and its transport's fields
   (`rtp`, `stream`, `tracks`, `dialect`, `signalwire`, `close_code`, ...);
 - the disk writer (`receiver.storage.writer`): `file`, `track_files`, `frames_written`,
-  `duration_seconds`, `worker`, and the final `state` (`finished`, or `failed` with `error`);
+  `duration_seconds`, `worker`, `codec_mismatch` (G.711 of the other law, likely:
+  `receiver.codecs.law_check`), and the final `state` (`finished`, or `failed` with `error`);
 - crash recovery (`receiver.storage.recovery`): `recovered`, `header_repairs`, and the final
   state of what a dead process left `recording`.
 """
