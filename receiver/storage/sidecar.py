@@ -116,7 +116,10 @@ def load_sidecar(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     try:
         data = orjson.loads(raw)  # no recursion; refuses nesting past 1024 levels
     except orjson.JSONDecodeError as exc:
-        return None, f"{path.name} is not valid JSON: {exc}"
+        try:  # what json.dumps may write and orjson refuses: NaN, integers past 64 bits
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None, f"{path.name} is not valid JSON: {exc}"
     if not isinstance(data, dict):
         return None, f"{path.name} is not a JSON object"
     if too_deep(data, MAX_SIDECAR_DEPTH):
