@@ -321,7 +321,8 @@ class Server:
         self.transports[tap.transport].stop_tap(
             tap, reason, drop_rest=True, close_code=INTERNAL_ERROR
         )
-        self._probe = asyncio.create_task(self.check_writable())
+        if self._probe is None or self._probe.done():  # a burst of failures: one probe
+            self._probe = asyncio.create_task(self.check_writable())
 
     def check_durations(self) -> None:
         limit = self.config.storage.max_tap_duration
