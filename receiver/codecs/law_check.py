@@ -38,9 +38,12 @@ RATIO = 2
 MIN_CORRELATION = 0.3  # |lag-1 correlation| read as the other law, at least
 MORE_CORRELATED = 0.05  # and by this much more than read as declared
 
+QUIET_SAMPLE = 2048  # bytes of each batch that are counted
+CORRELATION_SAMPLE = 256  # bytes of each batch kept, for a correlation only if one is needed
+
 _LAWS = (Encoding.PCMU, Encoding.PCMA)
 _VALUES = {law: law.decode(bytes(range(256))).astype(np.float64) for law in _LAWS}
-_QUIET = {law: np.abs(values) <= QUIET for law, values in _VALUES.items()}
+_QUIET = {law: (np.abs(values) <= QUIET).astype(np.int64) for law, values in _VALUES.items()}
 _OTHER = {Encoding.PCMU: Encoding.PCMA, Encoding.PCMA: Encoding.PCMU}
 
 
@@ -105,57 +108,71 @@ class LawCheck:
     seen enough; `mismatch` is the verdict (None: nothing suspicious)."""
 
     __slots__ = (
-        "_as_declared",
-        "_as_other",
         "_declared",
         "_quiet_declared",
         "_quiet_other",
+        "_samples",
+        "counted",
         "done",
+        "fed",
         "mismatch",
-        "seen",
     )
 
     def __init__(self) -> None:
-        self.seen = 0
+        self.fed = 0  # bytes fed (the time checked, at 8 kHz)
+        self.counted = 0  # of them, bytes counted (a sample of each batch)
         self._quiet_declared = 0
         self._quiet_other = 0
-        self._as_declared = _Moments()
-        self._as_other = _Moments()
-        self._declared: dict[Encoding, int] = {}  # bytes per declared law
+        self._declared: dict[Encoding, int] = {}  # bytes counted per declared law
+        self._samples: list[tuple[Encoding, np.ndarray]] = []  # for the correlation
         self.done = False
         self.mismatch: LawMismatch | None = None
 
     def feed(self, encoding: Encoding, data: bytes) -> None:
+        """A batch (or a run of it) of one encoding. A few µs whatever its length: feed
+        whole batches, not packets."""
         if self.done or not encoding.is_g711 or not data:
             return
+        self.fed += len(data)
         codes = np.frombuffer(data, dtype=np.uint8)
-        other = _OTHER[encoding]
-        self.seen += len(codes)
+        if len(codes) > QUIET_SAMPLE:  # spread over the batch, not its first moments only
+            codes = codes[:: -(-len(codes) // QUIET_SAMPLE)]
+        self.counted += len(codes)
         self._declared[encoding] = self._declared.get(encoding, 0) + len(codes)
-        self._quiet_declared += int(np.count_nonzero(_QUIET[encoding][codes]))
-        self._quiet_other += int(np.count_nonzero(_QUIET[other][codes]))
-        self._as_declared.add(_VALUES[encoding][codes])
-        self._as_other.add(_VALUES[other][codes])
+        counts = np.bincount(codes, minlength=256)  # how often each byte: one pass
+        self._quiet_declared += int(counts @ _QUIET[encoding])
+        self._quiet_other += int(counts @ _QUIET[_OTHER[encoding]])
+        whole = np.frombuffer(data, dtype=np.uint8, count=min(len(data), CORRELATION_SAMPLE))
+        self._samples.append((encoding, whole.copy()))  # consecutive bytes: for the correlation
+
+    def _correlations(self) -> tuple[float, float]:
+        """|lag-1 correlation| of the kept samples read as declared, and as the other law."""
+        as_declared, as_other = _Moments(), _Moments()
+        for encoding, codes in self._samples:
+            as_declared.add(_VALUES[encoding][codes])
+            as_other.add(_VALUES[_OTHER[encoding]][codes])
+        return abs(as_declared.correlation), abs(as_other.correlation)
 
     def decide(self) -> LawMismatch | None:
         """After a batch: a verdict once there is enough audio (then `done`)."""
-        if self.done or self.seen < MIN_BYTES:
+        if self.done or self.fed < MIN_BYTES:
             return None
-        as_declared = self._quiet_declared / self.seen
-        as_other = self._quiet_other / self.seen
-        other_r = abs(self._as_other.correlation)
-        declared_r = abs(self._as_declared.correlation)
-        quiet_only = (
-            as_other >= QUIET_ONLY_SHARE
-            and as_declared * QUIET_ONLY_RATIO <= as_other
-            and declared_r < other_r + VETO
-        )
-        mostly_quiet = as_other >= MIN_QUIET_SHARE and as_declared * RATIO <= as_other
-        smoother = other_r >= MIN_CORRELATION and other_r >= declared_r + MORE_CORRELATED
-        if quiet_only or (mostly_quiet and smoother):
+        as_declared = self._quiet_declared / self.counted
+        as_other = self._quiet_other / self.counted
+        verdict = False
+        if as_other >= MIN_QUIET_SHARE and as_declared * RATIO <= as_other:
+            declared_r, other_r = self._correlations()  # only now: most audio never gets here
+            quiet_only = (
+                as_other >= QUIET_ONLY_SHARE
+                and as_declared * QUIET_ONLY_RATIO <= as_other
+                and declared_r < other_r + VETO
+            )
+            smoother = other_r >= MIN_CORRELATION and other_r >= declared_r + MORE_CORRELATED
+            verdict = quiet_only or smoother
+        if verdict:
             declared = max(self._declared, key=self._declared.__getitem__)
             self.mismatch = LawMismatch(declared, _OTHER[declared], as_declared, as_other)
+        if verdict or self.fed >= CHECK_BYTES:
             self.done = True
-        elif self.seen >= CHECK_BYTES:
-            self.done = True
+            self._samples = []
         return self.mismatch

@@ -37,7 +37,7 @@ class Pending(Protocol):
     def __bool__(self) -> bool: ...
 
     def encoded(self) -> Iterable[tuple[Encoding, bytes]]:
-        """The encoded chunks as they came (for the G.711 law check)."""
+        """The encoded audio as it came, a run at a time (for the G.711 law check)."""
         ...
 
     def render(self) -> list[np.ndarray]:

@@ -107,12 +107,11 @@ class Pending:
         return any(self.runs)
 
     def encoded(self) -> Iterator[tuple[Encoding, bytes]]:
-        """The encoded audio as it came, chunk by chunk (silence left out)."""
+        """The encoded audio as it came, a run at a time (silence left out)."""
         for runs in self.runs:
             for run in runs:
                 if run.encoding is not None:
-                    for chunk in run.chunks:
-                        yield run.encoding, chunk
+                    yield run.encoding, b"".join(run.chunks)
 
     def render(self) -> list[np.ndarray]:
         """One int16 array per channel (the channels may differ in length)."""
