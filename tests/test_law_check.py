@@ -65,3 +65,9 @@ def test_a_verdict_needs_a_second_and_is_given_up_after_ten() -> None:
     assert undecided.decide() is None and undecided.done  # ten seconds said nothing: stop
     undecided.feed(Encoding.PCMU, b"\xd5" * 80_000)
     assert undecided.decide() is None  # no longer looked at
+
+
+def test_l16_ends_the_check_at_once() -> None:
+    law_check = LawCheck()
+    law_check.feed(Encoding.L16, b"\0\0" * 8000)
+    assert law_check.done and law_check.decide() is None
