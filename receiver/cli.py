@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -28,6 +29,7 @@ def prepare_recordings(directory: Path) -> None:
     except OSError as exc:
         raise config.ConfigError(
             f"recordings: cannot create directory {str(directory)!r}: {exc.strerror or exc}"
+            + _how_to_fix(directory, exc)
         ) from None
     if not directory.is_dir():
         raise config.ConfigError(f"recordings: {str(directory)!r} is not a directory")
@@ -37,7 +39,25 @@ def prepare_recordings(directory: Path) -> None:
     except OSError as exc:
         raise config.ConfigError(
             f"recordings: directory {str(directory)!r} is not writable: {exc.strerror or exc}"
+            + _how_to_fix(directory, exc)
         ) from None
+
+
+def _how_to_fix(directory: Path, exc: OSError) -> str:
+    """The usual cause in a container is a bind-mounted host folder owned by another uid than
+    the server's (10001 in the image): name the uid and the command that fixes it."""
+    if exc.errno == errno.EROFS:
+        return " (mount it read-write)"
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    target = directory
+    while not os.path.lexists(target) and target.parent != target:  # what mkdir writes into
+        target = target.parent
+    uid, gid = os.getuid(), os.getgid()
+    return (
+        f" (the server runs as uid {uid}); fix: chown {uid}:{gid} {target} (in a container: "
+        "the host folder mounted there), or build the image with --build-arg UID=$(id -u)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ""
             if cfg.server.tls_cert
             else "  (TLS terminated by your proxy, or --tls-cert/--tls-key)",
+            extra={"reveals_token": True},  # the one line that shows it, on purpose
         )
         if server is None:
             return run_workers(cfg, token, ssl_context, workers)

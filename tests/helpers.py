@@ -435,3 +435,23 @@ def make_certificates(directory: Path) -> Certificates:
     for path in (cert, key):
         path.chmod(0o644)  # readable by a container's unprivileged user, too
     return Certificates(root, cert, key)
+
+
+# -- signals ---------------------------------------------------------------------------------
+
+
+def talk(seconds: float, seed: int) -> np.ndarray:
+    """Something like a call: bursts of a wavering voice-band tone at about -16 dBFS, and
+    between them the quiet of a line (a few LSB of noise)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(8000 * seconds)) / 8000
+    speaking = (t % 0.7) < 0.4
+    voice = 5000 * np.sin(2 * np.pi * (250 + 60 * np.sin(2 * np.pi * 3 * t)) * t)
+    voice *= 1 + 0.3 * rng.standard_normal(len(t))
+    signal = np.where(speaking, voice, 0.0) + 8 * rng.standard_normal(len(t))
+    return np.clip(signal, -32768, 32767).astype(np.int16)
+
+
+def g711_encode(codec: str, samples: np.ndarray) -> bytes:
+    compress = reference.g191_ulaw_compress if codec == "PCMU" else reference.g191_alaw_compress
+    return bytes(compress(int(x)) for x in samples)

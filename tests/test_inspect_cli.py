@@ -93,7 +93,7 @@ def test_repair_fixes_zeroed_truncated_and_extended_files(
     damaged_copy(damaged, "d-healthy.wav", original)
 
     result = cli("repair", str(damaged), "--dry-run")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr  # fixes are needed (issue 16.11)
     assert zeroed.read_bytes()[4:8] == b"\0\0\0\0"  # a dry run changes nothing
     assert "would fix a-zeroed.wav (4000 frames):" in result.stdout
     assert result.stdout.endswith("4 WAV file(s) checked: 1 ok, 3 would fix\n")

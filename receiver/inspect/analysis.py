@@ -15,10 +15,14 @@ import numpy as np
 import soundfile
 
 from receiver.inspect.png import encode_rgb
-from receiver.storage.wav_header import WavError, WavLayout, frames_on_disk
+from receiver.storage.files import open_regular
+from receiver.storage.wav_header import WavError, WavLayout, frames_in_file
 
 FULL_SCALE = 32768.0
-BLOCK_FRAMES = 1 << 20  # frames per block when scanning a whole file
+BLOCK_SAMPLES = 1 << 20  # samples (all channels) per block when scanning a whole file
+MAX_WAVEFORM_POINTS = 40_000  # columns x channels: 10 000 columns of a stereo file
+MAX_FFT = 4096  # the spectrogram's window, whatever rate the header claims
+MAX_DECODED_BYTES = 64 << 20  # a non-PCM16 file is decoded in memory only up to this
 DEFAULT_SILENCE_DBFS = -60.0
 MIN_SILENCE_SECONDS = 0.02  # shorter runs (a sine's zero crossing) are not silence
 SPECTROGRAM_FLOOR_DB = -100.0
@@ -54,17 +58,25 @@ class Audio:
 def open_audio(path: Path) -> Audio:
     """The frames that are really on disk: the declared data size, or less if the file is
     shorter (a file being recorded, or cut short). Raises WavError or OSError."""
-    layout, frames = frames_on_disk(path)
-    shape = (frames, layout.channels)
-    if layout.is_pcm16:
-        if frames == 0:
-            return Audio(path, layout, np.zeros(shape, dtype=np.int16))
-        samples = np.memmap(path, dtype="<i2", mode="r", offset=layout.data_offset, shape=shape)
-        return Audio(path, layout, samples)
-    try:  # other encodings (24-bit, float, G.711 WAVs from other tools): decoded in memory
-        data, _ = soundfile.read(str(path), dtype="int16", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError) as exc:
-        raise WavError(f"cannot decode {layout.format_name}: {exc}") from None
+    with open_regular(path) as fh:  # a link is not followed, a fifo not waited on
+        layout, frames = frames_in_file(fh)
+        shape = (frames, layout.channels)
+        if layout.is_pcm16:
+            if frames == 0:
+                return Audio(path, layout, np.zeros(shape, dtype=np.int16))
+            samples = np.memmap(fh, dtype="<i2", mode="r", offset=layout.data_offset, shape=shape)
+            return Audio(path, layout, samples)
+        # other encodings (24-bit, float, G.711 WAVs from other tools): decoded in memory, so
+        # only up to a bound (memory per request must not follow what a header says)
+        if frames * layout.channels * 2 > MAX_DECODED_BYTES:
+            raise WavError(
+                f"{layout.format_name}: {frames} frames are too many to decode for inspection "
+                f"(at most {MAX_DECODED_BYTES >> 20} MiB as 16-bit); convert it to 16-bit PCM"
+            )
+        try:
+            data, _ = soundfile.read(fh, dtype="int16", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError) as exc:
+            raise WavError(f"cannot decode {layout.format_name}: {exc}") from None
     return Audio(path, layout, np.ascontiguousarray(data, dtype=np.int16))
 
 
@@ -167,8 +179,9 @@ def measure_levels(audio: Audio, silence_threshold_dbfs: float = DEFAULT_SILENCE
     clipped = np.zeros(channels, dtype=np.int64)
     threshold = FULL_SCALE * 10.0 ** (silence_threshold_dbfs / 20.0)
     silence = _LongestRun()
-    for offset in range(0, audio.frames, BLOCK_FRAMES):
-        block = np.asarray(audio.samples[offset : offset + BLOCK_FRAMES]).astype(np.int32)
+    step = block_frames(channels)
+    for offset in range(0, audio.frames, step):
+        block = np.asarray(audio.samples[offset : offset + step]).astype(np.int32)
         magnitude = np.abs(block)
         peak = np.maximum(peak, magnitude.max(axis=0))
         squares += np.einsum("ij,ij->j", block, block, dtype=np.float64)
@@ -188,6 +201,11 @@ def measure_levels(audio: Audio, silence_threshold_dbfs: float = DEFAULT_SILENCE
     )  # fmt: skip
 
 
+def block_frames(channels: int) -> int:
+    """Frames per block: BLOCK_SAMPLES in all, however many channels."""
+    return max(1, BLOCK_SAMPLES // channels)
+
+
 def column_edges(frames: int, columns: int) -> np.ndarray:
     """First frame of each of `columns` equal pixel columns (plus the end)."""
     return (np.arange(columns + 1, dtype=np.int64) * frames) // columns
@@ -195,14 +213,15 @@ def column_edges(frames: int, columns: int) -> np.ndarray:
 
 def waveform_peaks(audio: Audio, columns: int) -> tuple[np.ndarray, np.ndarray]:
     """Min and max sample per pixel column, shape (channels, columns) each. A recording shorter
-    than `columns` frames gets one column per frame."""
-    columns = min(columns, audio.frames)
+    than `columns` frames gets one column per frame; one with many channels gets fewer columns
+    (MAX_WAVEFORM_POINTS in all)."""
+    columns = min(columns, audio.frames, max(1, MAX_WAVEFORM_POINTS // audio.channels))
     lows = np.zeros((audio.channels, columns), dtype=np.int16)
     highs = np.zeros((audio.channels, columns), dtype=np.int16)
     if columns == 0:
         return lows, highs
     edges = column_edges(audio.frames, columns)
-    step = max(1, BLOCK_FRAMES * columns // audio.frames)  # columns per block read
+    step = max(1, block_frames(audio.channels) * columns // audio.frames)  # columns per block
     for first in range(0, columns, step):
         last = min(columns, first + step)
         block = np.asarray(audio.samples[edges[first] : edges[last]])
@@ -213,8 +232,8 @@ def waveform_peaks(audio: Audio, columns: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fft_size(sample_rate: int) -> int:
-    """A power of two near 32 ms: 256 at 8 kHz (31 Hz bins), 512 at 16 kHz."""
-    return int(2 ** round(math.log2(max(64, sample_rate * 0.032))))
+    """A power of two near 32 ms: 256 at 8 kHz (31 Hz bins), 512 at 16 kHz; at most MAX_FFT."""
+    return min(MAX_FFT, int(2 ** round(math.log2(max(64, sample_rate * 0.032)))))
 
 
 def spectrogram_db(audio: Audio, columns: int, rows: int) -> np.ndarray:
@@ -233,7 +252,7 @@ def spectrogram_db(audio: Audio, columns: int, rows: int) -> np.ndarray:
     scale = (window.sum() / 2) * FULL_SCALE  # a full-scale sine peaks at 1.0 in its bin
     bins = n // 2 + 1
     band = np.floor(np.linspace(0, bins, rows + 1)[:-1]).astype(np.int64)
-    step = max(1, (1 << 21) // (n * WINDOWS_PER_COLUMN))  # columns per block: ~2M samples
+    step = max(1, BLOCK_SAMPLES // (n * WINDOWS_PER_COLUMN))  # columns per block: ~1M samples
     for first in range(0, columns, step):
         last = min(columns, first + step)
         index = starts[first:last].reshape(-1, 1) + np.arange(n)
@@ -278,11 +297,11 @@ def spectrogram_png(audio: Audio, columns: int, height: int) -> bytes:
     rows = max(8, (height - gap * (channels - 1)) // channels)
     levels = spectrogram_db(audio, columns, rows)
     span = SPECTROGRAM_TOP_DB - SPECTROGRAM_FLOOR_DB
-    scaled = np.clip((levels - SPECTROGRAM_FLOOR_DB) / span, 0.0, 1.0)
-    indices = np.nan_to_num(scaled * 255.0, nan=0.0).astype(np.uint8)
     parts: list[np.ndarray] = []
-    for channel in range(channels):
+    for channel in range(channels):  # one channel at a time: a copy of one, not of all
+        scaled = np.clip((levels[channel] - SPECTROGRAM_FLOOR_DB) / span, 0.0, 1.0)
+        indices = np.nan_to_num(scaled * 255.0, nan=0.0).astype(np.uint8)
         if channel:
             parts.append(np.broadcast_to(_SEPARATOR, (gap, columns, 3)))
-        parts.append(_LUT[indices[channel]])
+        parts.append(_LUT[indices])
     return encode_rgb(np.ascontiguousarray(np.concatenate(parts, axis=0)))

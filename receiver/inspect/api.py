@@ -11,31 +11,36 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
+import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from receiver.http.auth import Auth
 from receiver.http.errors import json_error
 from receiver.inspect import analysis
 from receiver.inspect.catalog import STATES, Catalog, Recording, loss_percent, markers
+from receiver.storage.files import open_regular, regular_stat
 from receiver.storage.sidecar import TapState
 from receiver.storage.wav_header import WavError, check_wav
 from receiver.taps.registry import TapRegistry
 from receiver.taps.tap import Tap, utc_now_iso
-from receiver.taps.tap_id import TAP_ID_RULE, is_valid_tap_id
+from receiver.taps.tap_id import NAME_RULE, is_valid_name
 
 PAGE_DIR = Path(__file__).parent / "page"
 STATIC_FILES = {"app.js", "style.css", "favicon.svg"}
 ACTIONS = ("audio", "waveform", "spectrogram", "levels")
 CACHE_ENTRIES = 64
 MAX_PAGE = 1000
+_EMPTY_SUFFIX_RANGE = re.compile(r"bytes=-0+")
 
 T = TypeVar("T")
 LiveStats = Callable[[Tap], dict[str, Any] | None]  # a transport's counters of a live tap
@@ -205,8 +210,8 @@ class RecordingsApi:
 
     async def get_tap(self, request: web.Request) -> web.StreamResponse:
         name, action = _split(request.match_info["rest"])
-        if not is_valid_tap_id(name):
-            return json_error(400, TAP_ID_RULE)
+        if not is_valid_name(name):
+            return json_error(400, NAME_RULE)
         try:
             if action == "audio":
                 return await self._audio(request, name)
@@ -249,14 +254,24 @@ class RecordingsApi:
 
     async def _audio(self, request: web.Request, name: str) -> web.StreamResponse:
         path = self.catalog.wav_path(name)
-        exists = await self._run(path.is_file)
-        if not exists:
+        # Only a regular file, never through a link (`passwd.wav -> /etc/passwd`); a fifo
+        # or a device under a recording's name is no recording either.
+        try:
+            fh = await self._run(open_regular, path)
+        except OSError:
             return json_error(404, f"no recording {name!r}")
+        if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get("Range", "")):
+            # "the last 0 bytes" can never be satisfied (RFC 9110 14.1.2); aiohttp reads it as
+            # "from byte 0" and sends the whole file as a 206
+            with fh:
+                size = os.fstat(fh.fileno()).st_size
+            answer = json_error(416, "the range bytes=-0 selects no byte")
+            answer.headers["Content-Range"] = f"bytes */{size}"
+            return answer
         headers = {"Content-Type": "audio/wav", "Cache-Control": "no-cache"}
         if request.query.get("download"):
             headers["Content-Disposition"] = f'attachment; filename="{name}.wav"'
-        # FileResponse does Range (206), If-Range, ETag and sendfile without blocking the loop.
-        return web.FileResponse(path, headers=headers)
+        return OpenedFileResponse(fh, path, headers)
 
     async def _computed(
         self, name: str, kind: str, params: tuple[int, ...], content_type: str
@@ -274,14 +289,16 @@ class RecordingsApi:
 
     def _compute(self, path: Path, kind: str, params: tuple[int, ...]) -> bytes:
         """In a worker thread: the cached body, or compute it from the file as it is now."""
-        st = path.stat()
+        st = regular_stat(path)
+        if st is None:
+            raise FileNotFoundError(path.name)
         key = (path.name, st.st_size, st.st_mtime_ns, kind, *params)
         return self.cache.get_or_compute(key, lambda: _render(path, kind, params))
 
     async def delete_tap(self, request: web.Request) -> web.StreamResponse:
         name, action = _split(request.match_info["rest"])
-        if not is_valid_tap_id(name):
-            return json_error(400, TAP_ID_RULE)
+        if not is_valid_name(name):
+            return json_error(400, NAME_RULE)
         if action:
             return json_error(405, "only a recording itself can be deleted")
         if name in self._active():
@@ -295,6 +312,24 @@ class RecordingsApi:
             return json_error(409, f"{name!r} is being finalized; try again in a moment")
         removed = await self._run(self.catalog.delete, name)
         return web.json_response({"deleted": name, "files": removed})
+
+
+class OpenedFileResponse(web.FileResponse):
+    """aiohttp's FileResponse (Range and 206, If-Range, ETag and 304, sendfile off the loop) of
+    a file already opened without following a link: it opens a path, so it is given the open
+    file's /proc/self/fd/N, which names that file whatever is put under the recording's name
+    meanwhile (elsewhere than on Linux, the path itself). The file is closed once sent."""
+
+    def __init__(self, fh: BinaryIO, path: Path, headers: dict[str, str]) -> None:
+        opened = Path(f"/proc/self/fd/{fh.fileno()}")
+        super().__init__(opened if opened.exists() else path, headers=headers)
+        self._opened = fh
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            self._opened.close()
 
 
 def _render(path: Path, kind: str, params: tuple[int, ...]) -> bytes:

@@ -6,6 +6,7 @@ Synchronous file reads: on the event loop, call `Catalog.scan` and friends in an
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -13,9 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from receiver.storage.sidecar import TapState, read_sidecar
+from receiver.redaction import redact
+from receiver.storage.files import regular_stat
+from receiver.storage.sidecar import TapState, load_sidecar, read_sidecar
 from receiver.storage.wav_header import WavError, frames_on_disk
-from receiver.taps.tap_id import is_valid_tap_id
+from receiver.taps.tap_id import is_valid_name
 
 STATES = tuple(state.value for state in TapState)
 
@@ -28,6 +31,7 @@ class Recording:
     duration_seconds: float | None
     size_bytes: int | None  # of the WAV; None when it is gone
     started_at: str | None
+    problem: str | None = None  # why its sidecar (or the entry) could not be read
 
     @property
     def loss_percent(self) -> float | None:
@@ -35,7 +39,7 @@ class Recording:
 
     def summary(self) -> dict[str, Any]:
         side = self.sidecar or {}
-        return {
+        summary = {
             "name": self.name,
             "tap_id": side.get("tap_id", self.name),
             "transport": side.get("transport"),
@@ -50,6 +54,9 @@ class Recording:
             "size_bytes": self.size_bytes,
             "loss_percent": self.loss_percent,
         }
+        if self.problem is not None:
+            summary["problem"] = self.problem
+        return summary
 
     def matches(self, text: str) -> bool:
         side = self.sidecar or {}
@@ -57,13 +64,31 @@ class Recording:
         return any(text in str(f).lower() for f in fields if f)
 
 
-def loss_percent(rtp: dict[str, Any] | None) -> float | None:
-    """Packets lost as a share of packets expected (received + lost); None without RTP stats."""
-    if not rtp:
+def loss_percent(rtp: Any) -> float | None:
+    """Packets lost as a share of packets expected (received + lost); None without RTP stats
+    (or with counters that are not numbers: a sidecar is a file anyone may have edited)."""
+    if not rtp or not isinstance(rtp, dict):
         return None
-    lost, received = int(rtp.get("lost", 0)), int(rtp.get("received", 0))
+    lost, received = _number(rtp.get("lost", 0)), _number(rtp.get("received", 0))
+    if lost is None or received is None:
+        return None
     expected = lost + received
     return round(100.0 * lost / expected, 2) if expected else 0.0
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number as such (not a bool, not NaN or infinite), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _items(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def wav_duration(path: Path) -> float | None:
@@ -80,29 +105,34 @@ def markers(sidecar: dict[str, Any]) -> list[dict[str, Any]]:
     discontinuities, SSRC changes, timestamp jumps. From `events`, completed by `rtp.dtmf` and
     `rtp.discontinuities` (the same records, when both are there)."""
     found: dict[tuple[str, float], dict[str, Any]] = {}
-    rtp = sidecar.get("rtp") or {}
+    rtp = sidecar.get("rtp")
+    rtp = rtp if isinstance(rtp, dict) else {}
     sources = [
-        *(sidecar.get("events") or []),
-        *({"type": "dtmf", **e} for e in rtp.get("dtmf") or []),
-        *({"type": "discontinuity", **e} for e in rtp.get("discontinuities") or []),
+        *_items(sidecar.get("events")),
+        *({"type": "dtmf", **e} for e in _items(rtp.get("dtmf")) if isinstance(e, dict)),
+        *(
+            {"type": "discontinuity", **e}
+            for e in _items(rtp.get("discontinuities"))
+            if isinstance(e, dict)
+        ),
     ]
     for event in sources:
         if not isinstance(event, dict):
             continue
-        kind = str(event.get("type", "event"))
-        at = event.get("start", event.get("at"))
-        if not isinstance(at, int | float):
+        kind = str(event.get("type", "event"))[:64]
+        at = _number(event.get("start", event.get("at")))
+        if at is None:
             continue
         marker: dict[str, Any] = {"type": kind, "at": round(float(at), 6)}
         if kind == "dtmf":
-            marker["label"] = str(event.get("digit", "?"))
-            marker["duration"] = event.get("duration", 0)
+            marker["label"] = str(event.get("digit", "?"))[:16]
+            marker["duration"] = _number(event.get("duration", 0)) or 0
         elif kind == "discontinuity":
-            marker["label"] = f"gap {float(event.get('skipped', 0)):.1f} s"
+            marker["label"] = f"gap {_number(event.get('skipped', 0)) or 0:.1f} s"
         elif kind == "ssrc_change":
-            marker["label"] = f"SSRC {event.get('to', '')}".strip()
+            marker["label"] = f"SSRC {str(event.get('to', ''))[:16]}".strip()
         elif kind == "timestamp_jump":
-            marker["label"] = f"jump {float(event.get('jump', 0)):+.2f} s"
+            marker["label"] = f"jump {_number(event.get('jump', 0)) or 0:+.2f} s"
         else:
             marker["label"] = kind.replace("_", " ")
         found.setdefault((kind, marker["at"]), marker)
@@ -110,20 +140,26 @@ def markers(sidecar: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _mtime_iso(path: Path) -> str | None:
-    try:
-        stamp = path.stat().st_mtime
-    except OSError:
+    st = regular_stat(path)
+    if st is None:
         return None
+    stamp = st.st_mtime
     moment = datetime.fromtimestamp(stamp, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _stat_key(path: Path) -> tuple[int, int] | None:
+    """Only regular files count: a link (`passwd.wav -> /etc/passwd`), a fifo or a directory
+    under a recording's name is not a recording."""
+    st = regular_stat(path)
+    return None if st is None else (st.st_mtime_ns, st.st_size)
+
+
+def _is_regular(entry: os.DirEntry[str]) -> bool:
     try:
-        st = path.stat()
+        return entry.is_file(follow_symlinks=False)
     except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
+        return False
 
 
 class Catalog:
@@ -151,7 +187,7 @@ class Catalog:
             return sidecars, wavs
         for entry in entries:
             stem, dot, ext = entry.name.rpartition(".")
-            if dot and is_valid_tap_id(stem):
+            if dot and is_valid_name(stem) and _is_regular(entry):
                 if ext == "json":
                     sidecars.add(stem)
                 elif ext == "wav":
@@ -168,17 +204,20 @@ class Catalog:
             cached = self._cache.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        sidecar = read_sidecar(side) if key[0] is not None else None
-        state = str(sidecar.get("state", TapState.UNKNOWN)) if sidecar else TapState.UNKNOWN
-        started = sidecar.get("started_at") if sidecar else None
+        sidecar, problem = load_sidecar(side) if key[0] is not None else (None, None)
+        if sidecar is not None:  # one written before tokens were redacted serves none either
+            sidecar = redact(sidecar)
+        # A sidecar is a file anyone may have edited: a field of the wrong type is no field.
+        state = (_text(sidecar.get("state")) if sidecar else None) or TapState.UNKNOWN
+        started = _text(sidecar.get("started_at")) if sidecar else None
         if (
             state == TapState.RECORDING
             and self.run_started_at
             and (started or "") < self.run_started_at
         ):
             state = TapState.INTERRUPTED
-        duration = sidecar.get("duration_seconds") if sidecar else None
-        if not isinstance(duration, int | float) or state in (
+        duration = _number(sidecar.get("duration_seconds")) if sidecar else None
+        if duration is None or state in (
             TapState.RECORDING,
             TapState.INTERRUPTED,
         ):
@@ -190,23 +229,33 @@ class Catalog:
             duration_seconds=duration,
             size_bytes=key[1][1] if key[1] is not None else None,
             started_at=started or _mtime_iso(wav),
+            problem=problem,
         )
         with self._lock:
             self._cache[name] = (key, recording)
         return recording
 
+    def _load_listed(self, name: str) -> Recording | None:
+        """`load`, for a listing: whatever goes wrong with one entry is said in its `problem`,
+        and the others are listed."""
+        try:
+            return self.load(name)
+        except Exception as exc:
+            problem = f"cannot read it: {type(exc).__name__}: {exc}"
+            return Recording(name, None, TapState.UNKNOWN, None, None, None, problem)
+
     def scan(self) -> list[Recording]:
         """Every recording, newest first. WAVs named in a sidecar's `track_files` belong to
         that recording and are not listed on their own."""
         sidecars, wavs = self._names()
-        found = [r for r in (self.load(name) for name in sidecars) if r is not None]
+        found = [r for r in (self._load_listed(name) for name in sidecars) if r is not None]
         owned: set[str] = set()
         for recording in found:
             tracks = (recording.sidecar or {}).get("track_files") or {}
             if isinstance(tracks, dict):
                 owned.update(str(f).removesuffix(".wav") for f in tracks.values())
         for name in wavs - sidecars - owned:
-            stray = self.load(name)
+            stray = self._load_listed(name)
             if stray is not None:
                 found.append(stray)
         with self._lock:
@@ -225,7 +274,7 @@ class Catalog:
             paths += [
                 self.directory / str(f)
                 for f in tracks.values()
-                if str(f).endswith(".wav") and is_valid_tap_id(str(f)[:-4])
+                if str(f).endswith(".wav") and is_valid_name(str(f)[:-4])
             ]
         paths.append(self.sidecar_path(name))
         removed = []

@@ -14,13 +14,17 @@ from typing import Any, TextIO
 
 from receiver import config
 from receiver.inspect.analysis import DEFAULT_SILENCE_DBFS, Levels, measure_levels, open_audio
-from receiver.inspect.catalog import STATES, Catalog, markers
-from receiver.storage.sidecar import read_sidecar
+from receiver.inspect.catalog import STATES, Catalog, loss_percent, markers
+from receiver.redaction import redact
+from receiver.storage.files import regular_stat
+from receiver.storage.sidecar import load_sidecar
 from receiver.storage.wav_header import RepairPlan, WavError, apply_repair, check_wav
-from receiver.taps.tap_id import is_valid_tap_id
+from receiver.taps.tap_id import is_valid_name
 
 COMMANDS = ("ls", "inspect", "repair")
 RECENT_SECONDS = 5.0  # a WAV written this recently may belong to a running server
+EXIT_NEEDS_REPAIR = 3  # repair --dry-run: some header does not match its data
+EXIT_BROKEN_PIPE = 128 + 13  # as a process ended by SIGPIPE
 
 
 def _recordings_default() -> Path:
@@ -77,13 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str], out: TextIO | None = None) -> int:
+    """Exit status: 0 done (nothing to fix, or fixed); 1 an error (no such directory or file,
+    a file that cannot be read or repaired); 2 a usage error; 3 `repair --dry-run` found
+    headers to fix; 141 the reader of the output went away (`| head`), as SIGPIPE ends other
+    tools, quietly."""
     args = build_parser().parse_args(argv)
     stream = out or sys.stdout
-    if args.command == "ls":
-        return list_recordings(args.recordings, args.state, args.json, stream)
-    if args.command == "inspect":
-        return inspect(args.recordings, args.target, args.silence_db, args.json, stream)
-    return repair(args.paths or [args.recordings], args.dry_run, args.force, stream)
+    try:
+        if args.command == "ls":
+            code = list_recordings(args.recordings, args.state, args.json, stream)
+        elif args.command == "inspect":
+            code = inspect(args.recordings, args.target, args.silence_db, args.json, stream)
+        else:
+            code = repair(args.paths or [args.recordings], args.dry_run, args.force, stream)
+        stream.flush()  # here, where a closed pipe can be handled, not at the interpreter's exit
+    except BrokenPipeError:
+        # Nothing more can be written: point stdout at /dev/null so that the interpreter's
+        # final flush does not fail again, and stop.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    return code
 
 
 # -- ls ---------------------------------------------------------------------------------------
@@ -103,6 +122,9 @@ def list_recordings(directory: Path, state: str | None, as_json: bool, out: Text
         return 1
     rows = [r.summary() for r in Catalog(directory).scan()]
     rows = [r for r in rows if state is None or r["state"] == state]
+    for row in rows:  # listed all the same, with what is known
+        if row.get("problem"):
+            print(f"tap-receiver: {row['name']}: {row['problem']}", file=sys.stderr)
     if as_json:
         for row in rows:
             print(json.dumps(row), file=out)
@@ -113,8 +135,8 @@ def list_recordings(directory: Path, state: str | None, as_json: bool, out: Text
         table.append(
             (
                 r["name"],
-                r["state"],
-                r["transport"] or "-",
+                str(r["state"]),
+                str(r["transport"] or "-"),
                 f"{r['codec'] or '-'}/{r['sample_rate'] or '?'}",
                 (r["started_at"] or "-").replace("T", " ").removesuffix("Z"),
                 _duration(r["duration_seconds"]),
@@ -137,11 +159,12 @@ def list_recordings(directory: Path, state: str | None, as_json: bool, out: Text
 
 
 def resolve_target(directory: Path, target: str) -> Path | None:
-    """A WAV path as given, or `<recordings>/<TAP_ID>.wav`."""
+    """A WAV path as given, or `<recordings>/<TAP_ID>.wav` (if it is no regular file, opening
+    it says so: a link is not followed, a fifo not waited on)."""
     path = Path(target)
-    if path.suffix == ".wav" and path.is_file():
+    if path.suffix == ".wav" and os.path.lexists(path):
         return path
-    if is_valid_tap_id(target) and (directory / f"{target}.wav").is_file():
+    if is_valid_name(target) and os.path.lexists(directory / f"{target}.wav"):
         return directory / f"{target}.wav"
     return None
 
@@ -194,22 +217,24 @@ def _sidecar_lines(sidecar: dict[str, Any]) -> list[tuple[str, str]]:
         lines.append(
             ("written", f"{sidecar['frames_written']} frames, {sidecar.get('duration_seconds')} s")
         )
-    counters = sidecar.get("counters") or {}
-    if counters:
+    counters = sidecar.get("counters")
+    if counters and isinstance(counters, dict):
         lines.append(("counters", " ".join(f"{k}={v}" for k, v in counters.items())))
     rtp = sidecar.get("rtp")
-    if rtp:
+    if rtp and isinstance(rtp, dict):
         received, lost = rtp.get("received", 0), rtp.get("lost", 0)
-        share = 100.0 * lost / (received + lost) if received + lost else 0.0
+        share = loss_percent(rtp)
         lines.append(
             (
                 "rtp",
-                f"received={received} lost={lost} ({share:.2f}%) late={rtp.get('late', 0)} "
-                f"duplicate={rtp.get('duplicate', 0)} reordered={rtp.get('reordered', 0)} "
-                f"jitter={rtp.get('jitter_ms', 0)} ms",
+                f"received={received} lost={lost} ({'-' if share is None else f'{share:.2f}'}%) "
+                f"late={rtp.get('late', 0)} duplicate={rtp.get('duplicate', 0)} "
+                f"reordered={rtp.get('reordered', 0)} jitter={rtp.get('jitter_ms', 0)} ms",
             )
         )
-        lines.append(("ssrcs", ", ".join(rtp.get("ssrcs") or []) or "-"))
+        ssrcs = rtp.get("ssrcs")
+        listed = ", ".join(str(s) for s in ssrcs) if isinstance(ssrcs, list) else ""
+        lines.append(("ssrcs", listed or "-"))
     for m in markers(sidecar):
         extra = f" ({m['duration'] * 1000:.0f} ms)" if m.get("duration") else ""
         lines.append((m["type"], f"{m['label']} at {m['at']:.3f} s{extra}"))
@@ -230,7 +255,10 @@ def inspect(directory: Path, target: str, silence_db: float, as_json: bool, out:
     except (OSError, WavError) as exc:
         print(f"tap-receiver: {path}: {exc}", file=sys.stderr)
         return 1
-    sidecar = read_sidecar(path.with_suffix(".json"))
+    sidecar, problem = load_sidecar(path.with_suffix(".json"))
+    sidecar = redact(sidecar) if sidecar is not None else None
+    if problem is not None:
+        print(f"tap-receiver: {problem}", file=sys.stderr)
     if as_json:
         report = {
             "file": str(path),
@@ -246,7 +274,7 @@ def inspect(directory: Path, target: str, silence_db: float, as_json: bool, out:
         ("format", audio.layout.format_name),
         (
             "duration",
-            f"{audio.duration:.3f} s ({audio.frames} frames, {path.stat().st_size} bytes)",
+            f"{audio.duration:.3f} s ({audio.frames} frames, {plan.file_size} bytes)",
         ),
     ]
     if plan.problem:
@@ -263,7 +291,7 @@ def inspect(directory: Path, target: str, silence_db: float, as_json: bool, out:
         print(f"sidecar {path.with_suffix('.json').name}", file=out)
         _print_block(_sidecar_lines(sidecar), out)
     else:
-        print("no sidecar", file=out)
+        print("no sidecar" if problem is None else "sidecar unreadable", file=out)
     return 0
 
 
@@ -280,8 +308,8 @@ def repair(paths: Sequence[Path], dry_run: bool, force: bool, out: TextIO) -> in
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix == ".wav" and p.is_file())
-        elif path.is_file():
+            files += sorted(p for p in path.iterdir() if p.suffix == ".wav")
+        elif os.path.lexists(path):
             files.append(path)
         else:
             print(f"tap-receiver: no such file or directory: {path}", file=sys.stderr)
@@ -291,7 +319,12 @@ def repair(paths: Sequence[Path], dry_run: bool, force: bool, out: TextIO) -> in
     now = time.time()
     for path in files:
         try:
-            if not force and now - path.stat().st_mtime < RECENT_SECONDS:
+            st = regular_stat(path)
+            if st is None:  # a link is not followed out of the directory, a fifo not waited on
+                counts["skipped"] += 1
+                print(f"skipped {path.name}: not a regular file", file=out)
+                continue
+            if not force and now - st.st_mtime < RECENT_SECONDS:
                 counts["skipped"] += 1
                 print(
                     f"skipped {path.name}: modified in the last {RECENT_SECONDS:g} s "
@@ -319,4 +352,6 @@ def repair(paths: Sequence[Path], dry_run: bool, force: bool, out: TextIO) -> in
             print(f"  {line}", file=out)
     summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n or k == "ok")
     print(f"{len(files)} WAV file(s) checked: {summary}", file=out)
-    return 1 if counts["unrepairable"] else 0
+    if counts["unrepairable"]:
+        return 1
+    return EXIT_NEEDS_REPAIR if dry_run and counts[verb] else 0

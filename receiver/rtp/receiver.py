@@ -425,11 +425,13 @@ class RtpReceiver:
         """The fast lane's stored audio, to every tap's buffer."""
         self.lane.drain_all()
 
-    def stop_tap(self, tap: Tap, reason: str, *, drop_rest: bool = False) -> bool:
+    def stop_tap(
+        self, tap: Tap, reason: str, *, drop_rest: bool = False, close_code: int = 1000
+    ) -> bool:
         """End the tap's stream, after reading what has arrived (sockets are read every 5 ms:
         a stop must never cut off audio already on this machine). With `drop_rest`, the stream
         stays and its further packets are dropped until it goes idle, so the sender does not
-        start a new recording."""
+        start a new recording. RTP has no `close_code` to send."""
         self.receive()
         stream = self.stream_of(tap)
         if stream is None:

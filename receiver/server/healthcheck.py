@@ -1,4 +1,5 @@
-"""`python -m receiver.server.healthcheck`: exit 0 when this machine's server answers /healthz.
+"""`python -m receiver.server.healthcheck`: exit 0 when this machine's server answers /healthz
+and can create files in its recordings directory.
 
 Reads the same settings as the server (flags, RECEIVER_* variables, the RECEIVER_CONFIG file), so
 the container's HEALTHCHECK follows whatever port and TLS the server was given. The certificate
@@ -8,6 +9,7 @@ names the public host, not loopback, so it is not verified here; proxy variables
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import ssl
 import sys
@@ -37,10 +39,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         with opener.open(url, timeout=4) as response:
-            return 0 if response.status == 200 else 1
+            if response.status != 200:
+                return 1
+            recordings = json.loads(response.read()).get("recordings") or {}
     except Exception as exc:
         print(f"healthcheck: {url}: {exc}", file=sys.stderr)
         return 1
+    if recordings.get("writable") is False:  # it answers, but cannot record a tap
+        print(f"healthcheck: the recordings directory is not writable: {recordings.get('problem')}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

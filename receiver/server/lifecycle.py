@@ -25,12 +25,13 @@ from receiver.inspect.api import RecordingsApi
 from receiver.rtp.receiver import RtpReceiver
 from receiver.server.load import LoadMeter
 from receiver.server.loop import loop_name
-from receiver.storage.disk_space import free_bytes
+from receiver.storage.disk_space import free_bytes, unwritable_reason
 from receiver.storage.recovery import recover
 from receiver.storage.writer_process import WriterProcess
 from receiver.taps.admission import Admission
 from receiver.taps.naming import Naming
 from receiver.taps.registry import TapRegistry
+from receiver.taps.tap import Tap
 from receiver.taps.transport import Transport
 from receiver.ws.endpoint import WsTapEndpoint
 
@@ -38,6 +39,7 @@ log = logging.getLogger("receiver.server")
 GUARD_INTERVAL = 1.0  # seconds between free-space and duration checks
 TRY_AGAIN_LATER = 1013  # WebSocket close codes
 GOING_AWAY = 1001
+INTERNAL_ERROR = 1011  # the server cannot record the tap
 
 
 class StartupError(Exception):
@@ -111,6 +113,7 @@ class Server:
         self.load = LoadMeter(config.limits.max_load)
         self.admission.overload += [self.load.check, self.rtp.overloaded, self._writer_behind]
         self.registry.audio_holders = [t.gather for t in self.transports.values()]
+        self.registry.on_open_failed = self.refuse_unrecordable
         self.recordings_api = RecordingsApi(
             storage.recordings,
             self.auth,
@@ -125,6 +128,7 @@ class Server:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.writer_stuck = False  # shutdown gave up on the disk writer
+        self._probe: asyncio.Task[None] | None = None  # a writability check out of turn
 
     def _writer_behind(self, transport: str) -> str | None:
         """An admission check: new taps wait while the disk writer is far behind."""
@@ -164,6 +168,12 @@ class Server:
             "taps_started": self.registry.started,
             "auth": self.auth.enabled,
             "low_disk": self.admission.low_disk,
+            "recordings": {
+                "writable": self.admission.unwritable is None,
+                "problem": self.admission.unwritable,
+                "taps_refused_without_files": sum(self.registry.open_failures.values()),
+                "sidecars_pending": self.writer.sidecars_pending,
+            },
             "limits": self.admission.describe(self.config.storage.min_free_space),
             **{name: t.stats() for name, t in self.transports.items()},
             "names": self.naming.stats(),
@@ -195,6 +205,7 @@ class Server:
             budget.rtp_streams,
         )
         await self.check_disk()
+        await self.check_writable()
         # UDP first: once /healthz answers, both listeners are up.
         try:
             self.rtp_port, granted = await self.rtp.open_shared(
@@ -304,6 +315,7 @@ class Server:
                     next_check = time.monotonic() + GUARD_INTERVAL
                     self.expire_names()
                     await self.check_disk()
+                    await self.check_writable()
             except Exception:
                 log.exception("guard check failed")
 
@@ -338,6 +350,33 @@ class Server:
             await transport.end_all(
                 "low disk space", TRY_AGAIN_LATER, "recordings disk is full", GUARD_INTERVAL
             )
+
+    async def check_writable(self) -> None:
+        """Can a file be created in the recordings directory? While not, new taps are refused
+        (503 before the upgrade); once it can again, final sidecars that could not be written
+        meanwhile are written."""
+        recordings = self.config.storage.recordings
+        loop = asyncio.get_running_loop()
+        problem = await loop.run_in_executor(None, unwritable_reason, recordings)
+        was, self.admission.unwritable = self.admission.unwritable, problem
+        if problem is not None and was is None:
+            log.error("the recordings directory %s is not writable (%s): refusing new taps until "
+                      "it is", recordings, problem)  # fmt: skip
+        elif problem is None and was is not None:
+            log.warning("the recordings directory %s is writable again: taps accepted", recordings)
+        if problem is None and self.writer.sidecars_pending:
+            self.writer.retry_sidecars()
+
+    def refuse_unrecordable(self, tap: Tap, why: str) -> None:
+        """A tap whose files could not be created after it was accepted: its transport ends it
+        (a WebSocket closed with 1011 and the reason; an RTP stream's further packets dropped
+        until it goes idle), and the directory is probed now rather than within a second."""
+        reason = f"cannot create the recording's files: {why}"
+        self.transports[tap.transport].stop_tap(
+            tap, reason, drop_rest=True, close_code=INTERNAL_ERROR
+        )
+        if self._probe is None or self._probe.done():  # a burst of failures: one probe
+            self._probe = asyncio.create_task(self.check_writable())
 
     def check_durations(self) -> None:
         limit = self.config.storage.max_tap_duration

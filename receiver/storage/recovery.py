@@ -12,26 +12,31 @@ whose sidecar or WAV exists is never reused.
 from __future__ import annotations
 
 import logging
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from receiver.storage.sidecar import TapState, read_sidecar, write_json_atomic
+from receiver.storage.files import regular_stat
+from receiver.storage.sidecar import TapState, load_sidecar, read_sidecar, write_json_atomic
 from receiver.storage.wav_header import repair_wav
 
 log = logging.getLogger("receiver.recovery")
 
 
 def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
-    """Finalize one interrupted recording; returns its new sidecar (None if not interrupted)."""
-    sidecar = read_sidecar(sidecar_path)
+    """Finalize one interrupted recording; returns its new sidecar (None if not interrupted).
+    Raises ValueError for a sidecar that cannot be read."""
+    sidecar, problem = load_sidecar(sidecar_path)
+    if problem is not None:
+        raise ValueError(problem)
     if sidecar is None or sidecar.get("state") != TapState.RECORDING:
         return None
     wav = sidecar_path.with_suffix(".wav")
-    if not wav.exists():
-        sidecar.update(
-            state=TapState.FAILED, error="recovered after a crash: the WAV file is missing"
-        )
+    st = regular_stat(wav)
+    if st is None:
+        missing = "is missing" if not os.path.lexists(wav) else "is not a regular file"
+        sidecar.update(state=TapState.FAILED, error=f"recovered after a crash: the WAV {missing}")
         sidecar["recovered"] = True
         write_json_atomic(sidecar_path, sidecar)
         return sidecar
@@ -40,17 +45,19 @@ def recover_one(sidecar_path: Path) -> dict[str, Any] | None:
     if isinstance(tracks, dict):  # per-track WAVs were being written as well
         for name in tracks.values():
             track_wav = sidecar_path.parent / str(name)
-            if track_wav.is_file() and "/" not in str(name):
+            if "/" not in str(name) and regular_stat(track_wav) is not None:
                 repair_wav(track_wav)
     if plan.problem is not None:
         sidecar.update(state=TapState.FAILED, error=f"recovered after a crash: {plan.problem}")
     else:
-        rate = int(sidecar.get("sample_rate") or (plan.layout.sample_rate if plan.layout else 8000))
+        rate = sidecar.get("sample_rate")
+        if not isinstance(rate, int) or rate <= 0:  # the header's, if the sidecar's is no rate
+            rate = plan.layout.sample_rate if plan.layout and plan.layout.sample_rate else 8000
         sidecar["state"] = TapState.FINISHED
         sidecar["frames_written"] = plan.frames
         sidecar["duration_seconds"] = round(plan.frames / rate, 6)
         sidecar["header_repairs"] = plan.describe()
-    modified = datetime.fromtimestamp(wav.stat().st_mtime, UTC)
+    modified = datetime.fromtimestamp(st.st_mtime, UTC)
     sidecar["ended_at"] = modified.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     sidecar["end_reason"] = "recovered after a crash"
     sidecar["recovered"] = True
@@ -62,7 +69,7 @@ def adopt_orphan(wav: Path) -> dict[str, Any]:
     """A WAV without a sidecar (the process died between creating one and writing the other):
     repair its header and give it a sidecar saying what is known."""
     plan = repair_wav(wav)
-    modified = datetime.fromtimestamp(wav.stat().st_mtime, UTC)
+    modified = datetime.fromtimestamp(os.lstat(wav).st_mtime, UTC)
     sidecar: dict[str, Any] = {
         "tap_id": wav.stem,
         "file": wav.name,
@@ -101,10 +108,8 @@ def _orphans(recordings: Path) -> list[Path]:
                 named.update(str(name) for name in tracks.values())
     return [
         wav
-        for wav in sorted(recordings.glob("*.wav"))
-        if not wav.name.startswith(".")
-        and wav.name not in named
-        and wav.with_suffix(".json").name not in readable
+        for wav in _regular_files(recordings, "*.wav")
+        if wav.name not in named and wav.with_suffix(".json").name not in readable
     ]
 
 
@@ -113,32 +118,55 @@ LOG_EACH = 100  # recovered recordings logged one by one; beyond that, one summa
 
 def _older(path: Path, before: float | None) -> bool:
     try:
-        return before is None or path.stat().st_mtime < before
+        return before is None or path.lstat().st_mtime < before
     except OSError:
         return False
 
 
+def _regular_files(recordings: Path, pattern: str) -> list[Path]:
+    """The directory's regular files matching `pattern`, hidden ones left out. Anything else
+    under such a name (a link, a fifo, a directory) is logged and left alone: recovery never
+    follows a link out of the directory, nor waits on a fifo."""
+    found = []
+    for path in sorted(recordings.glob(pattern)):
+        if path.name.startswith("."):
+            continue
+        if regular_stat(path) is None:
+            log.warning("recovery skips %s: not a regular file", path.name)
+            continue
+        found.append(path)
+    return found
+
+
+def _skip(path: Path, exc: Exception) -> None:
+    """One line, no traceback: a file recovery cannot handle is left as it is, and the server
+    starts anyway (whatever is in the directory, it must not keep the others from recording)."""
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    log.error("could not recover %s, left as it is: %s: %s", path.name, type(exc).__name__,
+              detail)  # fmt: skip
+
+
 def recover(recordings: Path, before: float | None = None) -> list[dict[str, Any]]:
     """Finalize every interrupted recording in the directory (files changed before `before`,
-    a time.time(), if given); log what was done."""
+    a time.time(), if given), each file on its own; log what was done and what was skipped."""
     recovered = []
     for wav in [w for w in _orphans(recordings) if _older(w, before)]:
         try:
             adopted = adopt_orphan(wav)
-        except OSError as exc:
-            log.error("could not recover %s: %s", wav.name, exc)
+        except Exception as exc:
+            _skip(wav, exc)
             continue
         recovered.append(adopted)
         if len(recovered) <= LOG_EACH:
             log.warning("recovered %s after a crash: it had no sidecar; now %s", wav.name,
                         adopted["state"])  # fmt: skip
-    for sidecar_path in sorted(recordings.glob("*.json")):
-        if sidecar_path.name.startswith(".") or not _older(sidecar_path, before):
+    for sidecar_path in _regular_files(recordings, "*.json"):
+        if not _older(sidecar_path, before):
             continue
         try:
             result = recover_one(sidecar_path)
-        except OSError as exc:
-            log.error("could not recover %s: %s", sidecar_path.name, exc)
+        except Exception as exc:
+            _skip(sidecar_path, exc)
             continue
         if result is not None:
             recovered.append(result)

@@ -6,7 +6,8 @@ Who writes which fields:
   `started_at`, `ended_at`, `end_reason`, `counters`, `events` and its transport's fields
   (`rtp`, `stream`, `tracks`, `dialect`, `signalwire`, `close_code`, ...);
 - the disk writer (`receiver.storage.writer`): `file`, `track_files`, `frames_written`,
-  `duration_seconds`, `worker`, and the final `state` (`finished`, or `failed` with `error`);
+  `duration_seconds`, `worker`, `codec_mismatch` (G.711 of the other law, likely:
+  `receiver.codecs.law_check`), and the final `state` (`finished`, or `failed` with `error`);
 - crash recovery (`receiver.storage.recovery`): `recovered`, `header_repairs`, and the final
   state of what a dead process left `recording`.
 """
@@ -20,6 +21,33 @@ import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+import orjson
+
+from receiver.storage.files import open_regular
+
+#: Deepest JSON nesting a text frame may have. Real messages nest 3 levels; much deeper ones
+#: would make the sidecar's encoder (and repr) exceed Python's recursion limit.
+MAX_JSON_DEPTH = 32
+#: A sidecar holds at most MAX_JSON_DEPTH levels of a sender's data under a few of its own.
+MAX_SIDECAR_DEPTH = 64
+#: Real sidecars are a few KiB (events are capped at 1 000 per tap); reading stops past this.
+MAX_SIDECAR_BYTES = 8 << 20
+
+
+def too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if a parsed JSON value nests containers deeper than `limit` (iterative: no recursion
+    on hostile input)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        if children and depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 class TapState(StrEnum):
@@ -45,7 +73,12 @@ def write_json_atomic(path: Path, data: dict[str, Any], durable: bool = True) ->
     text = json.dumps(data, indent=2) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as fh:
+        # Whatever is under the temporary name (left by a crash, or a link planted there) is
+        # removed, not written through: O_EXCL creates a new file or fails.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             if durable:
                 fh.flush()
@@ -56,7 +89,10 @@ def write_json_atomic(path: Path, data: dict[str, Any], durable: bool = True) ->
             tmp.unlink()
         if exc.errno != errno.ENOSPC or not path.exists():
             raise
-        with path.open("r+", encoding="utf-8") as fh:
+        with (
+            open_regular(path, write=True) as raw,
+            open(raw.fileno(), "w", encoding="utf-8", closefd=False) as fh,
+        ):
             fh.write(text)
             fh.truncate()
             fh.flush()
@@ -68,17 +104,41 @@ def write_json_new(path: Path, data: dict[str, Any]) -> None:
     two): a reader may meet it empty for an instant, which `read_sidecar` takes for no sidecar,
     as it does one that a power cut left empty (recovery then rebuilds it from the WAV)."""
     text = (json.dumps(data, indent=2) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     try:
         os.write(fd, text)
     finally:
         os.close(fd)
 
 
+def load_sidecar(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The sidecar as a dict, or None and why not (None and None: there is no sidecar). Only a
+    regular file is read (a link is not followed, a fifo not waited on), up to MAX_SIDECAR_BYTES,
+    nested at most MAX_SIDECAR_DEPTH deep: what the API and the command line serve from it
+    must encode again without hitting Python's recursion limit."""
+    try:
+        with open_regular(path) as fh:
+            raw = fh.read(MAX_SIDECAR_BYTES + 1)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"cannot read {path.name}: {exc.strerror or exc}"
+    if len(raw) > MAX_SIDECAR_BYTES:
+        return None, f"{path.name} is larger than {MAX_SIDECAR_BYTES} bytes"
+    try:
+        data = orjson.loads(raw)  # no recursion; refuses nesting past 1024 levels
+    except orjson.JSONDecodeError as exc:
+        try:  # what json.dumps may write and orjson refuses: NaN, integers past 64 bits
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None, f"{path.name} is not valid JSON: {exc}"
+    if not isinstance(data, dict):
+        return None, f"{path.name} is not a JSON object"
+    if too_deep(data, MAX_SIDECAR_DEPTH):
+        return None, f"{path.name} nests JSON deeper than {MAX_SIDECAR_DEPTH} levels"
+    return data, None
+
+
 def read_sidecar(path: Path) -> dict[str, Any] | None:
     """The sidecar as a dict, or None if it is missing, unreadable or not a JSON object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
+    return load_sidecar(path)[0]

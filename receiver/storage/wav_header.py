@@ -16,6 +16,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+from receiver.storage.files import open_regular
 
 U32_MAX = 0xFFFFFFFF
 WAVE_FORMAT_PCM = 0x0001
@@ -23,6 +26,8 @@ WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 _HEADER_LIMIT = 1 << 20  # chunks before `data` must fit here; real headers are < 200 bytes
 _CHUNK_ID = re.compile(rb"[A-Za-z0-9 _]{3}[A-Za-z0-9 _]")
 _TRAILING_CHUNKS_MAX = 64
+MAX_CHANNELS = 64  # recordings have 1 or 2; a header saying 65 535 is not one to read
+_SAMPLE_FORMATS = (WAVE_FORMAT_PCM, 3, 6, 7)  # PCM, IEEE float, A-law, mu-law: fixed-size samples
 
 ReadAt = Callable[[int, int], bytes]
 
@@ -97,8 +102,7 @@ def read_layout(read_at: ReadAt) -> WavLayout:
                     raise WavError("RF64 file without ds64 chunk")
                 riff_size, data_size = ds64
             tag, channels, rate, _, block_align, bits = fmt
-            if channels < 1 or block_align < 1:
-                raise WavError(f"bad fmt chunk: {channels} channels, block align {block_align}")
+            _check_format(tag, channels, rate, block_align, bits)
             return WavLayout(
                 container, riff_size, tag, channels, rate, bits, block_align, pos + 8, data_size,
                 extensible, fmt_offset, fmt_size, ds64_offset, fact_offset, fact_frames,
@@ -126,6 +130,23 @@ def read_layout(read_at: ReadAt) -> WavLayout:
             fact_offset, fact_frames = pos + 8, _u32(body, 0)
         pos += 8 + size + (size & 1)
     raise WavError("no data chunk in the first MiB")
+
+
+def _check_format(tag: int, channels: int, rate: int, block_align: int, bits: int) -> None:
+    """The fmt fields everything else divides by or sizes memory with: a sample rate above 0,
+    1 to MAX_CHANNELS channels, and (for PCM, float and G.711) a block that is one sample of
+    each channel."""
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise WavError(f"bad fmt chunk: {channels} channels (1 to {MAX_CHANNELS} are read)")
+    if rate < 1:
+        raise WavError(f"bad fmt chunk: sample rate {rate}")
+    if block_align < 1:
+        raise WavError(f"bad fmt chunk: block align {block_align}")
+    if tag in _SAMPLE_FORMATS and block_align != channels * ((bits + 7) // 8):
+        raise WavError(
+            f"bad fmt chunk: block align {block_align} is not {channels} channel(s) of "
+            f"{bits}-bit samples"
+        )
 
 
 def _trailing_chunks_fit(read_at: ReadAt, start: int, end: int) -> bool:
@@ -269,21 +290,28 @@ def file_reader(fh: object) -> ReadAt:
 
 
 def read_layout_of(path: Path) -> WavLayout:
-    with path.open("rb") as fh:
+    with open_regular(path) as fh:
         return read_layout(file_reader(fh))
 
 
 def frames_on_disk(path: Path) -> tuple[WavLayout, int]:
     """The header and the number of frames really on disk: the declared data size, or less if
     the file is shorter (a file being recorded, or cut short). Raises WavError or OSError."""
-    layout = read_layout_of(path)
-    available = path.stat().st_size - layout.data_offset
+    with open_regular(path) as fh:
+        return frames_in_file(fh)
+
+
+def frames_in_file(fh: BinaryIO) -> tuple[WavLayout, int]:
+    """`frames_on_disk` of a file already open."""
+    layout = read_layout(file_reader(fh))
+    available = os.fstat(fh.fileno()).st_size - layout.data_offset
     declared = available if layout.data_size in (0, U32_MAX) else layout.data_size
     return layout, max(0, min(declared, available)) // layout.block_align
 
 
 def check_wav(path: Path) -> RepairPlan:
-    with path.open("rb") as fh:
+    """Only a regular file is read: a link is not followed, a fifo is not waited on."""
+    with open_regular(path) as fh:
         return plan_repair(file_reader(fh), os.fstat(fh.fileno()).st_size)
 
 
@@ -291,7 +319,7 @@ def apply_repair(path: Path, plan: RepairPlan) -> None:
     """Write the planned fields (after checking the file has not changed size since)."""
     if plan.problem is not None or not plan.needed:
         return
-    with path.open("r+b") as fh:
+    with open_regular(path, write=True) as fh:
         if os.fstat(fh.fileno()).st_size != plan.file_size:
             raise WavError(f"{path.name} changed size since it was checked; not touching it")
         if plan.header is not None:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import soundfile
 
+from receiver.codecs.law_check import LawCheck
+
 SFC_UPDATE_HEADER_NOW = 0x1060
 SFC_RF64_AUTO_DOWNGRADE = 0x1210
 MAX_SUFFIX = 10_000
@@ -35,7 +37,7 @@ def reserve_name(directory: Path, tap_id: str) -> tuple[str, int]:
     name and the new WAV, open for writing (file creation is dear: it is not opened twice)."""
     for n in range(MAX_SUFFIX):
         name = tap_id if n == 0 else f"{tap_id}.{n}"
-        if (directory / f"{name}.json").exists():
+        if os.path.lexists(directory / f"{name}.json"):
             continue  # a sidecar whose WAV was removed still names a recording
         try:
             fd = os.open(directory / f"{name}.wav", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -53,6 +55,7 @@ class SinkInfo:
     frames_written: int = 0
     track_names: tuple[str, ...] = ()  # base names of the per-track WAVs
     error: str | None = None
+    codec_mismatch: dict[str, Any] | None = None  # G.711 of the other law, likely (law_check)
 
 
 class WavSink:
@@ -85,6 +88,9 @@ class WavSink:
         self.opened = False
         self.initial_sidecar: dict[str, Any] | None = None
         self.waiting: list[Any] = []
+        # The writer's check of its first seconds of G.711 (None once it has said its piece)
+        self.law_check: LawCheck | None = LawCheck()
+        self.codec_mismatch: dict[str, Any] | None = None
         self.info = SinkInfo()  # for the event loop: see `publish`
 
     def publish(self) -> None:
@@ -95,6 +101,7 @@ class WavSink:
             self.frames_written,
             tuple(s.name for s in self.track_sinks.values() if s.name),
             self.error,
+            self.codec_mismatch,
         )
 
     @property
@@ -118,7 +125,8 @@ class WavSink:
                 closefd=True,
             )
         except BaseException:
-            os.close(fd)
+            with contextlib.suppress(OSError):  # libsndfile may have closed it already
+                os.close(fd)
             raise
         _command(self._file, SFC_RF64_AUTO_DOWNGRADE, 1)
         _command(self._file, SFC_UPDATE_HEADER_NOW, 0)
@@ -203,6 +211,20 @@ class WavSink:
             handle.close()
         for track_sink in self.track_sinks.values():
             track_sink.close()
+
+    def abandon(self) -> None:
+        """Its files could not be created: remove whatever part of them was (a reserved name,
+        a header), so that a tap refused for want of files leaves nothing on disk."""
+        handle, self._file = self._file, None
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                handle.close()
+        for track_sink in self.track_sinks.values():
+            track_sink.abandon()
+        if self.name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.wav_path)
+            self.name = None
 
     def fail(self, error: str) -> None:
         """After a write error: keep the header true to what reached the disk, then close."""

@@ -19,11 +19,14 @@ the sidecars) and is logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from receiver.codecs.encoding import Encoding
+from receiver.codecs.law_check import LawCheck
+from receiver.storage.disk_space import free_bytes
 from receiver.storage.sidecar import TapState, write_json_atomic, write_json_new
 from receiver.storage.wav_sink import SinkInfo, WavSink
 
@@ -40,6 +46,7 @@ WRITER_PAUSE = 0.001  # seconds the writer sleeps so the event loop can drain it
 OPEN_SLICE = 0.005  # seconds of file creation between pauses
 OPEN_DUTY = 0.5  # at most this share of the time goes to creating files
 FIRST_OPEN_ESTIMATE = 0.001  # seconds per tap's files, until measured
+FULL_DISK = 64 * 1024  # free bytes below which a failed file creation is put down to space
 
 
 class Pending(Protocol):
@@ -48,6 +55,10 @@ class Pending(Protocol):
     nbytes: int
 
     def __bool__(self) -> bool: ...
+
+    def encoded(self) -> Iterable[tuple[Encoding, bytes]]:
+        """The encoded audio as it came, a run at a time (for the G.711 law check)."""
+        ...
 
     def render(self) -> list[np.ndarray]:
         """One int16 array per channel (the channels may differ in length)."""
@@ -72,6 +83,8 @@ class Sink(Protocol):
 
 class Writer(Protocol):
     """What the registry asks of a disk writer (this module's, or writer_process's)."""
+
+    on_open_failed: Callable[[Any, str], None] | None
 
     @property
     def unwritten_bytes(self) -> int: ...
@@ -117,6 +130,12 @@ class DiskWriter:
         # Hooks for a writer in its own process (writer_process.py), called on this thread.
         self.on_publish: Callable[[WavSink], None] | None = None
         self.on_job_done: Callable[[], None] | None = None
+        # Called on this thread when a tap's files cannot be created (the sink, and why in a
+        # few words): the registry has its transport refuse the tap (close 1011).
+        self.on_open_failed: Callable[[WavSink, str], None] | None = None
+        # Final sidecars that could not be written (a read-only directory), by path: written
+        # by `retry_sidecars` once the directory takes files again.
+        self._unwritten_sidecars: dict[Path, dict[str, Any]] = {}
         self._thread = threading.Thread(target=self._run, name="disk-writer", daemon=True)
         self._thread.start()
 
@@ -153,6 +172,14 @@ class DiskWriter:
 
     def rename(self, sink: WavSink, new_id: str, sidecar: dict[str, Any]) -> Future[None]:
         return self._submit(self._rename, sink, new_id, sidecar)
+
+    @property
+    def sidecars_pending(self) -> int:
+        """Final sidecars waiting for the directory to take files again."""
+        return len(self._unwritten_sidecars)
+
+    def retry_sidecars(self) -> Future[None]:
+        return self._submit(self._retry_sidecars)
 
     @property
     def opening(self) -> int:
@@ -274,7 +301,7 @@ class DiskWriter:
             sink.open()
             write_json_new(sink.sidecar_path, self._sidecar(sink, sink.initial_sidecar or {}))
         except Exception as exc:
-            self._fail(sink, exc)
+            self._open_failed(sink, exc)
         self.opens_done += 1
         waiting, sink.waiting = sink.waiting, []
         for pending in waiting:
@@ -286,6 +313,18 @@ class DiskWriter:
         sink.publish()
         if self.on_publish is not None:
             self.on_publish(sink)
+
+    def _open_failed(self, sink: WavSink, exc: Exception) -> None:
+        """The tap's files cannot be created (a read-only directory, a full disk): nothing of
+        them stays, and the tap is refused (`on_open_failed`) rather than recorded into
+        nothing."""
+        self.errors += 1
+        why = _open_failure(sink, exc)
+        log.error("tap %s: cannot create its files: %s: %s", sink.tap_id, type(exc).__name__, exc)
+        sink.error = f"cannot create the recording's files: {why}"
+        sink.abandon()
+        if self.on_open_failed is not None:
+            self.on_open_failed(sink, why)
 
     def _fail(self, sink: WavSink, exc: BaseException) -> None:
         self.errors += 1
@@ -318,6 +357,8 @@ class DiskWriter:
     def _append(self, sink: WavSink, pending: Pending, last: bool = False) -> None:
         if sink.error is not None or not (pending or last):
             return
+        if sink.law_check is not None and pending:
+            self._check_law(sink, sink.law_check, pending)
         try:
             before = sink.frames_written
             if pending:
@@ -328,6 +369,18 @@ class DiskWriter:
         except Exception as exc:
             self._fail(sink, exc)
         self._publish(sink)
+
+    def _check_law(self, sink: WavSink, check: LawCheck, pending: Pending) -> None:
+        """The first seconds of a G.711 tap: A-law declared as µ-law, or the reverse, is
+        reported (log once, sidecar, page); the audio is written as declared all the same."""
+        for encoding, chunk in pending.encoded():
+            check.feed(encoding, chunk)
+        mismatch = check.decide()
+        if check.done:
+            sink.law_check = None
+        if mismatch is not None:
+            sink.codec_mismatch = mismatch.to_dict()
+            log.warning("tap %s: %s", sink.tap_id, mismatch.message)
 
     def _write(self, batch: list[tuple[WavSink, Pending]]) -> None:
         started = slice_start = time.perf_counter()
@@ -376,9 +429,22 @@ class DiskWriter:
             write_json_atomic(sink.sidecar_path, final, durable=False)
         except Exception as exc:
             self.errors += 1
-            log.error("tap %s: could not write sidecar: %s", sink.tap_id, exc)
+            # Kept, and written as soon as the directory takes files again (the server's
+            # guard calls retry_sidecars): a tap that ended meanwhile is not left `recording`.
+            self._unwritten_sidecars[sink.sidecar_path] = final
+            log.error("tap %s: could not write its sidecar, will retry: %s", sink.tap_id, exc)
         self._publish(sink)
         return Finished(sink.info, final)
+
+    def _retry_sidecars(self) -> None:
+        for path, final in list(self._unwritten_sidecars.items()):
+            try:
+                write_json_atomic(path, final)
+            except Exception as exc:
+                log.debug("sidecar %s still cannot be written: %s", path.name, exc)
+                continue
+            del self._unwritten_sidecars[path]
+            log.warning("sidecar %s written now (state %s)", path.name, final.get("state"))
 
     def _sidecar(self, sink: WavSink, sidecar: dict[str, Any]) -> dict[str, Any]:
         data = dict(sidecar)
@@ -396,4 +462,17 @@ class DiskWriter:
             data.setdefault("error", "failed")
         elif data.get("ended_at"):
             data["state"] = TapState.FINISHED
+        if sink.codec_mismatch is not None:
+            data["codec_mismatch"] = sink.codec_mismatch
         return data
+
+
+def _open_failure(sink: WavSink, exc: Exception) -> str:
+    """Why a tap's files could not be created, in a few words for its peer. libsndfile says
+    only "System error." when the disk is full."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    with contextlib.suppress(OSError):
+        if free_bytes(sink.directory) < FULL_DISK:
+            return os.strerror(errno.ENOSPC)
+    return str(getattr(exc, "error_string", "") or type(exc).__name__).rstrip(".")

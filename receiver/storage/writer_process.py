@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
@@ -98,6 +99,8 @@ class WriterProcess:
         self.opens_requested = 0
         self.bytes_queued = 0
         self._base = {"opens_done": 0, "bytes_done": 0}  # counts of children that died
+        self.sidecars_pending = 0  # final sidecars the child could not write yet
+        self.on_open_failed: Callable[[Any, str], None] | None = None  # (handle, why)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -195,6 +198,11 @@ class WriterProcess:
         self._send(("rename", sink.id, new_id, sidecar))
         return _done()
 
+    def retry_sidecars(self) -> Future[None]:
+        """Final sidecars the directory did not take: try them again (it is writable now)."""
+        self._send(("retry_sidecars",))
+        return _done()
+
     @property
     def opening(self) -> int:
         return max(0, self.opens_requested - self.opens_done)
@@ -271,11 +279,16 @@ class WriterProcess:
             future = self._finishes.pop(message[1], None)
             if future is not None:
                 future.set_result(finished)
+        elif kind == "open_failed":
+            handle = self._handles.get(message[1])
+            if handle is not None and self.on_open_failed is not None:
+                self.on_open_failed(handle, message[2])
         elif kind == "stats":
             stats = message[1]
             if stats["batches"] > self.batches and self.observe_batch is not None:
                 self.observe_batch(stats["last_batch_seconds"])
-            for name in ("batches", "bytes_written", "errors", "open_seconds", "abandoned"):
+            names = ("batches", "bytes_written", "errors", "open_seconds", "abandoned")
+            for name in (*names, "sidecars_pending"):
                 setattr(self, name, stats[name])
             self.opens_done = self._base["opens_done"] + stats["opens_done"]
             self.bytes_done = self._base["bytes_done"] + stats["bytes_done"]
@@ -340,6 +353,7 @@ class _Child:
         self.last_stats = 0.0
         writer.on_publish = self.published
         writer.on_job_done = self.job_done
+        writer.on_open_failed = self.open_failed
 
     def send(self, message: Any) -> None:
         data = frame(message)
@@ -354,6 +368,11 @@ class _Child:
         sink_id = self.ids.get(id(sink))
         if sink_id is not None:
             self.send(("info", sink_id, sink.info))
+
+    def open_failed(self, sink: WavSink, why: str) -> None:  # on the writer thread
+        sink_id = self.ids.get(id(sink))
+        if sink_id is not None:
+            self.send(("open_failed", sink_id, why))
 
     def job_done(self) -> None:  # on the writer thread
         now = time.monotonic()
@@ -372,6 +391,7 @@ class _Child:
             "open_seconds": w.open_seconds,
             "last_batch_seconds": w.last_batch_seconds,
             "abandoned": w.abandoned,
+            "sidecars_pending": w.sidecars_pending,
         }
 
     def handle(self, message: tuple[Any, ...]) -> bool:
@@ -394,6 +414,8 @@ class _Child:
             future.add_done_callback(partial(self.finished, sink_id, sink))
         elif kind == "rename":
             self.writer.rename(self.sinks[message[1]], message[2], message[3])
+        elif kind == "retry_sidecars":
+            self.writer.retry_sidecars()
         elif kind == "shutdown":
             done = self.writer.shutdown(message[1])
             self.send(("stats", self.stats()))

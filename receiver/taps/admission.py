@@ -119,7 +119,7 @@ def raise_open_file_limit(ws_max_taps: int, rtp_max_streams: int) -> FileBudget:
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """Why a new tap may not start: `reason` names the counter (`capacity`, `not_allowed`,
-    `low_disk`, `rate_limit`), `status` the HTTP answer a WebSocket client gets."""
+    `low_disk`, `unwritable`, `rate_limit`), `status` the HTTP answer a WebSocket client gets."""
 
     reason: str
     status: int
@@ -128,9 +128,9 @@ class Refusal:
 
 class Admission:
     """The one admission policy. Each transport asks `refusal` before it creates a tap; the
-    server sets `low_disk`, fits the capacities to the open-file limit at start-up and adds the
-    load checks (`overload`: each returns why the receiver cannot take a new tap of a transport
-    now, or None)."""
+    server sets `low_disk` and `unwritable` (its guards probe the directory every second), fits
+    the capacities to the open-file limit at start-up and adds the load checks (`overload`:
+    each returns why the receiver cannot take a new tap of a transport now, or None)."""
 
     def __init__(self, limits: LimitSettings) -> None:
         self.capacity = {"websocket": limits.ws_max_taps, "rtp": limits.rtp_max_streams}
@@ -140,6 +140,7 @@ class Admission:
         self._rate = {t: RateLimiter(limits.new_tap_rate_limit) for t in self.capacity}
         self.low_disk = False
         self.overload: list[Callable[[str], str | None]] = []
+        self.unwritable: str | None = None  # why the recordings directory takes no new file
         self.open_file_limit = 0
         self.refused: Counter[tuple[str, str]] = Counter()  # (transport, reason)
 
@@ -171,6 +172,12 @@ class Admission:
         if self.low_disk:
             return Refusal(
                 "low_disk", 503, "the recordings disk is below min_free_space; try again later"
+            )
+        if self.unwritable is not None:
+            return Refusal(
+                "unwritable",
+                503,
+                f"the recordings directory is not writable ({self.unwritable}); try again later",
             )
         if not self._rate[transport].allow(address or "", now):
             return Refusal(

@@ -13,7 +13,7 @@ waiting for the disk becomes silence of its length (the file keeps its timeline)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -205,6 +205,13 @@ class Pending:
 
     def __bool__(self) -> bool:
         return any(self.runs)
+
+    def encoded(self) -> Iterator[tuple[Encoding, bytes]]:
+        """The encoded audio as it came, a run at a time (silence left out)."""
+        for runs in self.runs:
+            for run in runs:
+                if run.encoding is not None:
+                    yield run.encoding, b"".join(run.chunks)
 
     def render(self) -> list[np.ndarray]:
         """One int16 array per channel (the channels may differ in length)."""

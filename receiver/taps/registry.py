@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from receiver.storage.sidecar import TapState
-from receiver.storage.writer import Finished, Writer
+from receiver.storage.writer import Finished, Sink, Writer
 from receiver.taps.audio_buffer import BufferGuard
 from receiver.taps.tap import Tap, utc_now_iso
 
@@ -56,6 +56,11 @@ class TapRegistry:
         # The transports' `gather`: they may hold audio outside the taps' buffers.
         self.audio_holders: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called on the event loop with a tap whose files could not be created, and why: the
+        # server has its transport refuse it. Counted here, by transport.
+        self.on_open_failed: Callable[[Tap, str], None] | None = None
+        self.open_failures: Counter[str] = Counter()
+        writer.on_open_failed = self._open_failed
 
     @property
     def active(self) -> Iterable[Tap]:
@@ -203,6 +208,20 @@ class TapRegistry:
         if loop is None or loop.is_closed():
             return
         loop.call_soon_threadsafe(self._count_and_notify, tap.transport, failed, sidecar)
+
+    def _open_failed(self, sink: Sink, why: str) -> None:
+        """On the writer's thread (or the event loop): a tap's files could not be created."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._refuse_unrecordable, sink, why)
+
+    def _refuse_unrecordable(self, sink: Sink, why: str) -> None:
+        tap = next((t for t in self._active.values() if t.sink is sink), None)
+        if tap is None:
+            return  # ended meanwhile: it has nothing on disk either
+        self.open_failures[tap.transport] += 1
+        if self.on_open_failed is not None:
+            self.on_open_failed(tap, why)
 
     def _count_and_notify(self, transport: str, failed: bool, sidecar: dict[str, Any]) -> None:
         if failed:

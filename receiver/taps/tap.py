@@ -8,6 +8,7 @@ from collections.abc import Hashable
 from datetime import UTC, datetime
 from typing import Any
 
+from receiver.redaction import redact
 from receiver.storage.sidecar import TapState
 from receiver.storage.writer import Sink
 from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
@@ -95,7 +96,8 @@ class Tap:
         return self.sink.info.name if self.sink else None
 
     def describe(self) -> dict[str, Any]:
-        """The sidecar's view of this tap (built on the event loop; files fields added later)."""
+        """The sidecar's view of this tap (built on the event loop; files fields added later).
+        What senders and the control plane gave it is redacted: no token leaves in it."""
         return {
             "tap_id": self.tap_id,
             "transport": self.transport,
@@ -111,6 +113,12 @@ class Tap:
                 **self.counters,
                 **{f"dropped_{k}_frames": v for k, v in self.dropped_frames().items()},
             },
-            "events": list(self.events),
-            **self.extra,
+            "events": redact(self.events),
+            **redact(self.extra),
+            **self._codec_check(),
         }
+
+    def _codec_check(self) -> dict[str, Any]:
+        """What the writer found in its first seconds of G.711 (receiver.codecs.law_check)."""
+        mismatch = self.sink.info.codec_mismatch if self.sink is not None else None
+        return {"codec_mismatch": mismatch} if mismatch is not None else {}

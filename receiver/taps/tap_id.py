@@ -6,6 +6,13 @@ import re
 
 TAP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TAP_ID_RULE = "tap id must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+# The file base names the server writes: a tap id, `.N` when the id was taken (reserve_name),
+# and `.inbound`/`.outbound` for per-track WAVs (themselves `.N` when taken). The API and the
+# command line take names by this rule, so every file written can be listed, fetched and
+# deleted, also when a 128-character id was used twice.
+_SUFFIX = r"(?:\.[0-9]{1,4})?"
+NAME_RE = re.compile(TAP_ID_RE.pattern + _SUFFIX + r"(?:\.(?:inbound|outbound)" + _SUFFIX + ")?")
+NAME_RULE = TAP_ID_RULE + " (a file name may add .N, .inbound or .outbound)"
 
 
 def is_valid_tap_id(tap_id: str) -> bool:
@@ -15,6 +22,12 @@ def is_valid_tap_id(tap_id: str) -> bool:
     paths are impossible; `fullmatch` rejects a trailing newline that `$` would let through.
     """
     return TAP_ID_RE.fullmatch(tap_id) is not None
+
+
+def is_valid_name(name: str) -> bool:
+    """True for a recording's file base name (`call-42`, `call-42.1`, `call-42.1.inbound`):
+    the same safe alphabet as tap ids, room for the suffixes."""
+    return NAME_RE.fullmatch(name) is not None
 
 
 def file_safe_id(text: str) -> str:

@@ -21,11 +21,14 @@ class Transport(Protocol):
         """Hand every tap the audio the transport still holds for it (before buffers are
         measured or taken)."""
 
-    def stop_tap(self, tap: Tap, reason: str, *, drop_rest: bool = False) -> bool:
+    def stop_tap(
+        self, tap: Tap, reason: str, *, drop_rest: bool = False, close_code: int = 1000
+    ) -> bool:
         """End `tap` now: what it received so far is finalized with `reason`, and its sender
-        is told (a WebSocket is closed with 1000). With `drop_rest`, what the sender still
-        sends is dropped until it stops (an RTP stream: until it goes idle) instead of starting
-        a new recording. False if the tap is not this transport's."""
+        is told (a WebSocket is closed with `close_code`, 1000 unless the tap cannot be
+        recorded: 1011). With `drop_rest`, what the sender still sends is dropped until it
+        stops (an RTP stream: until it goes idle) instead of starting a new recording. False if
+        the tap is not this transport's."""
 
     async def end_all(self, reason: str, close_code: int, message: str, timeout: float) -> None:
         """End every tap (low disk space, shutdown): finalized with `reason`, WebSocket peers

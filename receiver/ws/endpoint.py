@@ -164,9 +164,15 @@ class WsTapEndpoint:
                     except Exception:
                         self._internal_error(session)
                 elif msg.type == WSMsgType.ERROR:
-                    error = ws.exception()
+                    error = msg.data if isinstance(msg.data, BaseException) else ws.exception()
                     reason = f"error: {error}"
-                    too_big = getattr(error, "code", None) == WSCloseCode.MESSAGE_TOO_BIG
+                    # A protocol error (bad UTF-8: 1007, a bad frame or close code: 1002, too
+                    # big: 1009) is answered with that code: record it, not the 1006 that
+                    # the socket reports once the peer has dropped the connection.
+                    sent = getattr(error, "code", None)
+                    if isinstance(sent, int) and 1000 <= sent < 5000:
+                        close_code = sent
+                    too_big = sent == WSCloseCode.MESSAGE_TOO_BIG
                     if too_big or ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
                         reason = "message too big"
                         close_code = WSCloseCode.MESSAGE_TOO_BIG
@@ -222,14 +228,17 @@ class WsTapEndpoint:
     def gather(self) -> None:
         """Sessions hand their audio to the tap as it comes: nothing is held here."""
 
-    def stop_tap(self, tap: Tap, reason: str, *, drop_rest: bool = False) -> bool:
-        """Close the connection that feeds `tap` with 1000; its handler then flushes the session
-        (a Media Streams track timeline, a partial frame) and finishes the tap with `reason`.
-        The close handshake runs in the background: nobody waits on the peer. A closed socket
-        sends nothing more, so `drop_rest` needs nothing here."""
+    def stop_tap(
+        self, tap: Tap, reason: str, *, drop_rest: bool = False, close_code: int = 1000
+    ) -> bool:
+        """Close the connection that feeds `tap` with `close_code` (1000; 1011 when its files
+        cannot be created, with `reason`); its handler then flushes the session (a Media
+        Streams track timeline, a partial frame) and finishes the tap with `reason`. The close
+        handshake runs in the background: nobody waits on the peer. A closed socket sends
+        nothing more, so `drop_rest` needs nothing here."""
         for ws, session in list(self.sessions.items()):
             if session.tap is tap:
-                self._start_close(ws, WSCloseCode.OK, reason, reason)
+                self._start_close(ws, close_code, reason, reason)
                 return True
         return False
 

@@ -283,6 +283,9 @@ function renderDetail(data) {
   const badges = [stateBadge(data.state)];
   if (data.transport) badges.push(el("span", { class: "badge plain", text: TRANSPORTS[data.transport] || data.transport }));
   if (data.codec) badges.push(el("span", { class: "badge plain", text: data.codec }));
+  const mismatch = side.codec_mismatch;  // the writer's G.711 law check (codecs/law_check.py)
+  if (mismatch) badges.push(el("span", { class: "badge interrupted", id: "d-codec-warning",
+    text: "looks like " + mismatch.likely, title: mismatch.message }));
   $("d-badges").replaceChildren(...badges);
   const sub = [data.tap_id !== data.name ? "tap id " + data.tap_id : null,
     data.remote ? "from " + data.remote : null, data.started_at ? fmtDate(data.started_at) : null];
@@ -312,6 +315,7 @@ function renderDetail(data) {
   }
   if (side.content_type) facts.push(["Content type", side.content_type]);
   if (side.error) facts.push(["Error", side.error]);
+  if (mismatch) facts.push(["Codec check", mismatch.message]);
   fillFacts($("d-facts"), facts);
 
   const rtp = side.rtp;

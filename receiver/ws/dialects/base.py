@@ -17,25 +17,6 @@ from receiver.taps.tap import MAX_EVENTS, Tap
 
 log = logging.getLogger("receiver.ws")
 
-#: Deepest JSON nesting a text frame may have. Real messages nest 3 levels; much deeper ones
-#: would make the sidecar's encoder (and repr) exceed Python's recursion limit.
-MAX_JSON_DEPTH = 32
-
-
-def too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True if a parsed JSON value nests containers deeper than `limit` (iterative: no recursion
-    on hostile input)."""
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = (
-            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        )
-        if children and depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
-
 
 @dataclass(frozen=True, slots=True)
 class SessionContext:

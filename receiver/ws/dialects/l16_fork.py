@@ -15,7 +15,8 @@ import orjson
 
 from receiver.codecs.encoding import Encoding
 from receiver.codecs.formats import SUPPORTED_RATES, AudioFormat, FormatError, parse_content_type
-from receiver.ws.dialects.base import Session, too_deep
+from receiver.storage.sidecar import too_deep
+from receiver.ws.dialects.base import Session
 
 FORK_SUBPROTOCOLS = ("audio.drachtio.org", "audio.jambonz.org")
 _METADATA_KEYS = ("sampleRate", "mixType", "sample_rate", "mix_type")

@@ -19,8 +19,9 @@ import orjson
 
 from receiver.codecs.encoding import Encoding, encoding_named
 from receiver.codecs.formats import AudioFormat, FormatError, check_rate
+from receiver.storage.sidecar import too_deep
 from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
-from receiver.ws.dialects.base import Session, SessionContext, too_deep
+from receiver.ws.dialects.base import Session, SessionContext
 from receiver.ws.track_timeline import TrackTimeline
 
 INBOUND, OUTBOUND = "inbound", "outbound"
