@@ -13,6 +13,7 @@ from pathlib import Path
 from receiver import __version__, config
 from receiver.http.auth import TOKEN_FILE, load_or_create_token
 from receiver.inspect import commands
+from receiver.server.banner import log_banner
 from receiver.server.lifecycle import Server, StartupError, tls_context
 from receiver.server.logs import setup_logging
 from receiver.server.loop import run
@@ -89,17 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = cfg.server.workers
     try:
         server = Server(cfg, token, ssl_context) if workers == 1 else None
-        path = f"/t/{token}/tap/{{tap_id}}" if token is not None else "/tap/{tap_id}"
-        log.info(
-            "tap URI (paste into device.params.uri): wss://<your-host>:%d%s%s",
-            cfg.server.http_port,
-            path,
-            ""
-            if cfg.server.tls_cert
-            else "  (TLS terminated by your proxy, or --tls-cert/--tls-key)",
-        )
         if server is None:
-            return run_workers(cfg, token, ssl_context, workers)
+            return run_workers(
+                cfg,
+                token,
+                ssl_context,
+                workers,
+                lambda bound: log_banner(bound, token),
+            )
+        server.on_ready = lambda: log_banner(cfg, token, server.http_port, server.rtp_port)
         code = run(server.run())
         if server.writer_stuck:  # its thread would block the interpreter's exit
             logging.shutdown()

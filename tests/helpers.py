@@ -435,3 +435,26 @@ def make_certificates(directory: Path) -> Certificates:
     for path in (cert, key):
         path.chmod(0o644)  # readable by a container's unprivileged user, too
     return Certificates(root, cert, key)
+
+
+# -- the start-up banner --------------------------------------------------------------------------
+
+
+def banner(server: ServerProcess) -> dict[str, str]:
+    """The start-up banner's rows (`WebSocket tap`, `RTP tap`, `recordings page`, ...) from the
+    server's text log, once it is there (under --workers the parent logs it as the workers
+    start); fails unless there is exactly one banner."""
+    marker = "tap-receiver is ready. Paste these"
+    wait_until(lambda: marker in server.log(), "the start-up banner")
+    log = server.log()
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if marker in line]
+    assert len(starts) == 1, log
+    rows: dict[str, str] = {}
+    for line in lines[starts[0] + 1 :]:
+        if not line.startswith("    "):
+            break
+        label, sep, value = line.strip().partition(":  ")
+        if sep and not label.startswith("("):
+            rows[label] = value.strip()
+    return rows
