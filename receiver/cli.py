@@ -13,6 +13,7 @@ from pathlib import Path
 from receiver import __version__, config
 from receiver.http.auth import TOKEN_FILE, load_or_create_token
 from receiver.inspect import commands
+from receiver.sender import command as send
 from receiver.server.banner import log_banner
 from receiver.server.lifecycle import Server, StartupError, tls_context
 from receiver.server.logs import setup_logging
@@ -45,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tap-receiver",
         description="Receive live call-audio taps (WebSocket and RTP) into per-tap WAV files.",
-        epilog="Inspect recordings: tap-receiver ls | inspect FILE.wav|TAP_ID | repair DIR "
-        "(each with --help).",
+        epilog="Inspect recordings: tap-receiver ls | inspect FILE.wav|TAP_ID | repair DIR; "
+        "check a deployment: tap-receiver send URI (each with --help).",
     )
     parser.add_argument("--version", action="version", version=f"tap-receiver {__version__}")
     config.add_arguments(parser)
@@ -57,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in commands.COMMANDS:
         return commands.main(argv)  # ls, inspect, repair: no server
+    if argv and argv[0] == "send":
+        return send.main(argv[1:])  # a test sender: a client of a server
     args = build_parser().parse_args(argv)
     try:
         cfg, warnings = config.load(args, os.environ)
