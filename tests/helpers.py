@@ -440,15 +440,21 @@ def make_certificates(directory: Path) -> Certificates:
 # -- the start-up banner --------------------------------------------------------------------------
 
 
+BANNER = "tap-receiver is ready. Paste these"
+
+
 def banner(server: ServerProcess) -> dict[str, str]:
-    """The start-up banner's rows (`WebSocket tap`, `RTP tap`, `recordings page`, ...) from the
-    server's text log, once it is there (under --workers the parent logs it as the workers
-    start); fails unless there is exactly one banner."""
-    marker = "tap-receiver is ready. Paste these"
-    wait_until(lambda: marker in server.log(), "the start-up banner")
-    log = server.log()
+    """The start-up banner's rows from the server's log, once it is there (under --workers the
+    parent logs it as the workers start)."""
+    wait_until(lambda: BANNER in server.log(), "the start-up banner")
+    return banner_rows(server.log())
+
+
+def banner_rows(log: str) -> dict[str, str]:
+    """The banner's rows (`WebSocket tap`, `RTP tap`, `recordings page`, ...) from a text log;
+    fails unless there is exactly one banner."""
     lines = log.splitlines()
-    starts = [i for i, line in enumerate(lines) if marker in line]
+    starts = [i for i, line in enumerate(lines) if BANNER in line]
     assert len(starts) == 1, log
     rows: dict[str, str] = {}
     for line in lines[starts[0] + 1 :]:

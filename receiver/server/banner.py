@@ -20,7 +20,7 @@ def banner_lines(urls: PublicUrls, recordings: Path, config: Config) -> list[str
         ("RTP tap", urls.rtp_uri),
         ("recordings page", urls.page_url),
         ("recordings in", str(recordings.resolve())),
-        ("check it", "tap-receiver send <WebSocket tap URI>   (README: Check a deployment)"),
+        ("check it", "tap-receiver send '<WebSocket tap>'  (RTP: send <RTP tap> --api <page>)"),
     ]
     pool = config.settings["rtp_port_range"]
     if pool:
