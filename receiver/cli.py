@@ -15,6 +15,8 @@ from receiver import __version__, config
 from receiver.http.auth import TOKEN_FILE, load_or_create_token
 from receiver.inspect import commands
 from receiver.logs import setup_logging
+from receiver.sender import command as send
+from receiver.server.banner import log_banner
 from receiver.server.lifecycle import Server, StartupError, tls_context
 from receiver.server.loop import run
 from receiver.server.workers import run_workers
@@ -64,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tap-receiver",
         description="Receive live call-audio taps (WebSocket and RTP) into per-tap WAV files.",
-        epilog="Inspect recordings: tap-receiver ls | inspect FILE.wav|TAP_ID | repair DIR "
-        "(each with --help).",
+        epilog="Inspect recordings: tap-receiver ls | inspect FILE.wav|TAP_ID | repair DIR; "
+        "check a deployment: tap-receiver send URI (each with --help).",
     )
     parser.add_argument("--version", action="version", version=f"tap-receiver {__version__}")
     config.add_arguments(parser)
@@ -76,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in commands.COMMANDS:
         return commands.main(argv)  # ls, inspect, repair: no server
+    if argv and argv[0] == "send":
+        return send.main(argv[1:])  # a test sender: a client of a server
     args = build_parser().parse_args(argv)
     try:
         cfg, warnings = config.load(args, os.environ)
@@ -109,18 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = cfg.server.workers
     try:
         server = Server(cfg, token, ssl_context) if workers == 1 else None
-        path = f"/t/{token}/tap/{{tap_id}}" if token is not None else "/tap/{tap_id}"
-        log.info(
-            "tap URI (paste into device.params.uri): wss://<your-host>:%d%s%s",
-            cfg.server.http_port,
-            path,
-            ""
-            if cfg.server.tls_cert
-            else "  (TLS terminated by your proxy, or --tls-cert/--tls-key)",
-            extra={"reveals_token": True},  # the one line that shows it, on purpose
-        )
         if server is None:
-            return run_workers(cfg, token, ssl_context, workers)
+            return run_workers(
+                cfg,
+                token,
+                ssl_context,
+                workers,
+                lambda bound: log_banner(bound, token),
+            )
+        server.on_ready = lambda: log_banner(cfg, token, server.http_port, server.rtp_port)
         code = run(server.run())
         if server.writer_stuck:  # its thread would block the interpreter's exit
             logging.shutdown()

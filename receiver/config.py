@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "RECEIVER_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -117,6 +118,42 @@ def _workers_problem(value: str) -> str | None:
         worker_count(value)
     except ValueError:
         return "must be a number from 1 to 256, or auto"
+    return None
+
+
+PUBLIC_URL_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+
+
+def normalize_public_url(text: str) -> str:
+    """'wss://tap.example.com/' -> 'https://tap.example.com': the HTTP base URL (scheme, host,
+    port, an optional path prefix) callers reach this server at; '' stays ''. Raises ValueError."""
+    text = text.strip()
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    scheme = PUBLIC_URL_SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        raise ValueError("must start with https://, wss://, http:// or ws://")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has a bad port") from None
+    if not parts.hostname:
+        raise ValueError("must name a host, e.g. https://tap.example.com")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry a user name or password")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query string or fragment")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _public_url(value: str) -> str | None:
+    try:
+        normalize_public_url(value)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -347,8 +384,18 @@ SETTINGS: tuple[Setting, ...] = (
         "public_address",
         "str",
         "",
-        "Address put into the SignalWire device objects this server hands out (SignalWire needs "
-        "a public IPv4); empty: the Host of the request.",
+        "Address for RTP in the start-up banner and in the SignalWire device objects this server "
+        "hands out (SignalWire needs a public IPv4); empty: the host of public_url, else the Host "
+        "of the request.",
+    ),
+    Setting(
+        "public_url",
+        "str",
+        "",
+        "Where callers reach this server, e.g. https://tap.example.com behind a TLS proxy: the "
+        "start-up banner, the page and the registration API build the URIs to paste from it; "
+        "empty: this machine's address, http_port, and wss:// only with tls_cert.",
+        _public_url,
     ),
     Setting(
         "webhook_url",
@@ -395,6 +442,7 @@ class ServerSettings:
     tls_key: str
     workers: int  # `workers`, with 'auto' resolved to the CPU cores
     public_address: str
+    public_url: str  # normalized: http(s)://host[:port][/prefix], or ""
     http_request_timeout: float
     shutdown_timeout: float
 
@@ -497,6 +545,7 @@ def build(values: Mapping[str, Any], config_file: Path | None = None) -> Config:
             tls_key=v["tls_key"],
             workers=worker_count(v["workers"]),
             public_address=v["public_address"],
+            public_url=normalize_public_url(v["public_url"]),
             http_request_timeout=v["http_request_timeout"],
             shutdown_timeout=v["shutdown_timeout"],
         ),

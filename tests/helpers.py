@@ -455,3 +455,32 @@ def talk(seconds: float, seed: int) -> np.ndarray:
 def g711_encode(codec: str, samples: np.ndarray) -> bytes:
     compress = reference.g191_ulaw_compress if codec == "PCMU" else reference.g191_alaw_compress
     return bytes(compress(int(x)) for x in samples)
+
+
+# -- the start-up banner --------------------------------------------------------------------------
+
+
+BANNER = "tap-receiver is ready. Paste these"
+
+
+def banner(server: ServerProcess) -> dict[str, str]:
+    """The start-up banner's rows from the server's log, once it is there (under --workers the
+    parent logs it as the workers start)."""
+    wait_until(lambda: BANNER in server.log(), "the start-up banner")
+    return banner_rows(server.log())
+
+
+def banner_rows(log: str) -> dict[str, str]:
+    """The banner's rows (`WebSocket tap`, `RTP tap`, `recordings page`, ...) from a text log;
+    fails unless there is exactly one banner."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if BANNER in line]
+    assert len(starts) == 1, log
+    rows: dict[str, str] = {}
+    for line in lines[starts[0] + 1 :]:
+        if not line.startswith("    "):
+            break
+        label, sep, value = line.strip().partition(":  ")
+        if sep and not label.startswith("("):
+            rows[label] = value.strip()
+    return rows

@@ -92,6 +92,7 @@ def test_list_shows_finished_taps_newest_first_with_filters(server: ServerProces
         "codec": "PCMA",
         "sample_rate": 8000,
         "channels": 1,
+        "channel_names": None,
         "remote": "127.0.0.1",
         "state": "finished",
         "started_at": sidecar["started_at"],

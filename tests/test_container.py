@@ -18,6 +18,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -33,9 +34,11 @@ import pytest
 from receiver.rtp.packet import PT_PCMU, RtpPacket
 from tests import reference
 from tests.helpers import (
+    BANNER,
     DEADLINE,
     ROOT,
     assert_header_matches_data,
+    banner_rows,
     free_port,
     make_certificates,
     missing,
@@ -447,3 +450,33 @@ def test_container_serves_wss_with_mounted_certificate(
     container.stop()
     assert_stopped_cleanly(container)
     check_on_host(container.recordings, "wss-tap", sent, container.image.uid)
+
+
+def test_send_from_the_host_checks_the_container(
+    start_container: Callable[..., Container],
+) -> None:
+    """The first five minutes against the image: its log's banner gives the URIs, and
+    `tap-receiver send` from the host records through them and finds the recordings matching."""
+    container = start_container()
+    wait_until(lambda: BANNER in container.logs(), "the start-up banner")
+    rows = banner_rows(container.logs())
+    assert rows["recordings in"] == "/recordings"
+    assert rows["RTP tap"] == f"rtp://127.0.0.1:{container.rtp_port}"
+
+    def send(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "receiver", "send", *args, "--seconds", "1"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "MATCH: every sample as sent" in result.stdout, result.stdout
+        return result.stdout
+
+    send(rows["WebSocket tap"], "--tap-id", "from-host")
+    send(rows["RTP tap"], "--api", rows["recordings page"], "--loss", "0.05", "--seed", "3")
+    send(rows["WebSocket tap"], "--tap-id", "from-host-ms", "--media-streams", "--tracks", "both")
+    container.stop()
+    assert_stopped_cleanly(container)
+    sidecar = json.loads((container.recordings / "from-host-ms.json").read_text())
+    assert sidecar["channel_names"] == ["inbound", "outbound"]

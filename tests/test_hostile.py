@@ -635,8 +635,10 @@ def test_the_token_is_redacted_everywhere_it_could_leave(make_server: Any) -> No
     cli_json = run_cli("inspect", "streamed", "--json", "--recordings", str(server.recordings))
     assert cli_json.returncode == 0 and TOKEN not in cli_json.stdout
     assert server.stop() == 0
+    # Only the start-up banner shows it (the URIs to paste): one log record of several lines.
     leaking = [line for line in server.log().splitlines() if TOKEN in line]
-    assert len(leaking) == 1 and "tap URI (paste into device.params.uri)" in leaking[0], leaking
+    assert len(leaking) == 2, leaking
+    assert "WebSocket tap:" in leaking[0] and "recordings page:" in leaking[1], leaking
 
 
 def test_sidecars_written_before_redaction_serve_no_token(make_server: Any, tmp_path: Path) -> None:

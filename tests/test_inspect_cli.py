@@ -300,12 +300,14 @@ def test_ls_lists_newest_first(server: ServerProcess, tmp_path: Path) -> None:
         "STATE",
         "TRANSPORT",
         "CODEC",
+        "RATE",
+        "CHANNELS",
         "STARTED",
         "DURATION",
         "LOSS",
     ]
     assert [line.split()[0] for line in lines[1:3]] == [names[1], names[0]]
-    assert lines[1].split()[1:4] == ["finished", "websocket", "PCMU/8000"]
+    assert lines[1].split()[1:6] == ["finished", "websocket", "PCMU", "8000", "1"]
     assert lines[1].split()[-2:] == ["0:00.200", "-"]
     assert lines[2].split()[-2:] == ["0:00.100", "-"]
     assert lines[3] == f"2 recording(s) in {directory}"

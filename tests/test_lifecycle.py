@@ -24,6 +24,7 @@ from tests.helpers import (
     DEADLINE,
     ServerProcess,
     assert_header_matches_data,
+    banner,
     noise,
     read_wav,
     wait_for_live_frames,
@@ -135,7 +136,8 @@ def test_token_is_generated_once_and_reused(make_server: Any, tmp_path: Path) ->
     token = token_file.read_text().strip()
     assert len(token) >= 32
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    assert f"wss://<your-host>:{first.http_port}/t/{token}/tap/{{tap_id}}" in first.log()
+    tap_uri = f"ws://127.0.0.1:{first.http_port}/t/{token}/tap/{{tap_id}}"
+    assert banner(first)["WebSocket tap"] == tap_uri
     assert first.stop() == 0
     second = make_server(recordings=recordings)
     assert token_file.read_text().strip() == token

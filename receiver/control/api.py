@@ -85,7 +85,10 @@ class ControlApi:
         rtp: RtpReceiver,
         rtp_port: int,
     ) -> None:
-        self.public_address = config.server.public_address
+        # RTP does not pass through an HTTP proxy: public_address, else public_url's host.
+        self.public_address = (
+            config.server.public_address or urlsplit(config.server.public_url).hostname or ""
+        )
         self.registration_timeout = config.rtp.registration_timeout
         self.auth = auth
         self.naming = naming

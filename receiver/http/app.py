@@ -1,5 +1,5 @@
-"""The aiohttp application: `/healthz`, the routes of every part that serves HTTP, JSON errors
-everywhere, and the `http_allow` list in front of all but `/healthz`."""
+"""The aiohttp application: `/healthz`, the routes of every part that serves HTTP, their OpenAPI
+description, JSON errors everywhere, and the `http_allow` list in front of all but `/healthz`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from aiohttp import web
 
 from receiver import __version__
 from receiver.http.errors import Handler, json_error, json_errors
+from receiver.http.openapi import OpenApi
 from receiver.taps.admission import AddressFilter
 
 
@@ -54,4 +55,5 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     for provider in providers:  # the tap endpoint, the recordings API and page, control, metrics
         provider.add_routes(app)
+    OpenApi().add_routes(app)  # the description of all of it
     return app

@@ -46,6 +46,7 @@ class Recording:
             "codec": side.get("codec"),
             "sample_rate": side.get("sample_rate"),
             "channels": side.get("channels"),
+            "channel_names": channel_names(side),
             "remote": side.get("remote"),
             "state": self.state,
             "started_at": self.started_at,
@@ -62,6 +63,22 @@ class Recording:
         side = self.sidecar or {}
         fields = (self.name, side.get("tap_id"), side.get("remote"), side.get("codec"))
         return any(text in str(f).lower() for f in fields if f)
+
+
+MAX_CHANNEL_NAME = 32
+
+
+def channel_names(sidecar: dict[str, Any]) -> list[str] | None:
+    """What each channel carries (`inbound`, `outbound`; `caller`, `callee`), from the sidecar's
+    `channel_names`, or for Media Streams recordings made before it, from their `tracks`."""
+    channels = sidecar.get("channels")
+    names = sidecar.get("channel_names")
+    tracks = sidecar.get("tracks")
+    if not isinstance(names, list) and isinstance(tracks, dict):
+        names = list(tracks) if sidecar.get("dialect") == "media-streams" else None
+    if not names or len(names) != channels or not all(isinstance(n, str) for n in names):
+        return None
+    return [n[:MAX_CHANNEL_NAME] for n in names]
 
 
 def loss_percent(rtp: Any) -> float | None:

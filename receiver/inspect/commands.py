@@ -27,12 +27,10 @@ EXIT_NEEDS_REPAIR = 3  # repair --dry-run: some header does not match its data
 EXIT_BROKEN_PIPE = 128 + 13  # as a process ended by SIGPIPE
 
 
-def _recordings_default() -> Path:
-    """The `recordings` setting (RECEIVER_RECORDINGS, the RECEIVER_CONFIG file, ./recordings)."""
-    try:
-        return Path(config.one_setting("recordings", os.environ))
-    except config.ConfigError:
-        return Path("./recordings")
+def _recordings_setting() -> Path:
+    """The `recordings` setting: RECEIVER_RECORDINGS, the RECEIVER_CONFIG file, ./recordings.
+    Raises ConfigError."""
+    return Path(config.one_setting("recordings", os.environ))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--recordings",
             type=Path,
-            default=_recordings_default(),
+            default=None,
             metavar="DIR",
-            help="the recordings directory (default: $RECEIVER_RECORDINGS or ./recordings)",
+            help="the recordings directory (default: the server's recordings setting: "
+            "$RECEIVER_RECORDINGS, the $RECEIVER_CONFIG file, else ./recordings)",
         )
 
     ls = sub.add_parser("ls", help="list recordings, newest first")
@@ -87,6 +86,12 @@ def main(argv: Sequence[str], out: TextIO | None = None) -> int:
     tools, quietly."""
     args = build_parser().parse_args(argv)
     stream = out or sys.stdout
+    if args.recordings is None:
+        try:
+            args.recordings = _recordings_setting()
+        except config.ConfigError as exc:
+            print(f"tap-receiver: configuration error: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.command == "ls":
             code = list_recordings(args.recordings, args.state, args.json, stream)
@@ -116,6 +121,19 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:06.3f}" if hours else f"{minutes}:{secs:06.3f}"
 
 
+HEADINGS = (
+    *("NAME", "STATE", "TRANSPORT", "CODEC", "RATE", "CHANNELS"),
+    *("STARTED", "DURATION", "LOSS"),
+)
+
+
+def _channels(count: int | None, names: list[str] | None) -> str:
+    """`1`, `2 (inbound, outbound)`."""
+    if not count:
+        return "-"
+    return f"{count} ({', '.join(names)})" if names else str(count)
+
+
 def list_recordings(directory: Path, state: str | None, as_json: bool, out: TextIO) -> int:
     if not directory.is_dir():
         print(f"tap-receiver: no directory {str(directory)!r}", file=sys.stderr)
@@ -129,7 +147,7 @@ def list_recordings(directory: Path, state: str | None, as_json: bool, out: Text
         for row in rows:
             print(json.dumps(row), file=out)
         return 0
-    table = [("NAME", "STATE", "TRANSPORT", "CODEC", "STARTED", "DURATION", "LOSS")]
+    table = [HEADINGS]
     for r in rows:
         loss = r["loss_percent"]
         table.append(
@@ -137,14 +155,16 @@ def list_recordings(directory: Path, state: str | None, as_json: bool, out: Text
                 r["name"],
                 str(r["state"]),
                 str(r["transport"] or "-"),
-                f"{r['codec'] or '-'}/{r['sample_rate'] or '?'}",
+                str(r["codec"] or "-"),
+                str(r["sample_rate"] or "-"),
+                _channels(r["channels"], r["channel_names"]),
                 (r["started_at"] or "-").replace("T", " ").removesuffix("Z"),
                 _duration(r["duration_seconds"]),
                 "-" if loss is None else f"{loss:.2f}%",
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    right = {5, 6}
+    right = {4, 7, 8}
     for line in table:
         cells = [
             c.rjust(w) if i in right else c.ljust(w)

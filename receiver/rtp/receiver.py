@@ -24,6 +24,7 @@ import selectors
 import socket
 import time
 from collections.abc import Hashable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -355,6 +356,7 @@ class RtpReceiver:
 
     def _finalize(self, stream: RtpStream, reason: str) -> None:
         """Flush the stream's timeline into its tap and end the tap."""
+        stream.sync()  # its last packet's arrival, the fast lane's included
         try:
             stream.flush()
         except Exception:
@@ -363,8 +365,15 @@ class RtpReceiver:
         stats = stream.stats()
         for key in _TOTALS:
             self.totals[key] += int(stats.get(key, 0))
-        stream.tap.extra["rtp"] = stats
-        self.registry.finish(stream.tap, reason)
+        tap = stream.tap
+        tap.extra["rtp"] = stats
+        # The call ended with its last packet, not when the idle timeout noticed (`extra` is
+        # the sidecar's last word, over the registry's `ended_at`).
+        idle = max(0.0, time.monotonic() - stream.last_arrival)
+        tap.extra["ended_at"] = _iso(datetime.now(UTC) - timedelta(seconds=idle))
+        if reason == "idle timeout":
+            tap.extra["idle_timeout_seconds"] = self.settings.idle_timeout
+        self.registry.finish(tap, reason)
 
     def streams(self) -> Iterator[RtpStream]:
         sockets = [self.shared, *self.pool_sockets.values()]
@@ -490,3 +499,7 @@ class RtpReceiver:
         for key in ("malformed", "rtcp", "datagrams"):
             totals[key] = self.counters[key]
         return {"rtp_packets": totals, "rtp_streams_refused": self.counters["streams_refused"]}
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -11,6 +11,7 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from receiver.control.webhooks import WebhookSender
 from receiver.http.app import build_app
 from receiver.http.auth import Auth
 from receiver.http.metrics import Metrics
+from receiver.http.public_urls import ConnectInfo, PublicUrls
 from receiver.inspect.api import RecordingsApi
 from receiver.rtp.receiver import RtpReceiver
 from receiver.server.load import LoadMeter
@@ -87,6 +89,8 @@ class Server:
         self.worker = worker  # index under --workers N (in sidecars and /healthz), else None
         self.inherited = inherited  # (UDP, TCP) sockets bound by the --workers parent
         self.ssl_context = ssl_context
+        self.token = token
+        self.on_ready: Callable[[], None] | None = None  # once it listens (the start-up banner)
         storage = config.storage
         self.auth = Auth(token)
         self.admission = Admission(config.limits)
@@ -237,12 +241,14 @@ class Server:
         control = ControlApi(
             cfg, self.auth, self.naming, self.registry, self.transports, self.rtp, self.rtp_port
         )
+        urls = PublicUrls.from_settings(cfg.server, self.token, cfg.server.http_port, self.rtp_port)
         app = build_app(
             self.health,
             self.ws,
             self.recordings_api,
             control,
             self.metrics,
+            ConnectInfo(urls, self.auth),
             allowed=self.admission.http_clients,
         )
         # keepalive_timeout also bounds how long a new connection may take to send its request
@@ -287,6 +293,8 @@ class Server:
             loop_name(),
             cfg.storage.recordings.resolve(),
         )
+        if self.on_ready is not None:
+            self.on_ready()
 
     async def recover(self) -> None:
         """Finalize what an earlier process left recording, in the background (see recovery)."""

@@ -23,6 +23,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from receiver.config import Config
@@ -106,9 +107,14 @@ def _worker(
 
 
 def run_workers(
-    config: Config, token: str | None, ssl_context: ssl.SSLContext | None, count: int
+    config: Config,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None,
+    count: int,
+    on_listening: Callable[[Config], None] | None = None,
 ) -> int:
-    """Bind, fork `count` workers, supervise them; the process's exit code."""
+    """Bind, fork `count` workers, supervise them; the process's exit code. `on_listening` gets
+    the configuration with the bound ports, in the parent, once the workers run."""
     udp, tcp = bind_shared(config, count)
     config = config.replace(
         rtp_port=int(udp[0].getsockname()[1]), http_port=int(tcp[0].getsockname()[1])
@@ -141,6 +147,8 @@ def run_workers(
         config.server.http_port,
         config.server.rtp_port,
     )
+    if on_listening is not None:
+        on_listening(config)
     return _supervise(children, config.server.shutdown_timeout)
 
 

@@ -180,7 +180,9 @@ async function loadList() {
   const rows = data.taps.map((t) => {
     const href = "#/tap/" + encodeURIComponent(t.name);
     const sub = [t.remote, t.tap_id !== t.name ? "tap id " + t.tap_id : null].filter(Boolean).join(" · ");
-    const rate = t.sample_rate ? (t.sample_rate / 1000) + " kHz" + (t.channels > 1 ? " ×" + t.channels : "") : "";
+    const channels = t.channel_names && t.channels > 1 ? " · " + t.channel_names.join(" + ")
+      : t.channels > 1 ? " ×" + t.channels : "";
+    const rate = t.sample_rate ? (t.sample_rate / 1000) + " kHz" + channels : "";
     return el("tr", { "data-name": t.name, onclick: () => { location.hash = href; } },
       el("td", { class: "c-id id" }, el("a", { href, text: t.name }), sub ? el("span", { class: "sub", text: sub }) : null),
       el("td", { class: "c-transport", text: TRANSPORTS[t.transport] || t.transport || "–" }),
@@ -193,10 +195,33 @@ async function loadList() {
   });
   body.replaceChildren(...rows);
   $("list-empty").hidden = rows.length > 0;
+  loadConnect(data.total === 0);
   const first = data.total ? list.offset + 1 : 0;
   $("page-info").textContent = `${first}–${list.offset + rows.length} of ${data.total}`;
   $("page-prev").disabled = list.offset === 0;
   $("page-next").disabled = list.offset + rows.length >= data.total;
+}
+
+// The URIs to paste into a tap, as the server printed them at start (GET /api/connect); the
+// panel is open while there is nothing recorded yet.
+async function loadConnect(open) {
+  const panel = $("connect");
+  if (!list.connect) {
+    try { list.connect = await api("connect"); } catch (_) { return; }
+    const c = list.connect;
+    const rows = [
+      ["WebSocket tap", c.tap_uri, "device.params.uri; {tap_id} becomes the file name"],
+      ["RTP tap", c.rtp_uri, "send plain RTP (PCMU/PCMA) here"],
+      ["Check it", "tap-receiver send '" + c.tap_uri + "'", "plays a test call and compares the recording"],
+    ];
+    $("connect-rows").replaceChildren(...rows.flatMap(([k, v, hint]) => [
+      el("dt", { text: k }),
+      el("dd", {}, el("code", { class: "uri", text: v }), el("span", { class: "sub muted", text: hint })),
+    ]));
+    panel.hidden = false;
+  }
+  if (open && !list.connectShown) panel.open = true;
+  list.connectShown = list.connectShown || open;
 }
 
 let filterTimer = null;
@@ -307,7 +332,8 @@ function renderDetail(data) {
     ["Started", side.started_at ? new Date(side.started_at).toLocaleString() : "–"],
     ["Ended", side.ended_at ? new Date(side.ended_at).toLocaleString() : "–"],
     ["End reason", side.end_reason || (data.state === "interrupted" ? "server stopped while recording" : "–")],
-    ["Frames", side.frames_written != null ? side.frames_written.toLocaleString() : (data.wav ? data.wav.frames.toLocaleString() : "–")],
+    ["Frames", live ? live.frames.toLocaleString() + (live.frames_written < live.frames ? " (" + live.frames_written.toLocaleString() + " on disk)" : "")
+      : side.frames_written != null ? side.frames_written.toLocaleString() : (data.wav ? data.wav.frames.toLocaleString() : "–")],
     ["File", data.wav ? data.wav.file + " (" + fmtBytes(data.wav.size_bytes) + ")" : "missing"],
   ];
   if (data.wav && !data.wav.header_matches_data && data.state !== "recording") {
@@ -353,6 +379,13 @@ function renderDetail(data) {
   if (d.wave) renderMarkers();
 }
 
+// What channel i carries: the sidecar's names (inbound/outbound, caller/callee), else its number.
+function channelName(i, count) {
+  const names = detail && detail.data && detail.data.channel_names;
+  if (names && names[i]) return names[i];
+  return count > 1 ? "Channel " + (i + 1) : null;
+}
+
 function fillFacts(dl, rows) {
   dl.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
 }
@@ -378,17 +411,23 @@ async function loadWave() {
   const height = Math.round(140 * dpr);
   spectro.src = apiUrl(tapPath(d.name, "spectrogram"), { width: Math.min(width, 4000), height, v: wave.frames });
   const nyquist = wave.sample_rate / 2000;
-  $("d-spectro-label").textContent = "0–" + nyquist + " kHz" + (wave.channels > 1 ? " · channels top to bottom" : "");
+  const names = Array.from({ length: wave.channels }, (_, c) => channelName(c, wave.channels));
+  $("d-spectro-label").textContent = "Spectrogram, 0–" + nyquist + " kHz" +
+    (wave.channels > 1 ? " · top to bottom: " + names.join(", ") : "");
 }
 
 function drawWaves() {
   const wave = detail.wave;
   const box = $("d-waves");
   let canvases = Array.from(box.querySelectorAll("canvas"));
-  if (canvases.length !== wave.channels) {
+  const names = Array.from({ length: wave.channels }, (_, c) => channelName(c, wave.channels));
+  if (canvases.length !== wave.channels || box.dataset.names !== names.join("\n")) {
     canvases = [];
     box.replaceChildren();
+    box.dataset.names = names.join("\n");
     for (let c = 0; c < wave.channels; c++) {
+      // the name in a strip of its own above its waveform, never over the audio
+      if (names[c]) box.append(el("div", { class: "channel-name", text: names[c] }));
       const canvas = el("canvas", { class: "wave", "data-channel": c });
       canvases.push(canvas);
       box.append(canvas);
@@ -476,7 +515,7 @@ function loadLevels() {
       const pct = (v) => (v == null ? 0 : Math.max(0, Math.min(100, 100 + (v * 100) / 60)));
       return el("div", { class: "meter-row" },
         el("div", { class: "meter-head" },
-          el("strong", { text: levels.channels.length > 1 ? "Channel " + (i + 1) : "Level" }),
+          el("strong", { text: channelName(i, levels.channels.length) || "Level" }),
           el("span", { text: "peak " + fmtDb(c.peak_dbfs) + " · RMS " + fmtDb(c.rms_dbfs) })),
         el("div", { class: "meter", title: "−60 to 0 dBFS" },
           el("div", { class: "rms", style: "width:" + pct(c.rms_dbfs) + "%" }),

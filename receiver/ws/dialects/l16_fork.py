@@ -30,6 +30,9 @@ def looks_like_vonage(message: object) -> bool:
     return isinstance(message, dict) and message.get("event") == "websocket:connected"
 
 
+STEREO_CHANNELS = ("caller", "callee")  # mod_audio_fork and jambonz mixType "stereo"
+
+
 def parse_fork_metadata(message: dict[str, Any]) -> AudioFormat:
     rate_value = message.get("sampleRate", message.get("sample_rate", 8000))
     try:
@@ -72,7 +75,10 @@ class L16ForkSession(Session):
                 return
             if isinstance(message, dict):
                 self.fmt = parse_fork_metadata(message)
-                self.start_tap(self.fmt, extra={"metadata": message})
+                extra: dict[str, Any] = {"metadata": message}
+                if self.fmt.channels == 2:  # mixType stereo: the caller on one, the callee on two
+                    extra["channel_names"] = list(STEREO_CHANNELS)
+                self.start_tap(self.fmt, extra=extra)
                 return
             self.bad_input("bad_metadata", "the first text frame is not JSON metadata")
             self.start_tap(self.fmt)

@@ -245,7 +245,7 @@ class MediaStreamsSession(Session):
             AudioFormat(fmt.encoding, fmt.sample_rate, channels),
             buffer=buffer,
             track_files=list(self.tracks) if split else None,
-            extra={"stream": self.info, "tracks": {}},
+            extra={"stream": self.info, "tracks": {}, "channel_names": list(self.tracks)},
         )
         early, self._early = self._early, []
         for track, chunk, timestamp, audio in early:
