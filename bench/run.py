@@ -510,7 +510,9 @@ def _cpu_and_io(row: Row, first: Window, last: Window, rss: int, packets: float,
     row.rss_mib = round(rss / 2**20, 1)
     row.rss_per_tap_kib = round((rss - row.rss_idle_mib * 2**20) / 1024 / max(1, taps), 1)
     row.rss_idle_mib = round(row.rss_idle_mib, 1)
-    written = last.io.get("wchar", 0) - first.io.get("wchar", 0)
+    # write_bytes: what reached the storage layer. (wchar would count the pipe that carries the
+    # audio to the disk-writer process as well.)
+    written = last.io.get("write_bytes", 0) - first.io.get("write_bytes", 0)
     calls = last.io.get("syscw", 0) - first.io.get("syscw", 0)
     audio = taps * 16000 * window  # PCM 16-bit, 8 kHz: the WAV's audio rate
     row.disk_bytes_per_audio_byte = round(written / audio, 3) if row.series != "sink" else 0.0

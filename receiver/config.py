@@ -276,7 +276,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_opening_seconds",
         "float",
-        5.0,
+        10.0,
         "New taps' files are created at a paced rate, in arrival order; while the taps waiting "
         "for theirs would wait longer than this, new taps are refused (503; RTP refused_overload).",
         _between(0.1, 60),

@@ -114,7 +114,11 @@ class Server:
             storage.flush_interval,
         )
         self.transports: dict[str, Transport] = {t.name: t for t in (self.ws, self.rtp)}
-        self.load = LoadMeter(config.limits.max_load)
+        self.load = LoadMeter(
+            config.limits.max_load,
+            packets=lambda: self.rtp.counters["datagrams"],
+            streams=lambda: self.rtp.stream_count,
+        )
         self.admission.overload += [self.load.check, self.rtp.overloaded, self._writer_behind]
         self.registry.audio_holders = [t.gather for t in self.transports.values()]
         self.registry.on_open_failed = self.refuse_unrecordable
@@ -192,7 +196,12 @@ class Server:
                 "flushes_deferred": self.registry.flushes_deferred,
                 "restarts": self.writer.restarts,
             },
-            "load": {"event_loop": round(self.load.load, 3), "peak": round(self.load.peak, 3)},
+            "load": {
+                "event_loop": round(self.load.load, 3),
+                "peak": round(self.load.peak, 3),
+                "predicted": round(self.load.predicted(0), 3),
+                "us_per_packet": round(self.load.cost_per_packet * 1e6, 2),
+            },
             "dropped_frames": dict(self.registry.dropped_frames()),
             "refused": {f"{t}_{r}": n for (t, r), n in sorted(self.admission.refused.items())},
         }

@@ -44,7 +44,7 @@ log = logging.getLogger("receiver.writer")
 WRITER_SLICE = 0.002  # seconds of batch work (holding the GIL) between pauses
 WRITER_PAUSE = 0.001  # seconds the writer sleeps so the event loop can drain its sockets
 OPEN_SLICE = 0.005  # seconds of file creation between pauses
-OPEN_DUTY = 0.5  # at most this share of the time goes to creating files
+OPEN_DUTY = 0.5  # at most this share of the thread's time goes to creating files (in-process)
 FIRST_OPEN_ESTIMATE = 0.001  # seconds per tap's files, until measured
 FULL_DISK = 64 * 1024  # free bytes below which a failed file creation is put down to space
 
@@ -108,7 +108,11 @@ Job = tuple[Callable[..., Any], tuple[Any, ...], Future[Any], int]
 
 
 class DiskWriter:
-    def __init__(self) -> None:
+    def __init__(self, open_duty: float = OPEN_DUTY) -> None:
+        # In the server's own process the writer pauses as long as it created files, so the
+        # event loop gets the GIL; in a process of its own (writer_process.py) it need not: the
+        # scheduler gives the server's core to the event loop first.
+        self.open_duty = open_duty
         self._jobs: deque[Job] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -189,7 +193,7 @@ class DiskWriter:
     @property
     def opening_seconds(self) -> float:
         """About how long creating the files of the taps waiting for them will take."""
-        return self.opening * self.open_seconds / OPEN_DUTY
+        return self.opening * self.open_seconds / self.open_duty
 
     @property
     def busy(self) -> bool:
@@ -289,7 +293,7 @@ class DiskWriter:
             self.open_seconds += (spent / opened - self.open_seconds) * 0.2
         with self._wake:  # a job that comes meanwhile goes first
             if not self._jobs and not self._stopping:
-                self._wake.wait(spent * (1 - OPEN_DUTY) / OPEN_DUTY)
+                self._wake.wait(spent * (1 - self.open_duty) / self.open_duty)
 
     def _ensure_open(self, sink: WavSink, now: bool = False) -> bool:
         """Create the sink's files if they are not there yet (then write what waited for
@@ -390,7 +394,7 @@ class DiskWriter:
                 continue
             self._append(sink, pending)
             now = time.perf_counter()
-            if now - slice_start > WRITER_SLICE:
+            if self.open_duty < 1.0 and now - slice_start > WRITER_SLICE:
                 # Let the event loop have the GIL: its RTP receive tick (every 5 ms) and each
                 # WebSocket read must take it, and against a busy thread each would wait a whole
                 # switch interval (5 ms).

@@ -209,9 +209,7 @@ class WriterProcess:
 
     @property
     def opening_seconds(self) -> float:
-        from receiver.storage.writer import OPEN_DUTY
-
-        return self.opening * self.open_seconds / OPEN_DUTY
+        return self.opening * self.open_seconds  # the child creates files without pauses
 
     @property
     def unwritten_bytes(self) -> int:
@@ -267,10 +265,12 @@ class WriterProcess:
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "info":
-            handle = self._handles.get(message[1])
-            if handle is not None:
-                handle.info = message[2]
+        if kind == "infos":
+            handles = self._handles
+            for sink_id, info in message[1]:
+                handle = handles.get(sink_id)
+                if handle is not None:
+                    handle.info = info
         elif kind == "finished":
             handle = self._handles.pop(message[1], None)
             finished: Finished = message[2]
@@ -350,6 +350,7 @@ class _Child:
         self.lock = threading.Lock()
         self.sinks: dict[int, WavSink] = {}
         self.ids: dict[int, int] = {}  # id(WavSink) -> sink id
+        self.infos: dict[int, SinkInfo] = {}  # published since the last message, by sink id
         self.last_stats = 0.0
         writer.on_publish = self.published
         writer.on_job_done = self.job_done
@@ -367,7 +368,7 @@ class _Child:
     def published(self, sink: WavSink) -> None:  # on the writer thread
         sink_id = self.ids.get(id(sink))
         if sink_id is not None:
-            self.send(("info", sink_id, sink.info))
+            self.infos[sink_id] = sink.info  # sent with the job's end (one message a batch)
 
     def open_failed(self, sink: WavSink, why: str) -> None:  # on the writer thread
         sink_id = self.ids.get(id(sink))
@@ -375,6 +376,9 @@ class _Child:
             self.send(("open_failed", sink_id, why))
 
     def job_done(self) -> None:  # on the writer thread
+        if self.infos:
+            infos, self.infos = self.infos, {}
+            self.send(("infos", list(infos.items())))
         now = time.monotonic()
         if now - self.last_stats >= STATS_INTERVAL or not self.writer.busy:
             self.last_stats = now
@@ -425,6 +429,7 @@ class _Child:
 
     def finished(self, sink_id: int, sink: WavSink, future: Future[Finished]) -> None:
         self.ids.pop(id(sink), None)
+        self.infos.pop(sink_id, None)
         self.send(("finished", sink_id, future.result()))
 
 
@@ -444,7 +449,7 @@ def main(argv: list[str]) -> int:
     if worker:
         for handler in logging.getLogger().handlers:
             handler.addFilter(WorkerLogFilter(int(worker)))
-    writer = DiskWriter()
+    writer = DiskWriter(open_duty=1.0)
     writer.worker = int(worker) if worker else None
     child = _Child(writer, sys.stdout.buffer)
     child.send(("ready",))
