@@ -38,6 +38,7 @@ from tests.helpers import (
     read_wav,
     require_tool,
     talk,
+    wait_for_health,
     wait_for_sidecar,
     wait_until,
 )
@@ -271,6 +272,7 @@ def test_links_and_special_files_are_never_followed_or_opened(
     (recordings / "dir.wav").mkdir()
 
     server = make_server("--token", TOKEN, recordings=recordings)  # starts: no fifo waited on
+    wait_for_health(server, lambda h: h["recovery"]["state"] == "done", "recovery done")
     assert "recovery skips evil.wav: not a regular file" in server.log()
     sidecar = wait_for_sidecar(recordings, "evil2", "failed")
     assert "not a regular file" in sidecar["error"]
@@ -343,6 +345,7 @@ def test_recovery_handles_each_file_on_its_own_and_the_server_starts(
     (recordings / "good.wav").write_bytes(b"RIFF\0\0\0\0" + good[8:])  # a crash's zeroed size
 
     server = make_server("--token", TOKEN, recordings=recordings)
+    wait_for_health(server, lambda h: h["recovery"]["state"] == "done", "recovery done")
     sidecar = wait_for_sidecar(recordings, "good")
     assert sidecar["recovered"] is True and sidecar["frames_written"] == 1600
     assert (recordings / "good.wav").read_bytes() == good  # repaired
