@@ -584,17 +584,17 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
             rtp["packets_per_second"] / sink["packets_per_second"], 3
         )
         # CPU per packet falls as the rate rises (per-batch costs spread wider): compare the two
-        # at the same rate and length of step, the sink's best, if the receiver sustained it.
+        # at the same rate and length of step: the receiver's best, if the sink ran it too, else
+        # the sink's best, if the receiver sustained it.
         sink_row, receiver = best(rows, "sink", 1), best(rows, "rtp", 1)
         assert sink_row is not None and receiver is not None
-        for row in rows:
-            if (row.series, row.workers, row.streams, row.seconds) == (
-                "rtp",
-                1,
-                sink_row.streams,
-                sink_row.seconds,
-            ) and row.sustainable:
-                receiver = row
+        same = {
+            (r.series, r.streams, r.seconds): r for r in rows if r.workers == 1 and r.sustainable
+        }
+        if ("sink", receiver.streams, receiver.seconds) in same:
+            sink_row = same[("sink", receiver.streams, receiver.seconds)]
+        elif ("rtp", sink_row.streams, sink_row.seconds) in same:
+            receiver = same[("rtp", sink_row.streams, sink_row.seconds)]
         out["ratio_cpu_cost_sink_to_receiver"] = round(
             sink_row.us_per_packet / receiver.us_per_packet, 3
         )
@@ -630,11 +630,16 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="N for burst (N at once) and overload (2N offered); 0: from rtp1",
     )
-    parser.add_argument("--rtp-steps", default="2000,3000,3500,4000,4500")
-    parser.add_argument("--sink-steps", default="3000,4500")
-    parser.add_argument("--ws-steps", default="1000,1500,2000")
+    parser.add_argument("--rtp-steps", default="1000,1500,2000,2500,3000,3500,4000")
+    parser.add_argument("--sink-steps", default="1000,1500,2000,3000")
+    parser.add_argument("--ws-steps", default="500,1000,1500,2000")
     parser.add_argument("--seconds", type=float, default=15.0, help="per step")
-    parser.add_argument("--hold-streams", type=int, default=3000)
+    parser.add_argument(
+        "--hold-streams",
+        type=int,
+        default=0,
+        help="streams of the hold series; 0: the largest count rtp1 sustained",
+    )
     parser.add_argument("--hold-seconds", type=float, default=60.0)
     parser.add_argument("--processes", type=int, default=2, help="RTP sender processes")
     parser.add_argument("--server-cores", default="0")
@@ -646,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rtp_steps, args.sink_steps, args.ws_steps = "40", "40", "20"
-        args.seconds, args.hold_streams, args.hold_seconds = 2.0, 0, 0.0
+        args.seconds, args.hold_seconds = 2.0, 0.0
         args.processes = 2
         if args.series == parser.get_default("series"):
             args.series = "sink,rtp1,burst,overload,ws"
@@ -692,9 +697,11 @@ def main(argv: list[str] | None = None) -> int:
                     row = rtp_step(workdir, 2 * n, args.seconds, 1, args, "overload")
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
-            elif name == "hold" and args.hold_streams:
-                if not over_budget():
-                    row = rtp_step(workdir, args.hold_streams, args.hold_seconds, 1, args)
+            elif name == "hold" and args.hold_seconds:
+                sustained = best(rows, "rtp", 1)
+                hold = args.hold_streams or (sustained.streams if sustained else 0)
+                if hold and not over_budget():
+                    row = rtp_step(workdir, hold, args.hold_seconds, 1, args)
                     rows.append(row)
                     print(table([row]).splitlines()[-1], flush=True)
             else:

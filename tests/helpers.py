@@ -134,7 +134,8 @@ def wait_for_live(
     timeout: float = DEADLINE,
 ) -> dict[str, Any]:
     """Wait until the active tap `name` (GET /api/taps/{name}) has `live` counters that
-    `predicate` accepts, and return them. Fails at once if the tap is no longer active."""
+    `predicate` accepts, and return them. Fails at once if the tap is no longer active (its
+    recording has a sidecar but no live counters)."""
 
     def check() -> dict[str, Any] | None:
         status, body = server.api_get(f"/api/taps/{name}")
@@ -142,6 +143,8 @@ def wait_for_live(
             return None  # not started yet
         assert status == 200, (status, body)
         live = body["live"]
+        if live is None and body["sidecar"] is None:
+            return None  # a file without a sidecar: a name the writer is claiming right now
         assert live is not None, f"{name} ended while waiting for {what}: {body['sidecar']}"
         return live if predicate(live) else None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,16 +137,19 @@ class WavSink:
             track_sink.open()
             self.track_sinks[track] = track_sink
 
-    def rename(self, new_id: str) -> None:
+    def rename(self, new_id: str, announce: Callable[[str], None] | None = None) -> None:
         """Move this tap's files to `new_id` (or `new_id.N`): the open file keeps being written
         under its new name. A name is claimed first (O_EXCL), then each file is renamed over its
-        placeholder, so no other recording is ever replaced."""
+        placeholder, so no other recording is ever replaced. `announce` is told the new name
+        before the files move (so nobody sees them under a name the tap does not have)."""
         self.tap_id = new_id
         if self.name is None:
             return
         old_wav, old_json = self.wav_path, self.sidecar_path
         new_name, fd = reserve_name(self.directory, new_id)
         os.close(fd)  # a placeholder: the open file is renamed over it
+        if announce is not None:
+            announce(new_name)
         os.replace(old_wav, self.directory / f"{new_name}.wav")
         if old_json.exists():
             os.replace(old_json, self.directory / f"{new_name}.json")

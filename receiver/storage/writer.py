@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -134,6 +135,7 @@ class DiskWriter:
         # Hooks for a writer in its own process (writer_process.py), called on this thread.
         self.on_publish: Callable[[WavSink], None] | None = None
         self.on_job_done: Callable[[], None] | None = None
+        self.on_announce: Callable[[WavSink], None] | None = None  # a rename, before the move
         # Called on this thread when a tap's files cannot be created (the sink, and why in a
         # few words): the registry has its transport refuse the tap (close 1011).
         self.on_open_failed: Callable[[WavSink, str], None] | None = None
@@ -313,6 +315,12 @@ class DiskWriter:
         self._publish(sink)
         return sink.error is None
 
+    def _announce(self, sink: WavSink, name: str) -> None:
+        """The tap's files are about to take `name`: the event loop hears of it first."""
+        sink.info = dataclasses.replace(sink.info, name=name)
+        if self.on_announce is not None:
+            self.on_announce(sink)
+
     def _publish(self, sink: WavSink) -> None:
         sink.publish()
         if self.on_publish is not None:
@@ -349,8 +357,8 @@ class DiskWriter:
             sink.initial_sidecar = sidecar
             return
         try:
-            sink.rename(new_id)
-            self._publish(sink)  # the files have their new name: the loop's view follows at once
+            sink.rename(new_id, announce=lambda name: self._announce(sink, name))
+            self._publish(sink)
             if sink.name is not None:
                 write_json_atomic(sink.sidecar_path, self._sidecar(sink, sidecar))
         except Exception as exc:

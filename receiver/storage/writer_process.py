@@ -355,6 +355,7 @@ class _Child:
         writer.on_publish = self.published
         writer.on_job_done = self.job_done
         writer.on_open_failed = self.open_failed
+        writer.on_announce = self.announce
 
     def send(self, message: Any) -> None:
         data = frame(message)
@@ -369,6 +370,11 @@ class _Child:
         sink_id = self.ids.get(id(sink))
         if sink_id is not None:
             self.infos[sink_id] = sink.info  # sent with the job's end (one message a batch)
+
+    def announce(self, sink: WavSink) -> None:  # on the writer thread, before a rename
+        sink_id = self.ids.get(id(sink))
+        if sink_id is not None:
+            self.send(("infos", [(sink_id, sink.info)]))  # now, not at the end of the job
 
     def open_failed(self, sink: WavSink, why: str) -> None:  # on the writer thread
         sink_id = self.ids.get(id(sink))
