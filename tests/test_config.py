@@ -260,7 +260,15 @@ def test_text_that_is_not_a_format_header(text: str) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["audio/opus", "audio/mulaw;rate=16000", "audio/l16;rate=11025", "audio/l16;channels=3"],
+    [
+        "audio/AMR-WB",
+        "audio/mulaw;rate=16000",
+        "audio/l16;rate=11025",
+        "audio/l16;channels=3",
+        "audio/opus;rate=44100",
+        "audio/G722;rate=48000",
+        "audio/G722;channels=2",
+    ],
 )
 def test_unsupported_formats(value: str) -> None:
     with pytest.raises(FormatError):

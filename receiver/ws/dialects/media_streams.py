@@ -72,8 +72,11 @@ def parse_media_format(media_format: Any) -> AudioFormat:
         return AudioFormat(Encoding.PCMU)
     encoding_name = str(_get(media_format, "encoding") or "audio/x-mulaw").strip().lower()
     encoding = encoding_named(encoding_name)
-    if encoding is None:
-        raise FormatError(f"unsupported media format {encoding_name!r}")
+    if encoding is None or not (encoding.is_g711 or encoding in (Encoding.L16, Encoding.L16BE)):
+        raise FormatError(
+            f"unsupported media format {encoding_name!r}: Media Streams carry audio/x-mulaw, "
+            "audio/x-alaw or audio/l16 here"
+        )
     rate_value = _number(_get(media_format, "sampleRate", "sample_rate"))
     rate = int(rate_value) if rate_value else 8000
     check_rate(encoding, rate)

@@ -1,0 +1,163 @@
+"""Opus and G.722 taps end to end: real encoders (ffmpeg's libopus and g722), real senders, the
+WAV compared sample for sample with the Debian ffmpeg CLI's decode of the same packets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from receiver.codecs.opus_packet import OpusPacketError, packet_samples
+from tests import reference
+from tests.helpers import (
+    ServerProcess,
+    assert_header_matches_data,
+    new_id,
+    read_wav,
+    require_tool,
+    send_tap,
+    tap_url,
+    wait_for_sidecar,
+)
+
+
+@pytest.fixture(scope="module")
+def opus_packets() -> tuple[list[bytes], np.ndarray]:
+    """Three seconds of ffmpeg-encoded Opus (151 packets of 20 ms) and ffmpeg's decode."""
+    require_tool("ffmpeg")
+    ogg = reference.ffmpeg_encode_ogg_opus(3.0)
+    packets = reference.ogg_packets(ogg)[2:]  # after OpusHead and OpusTags
+    return packets, reference.ffmpeg_decode_ogg_opus(ogg)
+
+
+def recording(server: ServerProcess, tap_id: str) -> tuple[np.ndarray, int, dict[str, Any]]:
+    sidecar = wait_for_sidecar(server.recordings, tap_id)
+    wav = server.recordings / f"{tap_id}.wav"
+    samples, rate = read_wav(wav)
+    assert assert_header_matches_data(wav) == len(samples) == sidecar["frames_written"]
+    return samples, rate, sidecar
+
+
+# -- Opus over WebSocket: one packet per binary frame -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "header"),
+    [
+        ("?codec=opus", None),
+        ("", '{"content-type": "audio/opus;rate=48000"}'),
+        ("", "content-type:audio/opus"),
+    ],
+)
+def test_opus_tap_equals_ffmpeg_libopus(
+    server: ServerProcess, opus_packets: tuple[list[bytes], np.ndarray], query: str,
+    header: str | None,
+) -> None:  # fmt: skip
+    packets, expected = opus_packets
+    tap_id = new_id("opus")
+    frames: list[bytes | str] = ([header] if header else []) + list(packets)
+    asyncio.run(send_tap(tap_url(server, tap_id, query), frames))
+    samples, rate, sidecar = recording(server, tap_id)
+    assert rate == 48000 and sidecar["sample_rate"] == 48000
+    assert sidecar["codec"] == "OPUS"
+    assert len(samples) == len(expected) == sum(packet_samples(p) for p in packets)
+    assert len(samples) == len(packets) * 960
+    assert np.array_equal(samples, expected)
+    assert sidecar["counters"]["frames_received"] == len(packets)
+    assert sidecar["decoding"] == {
+        "concealment": "opus-plc",
+        "concealed_frames": 0,
+        "corrupt_packets": 0,
+    }
+
+
+def test_opus_tap_at_a_declared_rate(server: ServerProcess, opus_packets: Any) -> None:
+    """`?rate=16000`: libopus decodes at 16 kHz itself (ffmpeg's libopus decoder only decodes
+    at 48 kHz: the reference is libopus through the binding's own per-packet API); the length
+    follows exactly."""
+    opuslib_next = pytest.importorskip("opuslib_next")
+    packets, _ = opus_packets
+    decoder = opuslib_next.Decoder(16000, 1)
+    expected = np.frombuffer(b"".join(decoder.decode(p, 320) for p in packets), "<i2")
+    tap_id = new_id("opus16")
+    asyncio.run(send_tap(tap_url(server, tap_id, "?codec=opus&rate=16000"), list(packets)))
+    samples, rate, sidecar = recording(server, tap_id)
+    assert rate == 16000 and sidecar["sample_rate"] == 16000
+    assert len(samples) == len(expected) == len(packets) * 320
+    assert np.array_equal(samples, expected)
+    assert np.abs(samples.astype(np.int32)).max() > 500  # audio, not silence
+
+
+def test_corrupt_opus_packets_are_counted_and_concealed(
+    server: ServerProcess, opus_packets: tuple[list[bytes], np.ndarray]
+) -> None:
+    """A frame that is no Opus packet (TOC: code 3, zero frames) is counted on arrival; one
+    whose TOC is fine but whose body libopus rejects is counted by the decoder; both become
+    libopus's concealment of the time it covers (the first: as long as the packet before it,
+    20 ms; the second: what its TOC says, two 20 ms frames), so the file keeps its length and
+    the audio before them is exact."""
+    packets, expected = opus_packets
+    tap_id = new_id("opusbad")
+    bad_toc = bytes([packets[0][0] | 0x03, 0x00])
+    bad_body = bytes([(packets[0][0] & 0xFC) | 0x02, 0xFF, 0x01])  # code 2: length past the end
+    frames: list[bytes | str] = [*packets[:50], bad_toc, *packets[50:100], bad_body, *packets[100:]]
+    asyncio.run(send_tap(tap_url(server, tap_id, "?codec=opus"), frames))
+    samples, _, sidecar = recording(server, tap_id)
+    assert len(samples) == len(expected) + 960 + 2 * 960
+    assert np.array_equal(samples[: 50 * 960], expected[: 50 * 960])
+    assert sidecar["counters"]["corrupt_packets"] == 1  # the TOC, on the event loop
+    assert sidecar["decoding"]["corrupt_packets"] == 1  # the body, in the decoder
+    assert sidecar["decoding"]["concealed_frames"] == 960 + 2 * 960
+    assert "not an Opus packet" in server.log()
+    # concealment continues the signal instead of a hole of digital silence
+    assert np.abs(samples[50 * 960 : 51 * 960].astype(np.int32)).max() > 100
+
+
+# -- G.722 over WebSocket -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "header"),
+    [
+        ("?codec=g722", None),
+        ("", "content-type:audio/G722;rate=8000"),
+        ("", '{"content-type": "audio/G722"}'),
+    ],
+)
+def test_g722_tap_equals_ffmpeg(server: ServerProcess, query: str, header: str | None) -> None:
+    require_tool("ffmpeg")
+    encoded = reference.ffmpeg_encode_g722(2.0)
+    expected = reference.ffmpeg_decode_g722(encoded)
+    tap_id = new_id("g722")
+    chunks = [encoded[i : i + 160] for i in range(0, len(encoded), 160)]  # 20 ms each
+    frames: list[bytes | str] = ([header] if header else []) + chunks
+    asyncio.run(send_tap(tap_url(server, tap_id, query), frames))
+    samples, rate, sidecar = recording(server, tap_id)
+    assert rate == 16000 and sidecar["sample_rate"] == 16000 and sidecar["codec"] == "G722"
+    assert len(samples) == len(expected) == 2 * len(encoded) == 32000
+    assert np.array_equal(samples, expected)
+
+
+# -- the TOC parser ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("packet", "samples"),
+    [
+        (bytes([0x08]), 960),  # SILK NB 20 ms, one frame
+        (bytes([0x70 | 1, 0, 0]), 960),  # hybrid FB 10 ms, two frames
+        (bytes([0xF8 | 3, 0x03]), 2880),  # CELT FB 20 ms, three frames
+        (bytes([0x80]), 120),  # CELT NB 2.5 ms
+        (bytes([0x18 | 3, 0x02]), 5760),  # SILK 60 ms x 2 = 120 ms: the most there may be
+    ],
+)
+def test_packet_samples(packet: bytes, samples: int) -> None:
+    assert packet_samples(packet) == samples
+
+
+@pytest.mark.parametrize("packet", [b"", bytes([0x03]), bytes([0x03, 0x00]), bytes([0x1B, 0x03])])
+def test_packet_samples_refuses_what_is_no_packet(packet: bytes) -> None:
+    with pytest.raises(OpusPacketError):
+        packet_samples(packet)
