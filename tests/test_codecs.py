@@ -4,14 +4,19 @@ WAV compared sample for sample with the Debian ffmpeg CLI's decode of the same p
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 
+from receiver.codecs.formats import FormatError, parse_content_type
 from receiver.codecs.opus_packet import OpusPacketError, packet_samples
 from tests import reference
 from tests.helpers import (
+    TOKEN,
     ServerProcess,
     assert_header_matches_data,
     new_id,
@@ -161,3 +166,84 @@ def test_packet_samples(packet: bytes, samples: int) -> None:
 def test_packet_samples_refuses_what_is_no_packet(packet: bytes) -> None:
     with pytest.raises(OpusPacketError):
         packet_samples(packet)
+
+
+# -- Media Streams: G.722 (Telnyx, SignalWire `stream`) and L16 with modifiers --------------
+
+
+def stream_start(encoding: str, rate: int | None, tracks: list[str]) -> dict[str, Any]:
+    media_format: dict[str, Any] = {"encoding": encoding, "channels": 1}
+    if rate is not None:
+        media_format["sample_rate"] = rate
+    return {"event": "start", "stream_id": "tx-1",
+            "start": {"tracks": tracks, "media_format": media_format}}  # fmt: skip
+
+
+def stream_media(track: str, chunk: int, payload: bytes) -> dict[str, Any]:
+    body = {"track": track, "chunk": str(chunk), "timestamp": str((chunk - 1) * 20),
+            "payload": base64.b64encode(payload).decode()}  # fmt: skip
+    return {"event": "media", "stream_id": "tx-1", "media": body}
+
+
+async def replay(url: str, messages: list[dict[str, Any]]) -> None:
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        for message in messages:
+            await ws.send_str(json.dumps(message))
+        await ws.close()
+
+
+def test_g722_media_stream_two_tracks(server: ServerProcess) -> None:
+    """Telnyx-style G.722 (its SDP clock rate 8000 declared), both tracks: a stereo WAV at
+    16 kHz, each channel ffmpeg's decode of its track's bytes; a chunk that never came on the
+    inbound track is 320 samples of silence there (and the decoder goes on with the next)."""
+    require_tool("ffmpeg")
+    inbound, outbound = reference.ffmpeg_encode_g722(1.0), reference.ffmpeg_encode_g722(1.0)[::-1]
+    tap_id = new_id("g722s")
+    messages = [stream_start("G722", 8000, ["both_tracks"])]
+    for n in range(1, 51):
+        piece = slice((n - 1) * 160, n * 160)
+        if n != 20:
+            messages.append(stream_media("inbound", n, inbound[piece]))
+        messages.append(stream_media("outbound", n, outbound[piece]))
+    asyncio.run(replay(f"{server.ws_url}/t/{TOKEN}/stream/{tap_id}", messages))
+    samples, rate, sidecar = recording(server, tap_id)
+    assert rate == 16000 and sidecar["codec"] == "G722" and samples.shape == (16000, 2)
+    without = inbound[: 19 * 160] + inbound[20 * 160 :]  # what the inbound decoder was fed
+    decoded = reference.ffmpeg_decode_g722(without)
+    expected_in = np.concatenate(
+        [decoded[: 19 * 320], np.zeros(320, np.int16), decoded[19 * 320 :]]
+    )
+    assert np.array_equal(samples[:, 0], expected_in)
+    assert np.array_equal(samples[:, 1], reference.ffmpeg_decode_g722(outbound))
+
+
+@pytest.mark.parametrize(
+    ("encoding", "rate"),
+    [
+        ("L16@24000h@40i", None),
+        ("audio/x-L16@16000h", None),
+        ("L16@24000h@40i", 24000),
+    ],
+)
+def test_l16_with_modifiers(server: ServerProcess, encoding: str, rate: int | None) -> None:
+    """SignalWire `stream` codecs such as `L16@24000h@40i`: the rate comes from the `h`
+    modifier (40 ms packets: `i`) when the start message gives no sample rate."""
+    hz = int(encoding.split("@")[1].rstrip("h"))
+    pcm = np.random.default_rng(hz).integers(-32768, 32767, hz // 25 * 6, dtype=np.int16)
+    raw = pcm.astype("<i2").tobytes()
+    per = hz // 25 * 2  # bytes in 40 ms
+    tap_id = new_id("l16m")
+    messages = [stream_start(encoding, rate, ["inbound"])]
+    messages += [stream_media("inbound", n + 1, raw[n * per : (n + 1) * per]) for n in range(6)]
+    for message in messages[1:]:
+        message["media"]["timestamp"] = str(int(message["media"]["chunk"]) * 40 - 40)
+    asyncio.run(replay(f"{server.ws_url}/t/{TOKEN}/stream/{tap_id}", messages))
+    samples, wav_rate, sidecar = recording(server, tap_id)
+    assert wav_rate == hz == sidecar["sample_rate"] and sidecar["codec"] == "L16"
+    assert np.array_equal(samples, pcm)
+
+
+@pytest.mark.parametrize("encoding", ["L16@24000x", "L16@h", "L16@8000h@8000h"])
+def test_bad_codec_modifiers_are_refused(encoding: str) -> None:
+    with pytest.raises(FormatError):
+        parse_content_type(encoding)

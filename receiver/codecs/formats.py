@@ -85,9 +85,41 @@ def codec_from_query(value: str | None, rate: str | None = None) -> AudioFormat:
     return AudioFormat(encoding, sample_rate)
 
 
+@dataclass(frozen=True, slots=True)
+class CodecSpec:
+    """A codec name with FreeSWITCH/SignalWire-style modifiers: `L16@24000h@40i` is L16 at
+    24 000 Hz in 40 ms packets (`h`: the rate, `i`: the packetization interval in ms, `c`: the
+    channels)."""
+
+    name: str
+    rate: int | None = None
+    ptime: int | None = None
+    channels: int | None = None
+
+
+def parse_codec_spec(value: str) -> CodecSpec:
+    """'L16@24000h@40i' -> CodecSpec('L16', 24000, 40); a plain name has no modifiers. Raises
+    FormatError for a modifier that is not a number with one of the suffixes h, i, c."""
+    name, *modifiers = value.strip().split("@")
+    found: dict[str, int] = {}
+    for modifier in modifiers:
+        modifier = modifier.strip().lower()
+        suffix, number = modifier[-1:], modifier[:-1]
+        if suffix not in ("h", "i", "c") or not number.isdigit() or suffix in found:
+            raise FormatError(f"bad codec modifier {modifier!r} in {value!r} (e.g. L16@24000h@40i)")
+        found[suffix] = int(number)
+    return CodecSpec(name.strip(), found.get("h"), found.get("i"), found.get("c"))
+
+
 def parse_content_type(value: str) -> AudioFormat:
     """'audio/mulaw;rate=8000' -> AudioFormat. Raises FormatError for what we cannot record."""
     mime, *params = [part.strip() for part in value.split(";")]
+    spec = parse_codec_spec(mime)
+    mime = spec.name
+    if spec.rate is not None:
+        params.append(f"rate={spec.rate}")
+    if spec.channels is not None:
+        params.append(f"channels={spec.channels}")
     encoding = encoding_named(mime)
     if encoding is None:
         raise FormatError(f"unsupported audio format {mime!r}: supported are {SUPPORTED_FORMATS}")

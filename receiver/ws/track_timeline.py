@@ -60,8 +60,13 @@ class TrackStats:
         return {**asdict(self), "missing_chunks": self.missing_chunks}
 
 
-def _trim(kind: Encoding, data: bytes, samples: int) -> bytes:
-    return data[samples * kind.bytes_per_sample :]
+def _trim(kind: Encoding, data: bytes, samples: int) -> tuple[bytes, int]:
+    """`data` less its first `samples`; and the samples of silence that must stand in for a
+    part of a byte (G.722: a byte is two samples, and an odd overlap cuts one in half)."""
+    if kind is Encoding.G722:
+        cut = (samples + 1) // 2
+        return data[cut:], 2 * cut - samples
+    return data[samples * kind.bytes_per_sample :], 0
 
 
 class TrackTimeline:
@@ -97,6 +102,8 @@ class TrackTimeline:
 
     @staticmethod
     def _samples(kind: Encoding, data: bytes) -> int:
+        if kind is Encoding.G722:
+            return 2 * len(data)  # 16 kHz audio, 8 bits for two samples
         return len(data) // kind.bytes_per_sample
 
     def _by_time(self, timestamp_ms: float | None) -> int | None:
@@ -191,7 +198,8 @@ class TrackTimeline:
             self.stats.late += 1
             return
         if position < self.end:
-            data = _trim(kind, data, self.end - position)
+            data, fill = _trim(kind, data, self.end - position)
+            self.output.append_silence(fill)
         self.output.append(kind, data)
         self.end = position + samples
 

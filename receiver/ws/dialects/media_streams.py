@@ -17,8 +17,15 @@ from typing import Any
 
 import orjson
 
+from receiver.codecs.decoders import G722_RATE
 from receiver.codecs.encoding import Encoding, encoding_named
-from receiver.codecs.formats import AudioFormat, FormatError, check_rate
+from receiver.codecs.formats import (
+    AudioFormat,
+    FormatError,
+    check_rate,
+    default_rate,
+    parse_codec_spec,
+)
 from receiver.storage.sidecar import too_deep
 from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
 from receiver.ws.dialects.base import Session, SessionContext
@@ -67,18 +74,22 @@ def _track(value: Any) -> str:
 
 
 def parse_media_format(media_format: Any) -> AudioFormat:
-    """`start.mediaFormat` / `media_format` -> AudioFormat (mono per track)."""
+    """`start.mediaFormat` / `media_format` -> AudioFormat (mono per track). The encoding may
+    carry modifiers (`L16@24000h@40i`: its rate, unless `sampleRate` says otherwise)."""
     if not isinstance(media_format, dict):
         return AudioFormat(Encoding.PCMU)
-    encoding_name = str(_get(media_format, "encoding") or "audio/x-mulaw").strip().lower()
-    encoding = encoding_named(encoding_name)
-    if encoding is None or not (encoding.is_g711 or encoding in (Encoding.L16, Encoding.L16BE)):
+    encoding_name = str(_get(media_format, "encoding") or "audio/x-mulaw").strip()
+    spec = parse_codec_spec(encoding_name)
+    encoding = encoding_named(spec.name)
+    if encoding is None or encoding is Encoding.OPUS:
         raise FormatError(
-            f"unsupported media format {encoding_name!r}: Media Streams carry audio/x-mulaw, "
-            "audio/x-alaw or audio/l16 here"
+            f"unsupported media format {encoding_name.lower()!r}: Media Streams carry "
+            "audio/x-mulaw, audio/x-alaw, audio/x-l16 (e.g. L16@24000h@40i) or audio/G722 here"
         )
     rate_value = _number(_get(media_format, "sampleRate", "sample_rate"))
-    rate = int(rate_value) if rate_value else 8000
+    rate = int(rate_value) if rate_value else spec.rate or default_rate(encoding)
+    if encoding is Encoding.G722 and rate == 8000:
+        rate = G722_RATE  # the RTP clock rate SDP gives G.722 (RFC 3551 §4.5.2)
     check_rate(encoding, rate)
     return AudioFormat(encoding, rate, 1)
 
