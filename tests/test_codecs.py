@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,6 +20,7 @@ from receiver.codecs.formats import FormatError, parse_content_type
 from receiver.codecs.opus_packet import OpusPacketError, packet_samples
 from tests import reference
 from tests.helpers import (
+    ROOT,
     TOKEN,
     ServerProcess,
     assert_header_matches_data,
@@ -247,3 +252,33 @@ def test_l16_with_modifiers(server: ServerProcess, encoding: str, rate: int | No
 def test_bad_codec_modifiers_are_refused(encoding: str) -> None:
     with pytest.raises(FormatError):
         parse_content_type(encoding)
+
+
+# -- what ls and inspect say ------------------------------------------------------------------
+
+
+def test_ls_and_inspect_show_codec_rate_and_concealment(
+    server: ServerProcess, opus_packets: tuple[list[bytes], np.ndarray], tmp_path: Path
+) -> None:
+    packets, _ = opus_packets
+    tap_id = new_id("opusls")
+    frames: list[bytes | str] = [*packets[:20], bytes([0x03, 0x00]), *packets[20:40]]
+    asyncio.run(send_tap(tap_url(server, tap_id, "?codec=opus&rate=24000"), frames))
+    wait_for_sidecar(server.recordings, tap_id)
+    directory = tmp_path / "recordings"
+    directory.mkdir()
+    for ext in ("wav", "json"):
+        shutil.copy(server.recordings / f"{tap_id}.{ext}", directory)
+
+    def cli(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "receiver", *args, "--recordings",
+                                 str(directory)], capture_output=True, text=True, timeout=60,
+                                cwd=ROOT)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    row = cli("ls").splitlines()[1].split()
+    assert row[:6] == [tap_id, "finished", "websocket", "OPUS", "24000", "1"]
+    text = cli("inspect", tap_id)
+    assert "OPUS 24000 Hz x1" in text
+    assert "concealment opus-plc: 480 frames concealed, 0 corrupt packets" in text
