@@ -4,6 +4,7 @@ libopus and the file keeps its exact length."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import time
@@ -18,11 +19,13 @@ from tests import reference
 from tests.helpers import (
     ServerProcess,
     assert_header_matches_data,
+    free_port,
     read_wav,
     require_tool,
     wait_for_sidecar,
     wait_until,
 )
+from tests.test_control import post
 
 
 @pytest.fixture
@@ -141,3 +144,53 @@ def test_lost_opus_packets_are_concealed_by_libopus(rtp_server: ServerProcess) -
     )
     assert np.array_equal(samples, np.frombuffer(same_library, "<i2"))
     assert np.abs(samples[40 * 960 : 41 * 960].astype(np.int32)).max() > 100  # not a hole
+
+
+def test_lost_g722_packet_is_silence_of_its_16_khz_length(rtp_server: ServerProcess) -> None:
+    """A G.722 packet that never arrives: 160 clock ticks of the 8 kHz RTP clock, so 320
+    samples of silence in the 16 kHz file; the decoder goes on with the next packet."""
+    require_tool("ffmpeg")
+    encoded = reference.ffmpeg_encode_g722(1.0)
+    chunks = [encoded[i : i + 160] for i in range(0, len(encoded), 160)]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        for n, payload in enumerate(chunks):
+            if n != 20:
+                datagram = RtpPacket(9, n == 0, 7 + n, 160 * n, 0x5678, payload)
+                sock.sendto(datagram.serialize(), ("127.0.0.1", rtp_server.rtp_port))
+            time.sleep(0.02)  # pacing: a real-time sender
+    samples, rate, sidecar = only_recording(rtp_server)
+    decoded = reference.ffmpeg_decode_g722(b"".join(c for n, c in enumerate(chunks) if n != 20))
+    expected = np.concatenate([decoded[: 20 * 320], np.zeros(320, np.int16), decoded[20 * 320 :]])
+    assert rate == 16000 and len(samples) == len(expected) == 16000
+    assert np.array_equal(samples, expected)
+    assert sidecar["rtp"]["lost"] == 1
+
+
+def test_a_tap_registered_as_opus_takes_its_dynamic_payload_type(make_server: Any) -> None:
+    """A pool port registered with `"codec": "OPUS"` records a stream on PT 96 (not in
+    `rtp_payload_types`) as Opus; the same stream on the shared port would be unknown audio."""
+    opuslib_next = pytest.importorskip("opuslib_next")
+    first = free_port()
+    server: ServerProcess = make_server(
+        "--no-auth", "--rtp-port-range", f"{first}-{first}", "--rtp-idle-timeout", "0.5"
+    )
+    body = {"tap_id": "opus-call", "codec": "OPUS"}
+    status, answer = asyncio.run(post(f"{server.base_url}/api/taps", body))
+    assert status == 201 and answer["device"]["params"]["codec"] == "OPUS", answer
+    encoder = opuslib_next.Encoder(48000, 1, "voip")
+    tone = (3000 * np.sin(np.arange(960 * 25) * 2 * np.pi * 440 / 48000)).astype(np.int16)
+    packets = [encoder.encode(tone[k * 960 : (k + 1) * 960].tobytes(), 960) for k in range(25)]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        for n, payload in enumerate(packets):
+            datagram = RtpPacket(96, n == 0, n, 960 * n, 0x9ABC, payload)
+            sock.sendto(datagram.serialize(), ("127.0.0.1", answer["rtp"]["port"]))
+            time.sleep(0.02)  # pacing: a real-time sender
+    sidecar = wait_for_sidecar(server.recordings, "opus-call")
+    samples, rate = read_wav(server.recordings / "opus-call.wav")
+    decoder = opuslib_next.Decoder(48000, 1)
+    expected = np.frombuffer(b"".join(decoder.decode(p, 960) for p in packets), "<i2")
+    assert sidecar["codec"] == "OPUS" and rate == 48000
+    assert sidecar["payload_types"] == {"96": "OPUS", "111": "OPUS"}
+    assert np.array_equal(samples, expected)
