@@ -192,5 +192,5 @@ def test_a_tap_registered_as_opus_takes_its_dynamic_payload_type(make_server: An
     decoder = opuslib_next.Decoder(48000, 1)
     expected = np.frombuffer(b"".join(decoder.decode(p, 960) for p in packets), "<i2")
     assert sidecar["codec"] == "OPUS" and rate == 48000
-    assert sidecar["payload_types"] == {"96": "OPUS", "111": "OPUS"}
+    assert sidecar["audio_payload_types"] == {"96": "OPUS", "111": "OPUS"}
     assert np.array_equal(samples, expected)

@@ -338,7 +338,7 @@ class RtpReceiver:
         tap = Tap(tap_id, "rtp", codec, default_rate(codec), remote=f"{addr[0]}:{addr[1]}",
                   key=name_key, ahead_allowance=allowance)  # fmt: skip
         tap.extra["local_port"] = sock.port
-        tap.extra["payload_types"] = {str(pt): c.value for pt, c in codecs.items()}
+        tap.extra["audio_payload_types"] = {str(pt): c.value for pt, c in codecs.items()}
         if expected is not None:
             tap.extra.update(expected.extra)
         timeline = self._timeline(TapOutput(tap, rtp_clock_rate(codec)), codecs, codec)
