@@ -282,3 +282,36 @@ def test_ls_and_inspect_show_codec_rate_and_concealment(
     text = cli("inspect", tap_id)
     assert "OPUS 24000 Hz x1" in text
     assert "concealment opus-plc: 480 frames concealed, 0 corrupt packets" in text
+
+
+def test_opus_media_stream_with_a_lost_chunk(
+    server: ServerProcess, opus_packets: tuple[list[bytes], np.ndarray]
+) -> None:
+    """Telnyx-style OPUS: one packet per media message. Until the chunk that never came the
+    recording is the ffmpeg CLI's libopus decode; that chunk is libopus's concealment; the
+    whole equals libopus fed the same packets with the loss marked; a corrupt packet is
+    counted and concealed too."""
+    opuslib_next = pytest.importorskip("opuslib_next")
+    packets, expected = opus_packets
+    lost = {30, 31}
+    corrupt = 60
+    tap_id = new_id("opuss")
+    messages = [stream_start("OPUS", 48000, ["inbound"])]
+    for n, packet in enumerate(packets):
+        if n not in lost:
+            messages.append(
+                stream_media("inbound", n + 1, bytes([0x03]) if n == corrupt else packet)
+            )
+    asyncio.run(replay(f"{server.ws_url}/t/{TOKEN}/stream/{tap_id}", messages))
+    samples, rate, sidecar = recording(server, tap_id)
+    assert rate == 48000 and sidecar["codec"] == "OPUS"
+    assert len(samples) == len(packets) * 960
+    assert np.array_equal(samples[: 30 * 960], expected[: 30 * 960])
+    decoder = opuslib_next.Decoder(48000, 1)
+    gone = lost | {corrupt}
+    same_library = b"".join(
+        decoder.decode(b"" if n in gone else p, 960) for n, p in enumerate(packets)
+    )
+    assert np.array_equal(samples, np.frombuffer(same_library, "<i2"))
+    assert sidecar["counters"]["corrupt_packets"] == 1
+    assert sidecar["decoding"]["concealed_frames"] == 3 * 960

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from receiver.codecs.encoding import Encoding
+from receiver.codecs.opus_packet import packet_samples, samples_at
 
 TIMESTAMP_TOLERANCE = 0.06  # seconds: timestamp jitter absorbed before the timestamp wins
 MAX_GAP_SECONDS = 30.0  # the longest jump filled with silence (as the RTP timeline's max_gap)
@@ -100,10 +101,11 @@ class TrackTimeline:
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque()
 
-    @staticmethod
-    def _samples(kind: Encoding, data: bytes) -> int:
+    def _samples(self, kind: Encoding, data: bytes) -> int:
         if kind is Encoding.G722:
             return 2 * len(data)  # 16 kHz audio, 8 bits for two samples
+        if kind is Encoding.OPUS:  # one packet (the session has checked its TOC)
+            return samples_at(packet_samples(data), self.rate)
         return len(data) // kind.bytes_per_sample
 
     def _by_time(self, timestamp_ms: float | None) -> int | None:
@@ -197,9 +199,13 @@ class TrackTimeline:
         if position + samples <= self.end:
             self.stats.late += 1
             return
+        if position < self.end and kind.is_packetized:
+            self.stats.late += 1  # a packet cannot be cut: what it overlaps is kept instead
+            return
         if position < self.end:
             data, fill = _trim(kind, data, self.end - position)
-            self.output.append_silence(fill)
+            if fill:
+                self.output.append_silence(fill)
         self.output.append(kind, data)
         self.end = position + samples
 
