@@ -120,8 +120,11 @@ def _ffmpeg(*args: str, data: bytes | None = None) -> bytes:
 
 
 def ffmpeg_encode_ogg_opus(seconds: float, bitrate: str = "24k", channels: int = 1) -> bytes:
-    """An Ogg Opus file made by ffmpeg's libopus encoder, 20 ms packets."""
+    """An Ogg Opus file made by ffmpeg's libopus encoder, 20 ms packets (stereo: the tone on
+    the left, the noise on the right)."""
     graph = LAVFI_SIGNAL.format(rate=48000, seconds=seconds)
+    if channels == 2:
+        graph = graph.replace("amix=inputs=2", "join=inputs=2:channel_layout=stereo")
     return _ffmpeg("-filter_complex", graph, "-ac", str(channels), "-c:a", "libopus", "-b:a",
                    bitrate, "-frame_duration", "20", "-f", "ogg", "pipe:1")  # fmt: skip
 

@@ -315,3 +315,20 @@ def test_opus_media_stream_with_a_lost_chunk(
     assert np.array_equal(samples, np.frombuffer(same_library, "<i2"))
     assert sidecar["counters"]["corrupt_packets"] == 1
     assert sidecar["decoding"]["concealed_frames"] == 3 * 960
+
+
+def test_stereo_opus_tap(server: ServerProcess) -> None:
+    """`audio/opus;channels=2`: one stereo libopus decoder, a 2-channel WAV equal to the
+    ffmpeg CLI's decode of the same packets."""
+    require_tool("ffmpeg")
+    ogg = reference.ffmpeg_encode_ogg_opus(1.0, bitrate="48k", channels=2)
+    packets = reference.ogg_packets(ogg)[2:]
+    expected = reference.ffmpeg_decode_ogg_opus(ogg, channels=2).reshape(-1, 2)
+    tap_id = new_id("opus2")
+    header = '{"content-type": "audio/opus;rate=48000;channels=2"}'
+    asyncio.run(send_tap(tap_url(server, tap_id), [header, *packets]))
+    samples, rate, sidecar = recording(server, tap_id)
+    assert rate == 48000 and sidecar["channels"] == 2 and samples.shape == expected.shape
+    assert len(samples) == 960 * len(packets)
+    assert np.array_equal(samples, expected)
+    assert not np.array_equal(samples[:, 0], samples[:, 1])  # two different channels
