@@ -8,9 +8,14 @@ concealment, the others with digital silence.
 * G.711 (PCMU, PCMA) and L16: the vectorised numpy paths of `Encoding.decode`, stateless.
 * Opus: libopus through `opuslib-next` (ctypes; the system's libopus, e.g. Debian `libopus0`).
   Decoded at the tap's rate (8, 12, 16, 24 or 48 kHz) natively, one `opus_decode` per packet
-  straight into the batch's array. A packet libopus rejects is counted and concealed.
+  straight into the batch's array. A packet libopus rejects is counted and concealed. Lost
+  audio is libopus's packet loss concealment (PLC). In-band FEC (LBRR data in the packet after
+  a loss) is not used: it needs that next packet before the lost one is rendered, which a loss
+  at the end of a batch does not have; PLC keeps every batch self-contained and the file's
+  length exact either way.
 * G.722: `G722` (sippy's libg722, the ITU-T reference algorithm as in spandsp), 64 kbit/s, to
-  16 kHz. Its output is equal to FFmpeg's `g722` decoder sample for sample.
+  16 kHz. Its output is equal to FFmpeg's `g722` decoder sample for sample (tests); the ITU-T
+  test vectors could not be had here, libg722 states that it passes them.
 
 Why these libraries and not PyAV (which bundles FFmpeg's decoders): PyAV's wheel is ~36 MB
 (~100 MB installed) and bundles a GPL build of FFmpeg (x264, x265); FFmpeg's libopus wrapper
