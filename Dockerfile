@@ -35,6 +35,9 @@ LABEL org.opencontainers.image.title="tap-receiver" \
       org.opencontainers.image.description="Destination for live call-audio taps (WebSocket and RTP): WAV + JSON sidecar per tap" \
       org.opencontainers.image.licenses="MIT"
 ARG UID=10001
+# libopus: the Opus decoder (opuslib-next loads the system's library)
+RUN apt-get update && apt-get install -y --no-install-recommends libopus0 \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --gid "${UID}" receiver \
     && useradd --no-log-init --uid "${UID}" --gid "${UID}" --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin receiver \

@@ -1,7 +1,13 @@
-"""Paced RTP load: N concurrent G.711 streams, each from its own UDP source port, in real time.
+"""Paced RTP load: N concurrent G.711 (or G.722, or Opus) streams, each from its own UDP source
+port, in real time.
 
     python -m bench.rtp_load --port 5004 --streams 300 --seconds 10
     python -m bench.rtp_load --port 5004 --streams 3000 --seconds 60 --processes 2 --ramp 3
+    python -m bench.rtp_load --port 5004 --streams 300 --seconds 10 --codec opus
+
+`--codec g722` sends random bytes (every byte string is G.722) on PT 9, 8 kHz RTP clock; `--codec
+opus` sends real libopus packets (32 kbit/s hard CBR, so every packet is 80 bytes; made once by
+`opus_cycle`, the same for every stream) on PT 111, 48 kHz RTP clock.
 
 Each stream's payload is deterministic (`expected_payload`), so a checker can compare every WAV
 sample for sample. Stream i starts `i * ramp / streams` seconds after the start (calls arrive over
@@ -25,6 +31,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -69,6 +77,60 @@ def expected_payload(stream: int, packets: int, samples: int, seed: int, period:
         return payload_for(stream, packets * samples, seed)
     cycle = payload_for(stream, period * samples, seed)
     return (cycle * (packets // period + 1))[: packets * samples]
+
+
+@dataclass(frozen=True)
+class Codec:
+    payload_type: int
+    bytes_per_ms: int  # payload bytes per millisecond of audio
+    clock_per_ms: int  # RTP timestamp ticks per millisecond
+    frames_per_ms: int  # WAV frames per millisecond (the recording's rate / 1000)
+
+
+CODECS = {
+    "pcmu": Codec(0, 8, 8, 8),
+    "pcma": Codec(8, 8, 8, 8),
+    "g722": Codec(9, 8, 8, 16),
+    "opus": Codec(111, 4, 48, 48),
+}
+OPUS_SEED_SIGNAL = 300.0  # Hz: the tone (with a little noise) the Opus packets carry
+
+
+def opus_cycle(packets: int, ptime_ms: int, seed: int) -> list[bytes]:
+    """`packets` consecutive Opus packets of `ptime_ms` (hard CBR: all the same size)."""
+    import opuslib_next  # the receiver's own dependency; only this codec needs it
+
+    encoder = opuslib_next.Encoder(48000, 1, "voip")
+    encoder.bitrate = CODECS["opus"].bytes_per_ms * 8000
+    encoder.vbr = 0
+    frame = 48 * ptime_ms
+    t = np.arange(frame * packets) / 48000
+    rng = np.random.default_rng(seed)
+    signal = 6000 * np.sin(2 * np.pi * OPUS_SEED_SIGNAL * t) + 300 * rng.standard_normal(len(t))
+    pcm = signal.astype(np.int16)
+    frames = [pcm[k * frame : (k + 1) * frame].tobytes() for k in range(packets)]
+    out = [encoder.encode(f, frame) for f in frames]
+    sizes = {len(p) for p in out}
+    assert sizes == {CODECS["opus"].bytes_per_ms * ptime_ms}, sizes
+    return out
+
+
+def stream_cycle(codec: str, stream: int, packets: int, ptime_ms: int, seed: int) -> bytes:
+    """The payloads stream `stream` sends, `packets` of them back to back (all one size)."""
+    if codec == "opus":
+        return b"".join(opus_cycle(packets, ptime_ms, seed))
+    return payload_for(stream, packets * CODECS[codec].bytes_per_ms * ptime_ms, seed)
+
+
+@lru_cache(maxsize=1)
+def _opus_bytes(packets: int, ptime_ms: int, seed: int) -> bytes:
+    return b"".join(opus_cycle(packets, ptime_ms, seed))
+
+
+def _cycle(codec: str, stream: int, packets: int, ptime_ms: int, seed: int) -> bytes:
+    if codec == "opus":  # the same packets for every stream: encoded once
+        return _opus_bytes(packets, ptime_ms, seed)
+    return stream_cycle(codec, stream, packets, ptime_ms, seed)
 
 
 class _Pacer:
@@ -176,16 +238,18 @@ def _send_raw(
     period: int,
     ramp: float,
     start_at: float | None,
+    codec: str = "pcmu",
 ) -> dict[str, Any]:
     """`_send` over one raw socket: the same packets, timing and summary."""
-    samples = ptime_ms * 8
+    samples = ptime_ms * CODECS[codec].bytes_per_ms  # payload bytes
+    ticks = ptime_ms * CODECS[codec].clock_per_ms
     packets = int(seconds * 1000 // ptime_ms)
     cycle_len = period if period and period < packets else packets
     streams = np.arange(first, first + count, dtype=np.int64)
     cycles = np.empty((count, cycle_len, samples), np.uint8)
     for local in range(count):
-        payload = np.frombuffer(payload_for(first + local, cycle_len * samples, seed), np.uint8)
-        cycles[local] = payload.reshape(cycle_len, samples)
+        cycle = _cycle(codec, first + local, cycle_len, ptime_ms, seed)
+        cycles[local] = np.frombuffer(cycle, np.uint8).reshape(cycle_len, samples)
     offsets = np.round(streams * ramp * 1000 / max(1, total)).astype(np.int64)
     size = 28 + 12 + samples
     # IPv4 (the kernel fills in the total length, id and checksum) and UDP (no checksum)
@@ -215,7 +279,7 @@ def _send_raw(
         out[:, :40] = headers[j]
         out[:, 29] = payload_type | np.where(n == 0, 0x80, 0)
         out[:, 30:32] = _be((1000 * streams[j] + n) & 0xFFFF, 2)
-        out[:, 32:36] = _be((123456 * streams[j] + n * samples) & 0xFFFFFFFF, 4)
+        out[:, 32:36] = _be((123456 * streams[j] + n * ticks) & 0xFFFFFFFF, 4)
         out[:, 40:] = cycles[j, n % cycle_len]
         batch.send(fd, k)
         sent += k
@@ -242,6 +306,7 @@ def _send(
     ramp: float,
     start_at: float | None,
     sender: str = "auto",
+    codec: str = "pcmu",
 ) -> dict[str, Any]:
     """Send streams first..first+count-1 (of `total`, which fixes their start offsets).
 
@@ -253,9 +318,10 @@ def _send(
     if raw is not None:
         return _send_raw(
             raw, host, port, first, count, total, seconds, ptime_ms, payload_type, seed, period,
-            ramp, start_at,
+            ramp, start_at, codec,
         )  # fmt: skip
-    samples = ptime_ms * 8
+    samples = ptime_ms * CODECS[codec].bytes_per_ms  # payload bytes
+    ticks = ptime_ms * CODECS[codec].clock_per_ms
     packets = int(seconds * 1000 // ptime_ms)
     cycle_len = period if period and period < packets else packets
     socks, chunks, offsets = [], [], []
@@ -264,7 +330,7 @@ def _send(
         sock.bind((host if host.startswith("127.") else "0.0.0.0", 0))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         socks.append(sock)
-        cycle = payload_for(i, cycle_len * samples, seed)
+        cycle = _cycle(codec, i, cycle_len, ptime_ms, seed)
         chunks.append([cycle[k * samples : (k + 1) * samples] for k in range(cycle_len)])
         offsets.append(round(i * ramp * 1000 / max(1, total)))  # ms after the start
     # 1 ms slots: slot s sends packet (s - offset) / ptime of every stream whose phase it is.
@@ -285,7 +351,7 @@ def _send(
                 0x80,
                 payload_type | (0x80 if n == 0 else 0),
                 (1000 * i + n) & 0xFFFF,
-                (123456 * i + n * samples) & 0xFFFFFFFF,
+                (123456 * i + n * ticks) & 0xFFFFFFFF,
                 0x10000000 + i,
             )
             socks[j].sendto(header + chunks[j][n % cycle_len], target)
@@ -309,12 +375,13 @@ def run(
     ramp: float = 0.0,
     start_at: float | None = None,
     sender: str = "auto",
+    codec: str = "pcmu",
 ) -> dict[str, Any]:
     """Send the load, from `processes` separate sender processes when more than one."""
     if processes <= 1:
         return _send(
             host, port, 0, streams, streams, seconds, ptime_ms, payload_type, seed, period,
-            ramp, start_at, sender,
+            ramp, start_at, sender, codec,
         )  # fmt: skip
     # Children need time to open their sockets and build payloads before the common start.
     start_at = start_at if start_at is not None else time.time() + 1.0 + streams / 2000
@@ -329,6 +396,7 @@ def run(
             "--seconds", str(seconds), "--ptime", str(ptime_ms),
             "--payload-type", str(payload_type), "--seed", str(seed), "--period", str(period),
             "--ramp", str(ramp), "--start-at", repr(start_at), "--sender", sender,
+            "--codec", codec,
         ]  # fmt: skip
         procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, text=True))
         first += count
@@ -360,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--ptime", type=int, default=20, help="milliseconds per packet")
-    parser.add_argument("--payload-type", type=int, default=0, help="0 PCMU, 8 PCMA")
+    parser.add_argument("--payload-type", type=int, default=None,
+                        help="default: the codec's (0, 8, 9 or 111)")  # fmt: skip
+    parser.add_argument("--codec", choices=sorted(CODECS), default="pcmu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--processes", type=int, default=1, help="sender processes")
     parser.add_argument(
@@ -375,17 +445,19 @@ def main(argv: list[str] | None = None) -> int:
         help="raw: one raw socket and sendmmsg (needs CAP_NET_RAW); sockets: a socket per stream",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.payload_type is None:
+        args.payload_type = CODECS[args.codec].payload_type
     if args.first is not None:  # one slice, as a child of a multi-process run
         summary = _send(
             args.host, args.port, args.first, args.streams, args.total or args.streams,
             args.seconds, args.ptime, args.payload_type, args.seed, args.period, args.ramp,
-            args.start_at, args.sender,
+            args.start_at, args.sender, args.codec,
         )  # fmt: skip
     else:
         summary = run(
             args.host, args.port, args.streams, args.seconds, args.ptime, args.payload_type,
             args.seed, processes=args.processes, period=args.period, ramp=args.ramp,
-            start_at=args.start_at, sender=args.sender,
+            start_at=args.start_at, sender=args.sender, codec=args.codec,
         )  # fmt: skip
     json.dump(summary, sys.stdout)
     print()

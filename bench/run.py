@@ -3,6 +3,7 @@
     python -m bench.run                 # the full table (about 7-8 minutes), README "Performance"
     python -m bench.run --quick         # a few streams for a few seconds (the smoke test)
     python -m bench.run --series rtp1 --rtp-steps 3000 --seconds 60    # one point
+    python -m bench.run --series sink,opus,g722 --codec-steps 300,600 --seconds 10
 
 The receiver is the real thing (`python -m receiver --no-auth`, a subprocess pinned to core 0 with
 taskset), the load comes from separate sender processes pinned to core 1 (bench.rtp_load, which
@@ -42,7 +43,7 @@ from typing import Any
 import soundfile
 
 from bench.net import free_port
-from bench.rtp_load import expected_payload
+from bench.rtp_load import CODECS, expected_payload, opus_cycle
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -55,6 +56,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 SEED = 7
 PERIOD = 251  # payload repeats every 251 packets (5.02 s): bounded sender memory
 SAMPLES_CHECKED = 8
+DRAIN_LIMIT = 5.0  # seconds after the last packet by which a codec series' taps must be final
 
 
 @dataclass
@@ -242,9 +244,25 @@ def wait_sidecars(
 
 def compare_wav(path: Path, stream: int, packets: int, codec: str) -> bool:
     data, _ = soundfile.read(path, dtype="int16")
+    got = bytes(data.astype("<i2").tobytes())
+    if codec == "OPUS":
+        return got == opus_reference(packets)
     expected = expected_payload(stream, packets, 160, SEED, PERIOD)
+    if codec == "G722":  # the ffmpeg CLI's own G.722 decoder, independent of the receiver's
+        ffmpeg = ["ffmpeg", "-v", "error", "-f", "g722", "-i", "-", "-f", "s16le", "-"]
+        return got == subprocess.run(ffmpeg, input=expected, capture_output=True).stdout
     decode = audioop.ulaw2lin if codec == "PCMU" else audioop.alaw2lin
-    return bytes(data.astype("<i2").tobytes()) == decode(expected, 2)
+    return got == decode(expected, 2)
+
+
+def opus_reference(packets: int) -> bytes:
+    """The Opus packets bench.rtp_load sends, decoded by libopus through the binding's own
+    per-packet API (the library the receiver uses; the tests compare it with the ffmpeg CLI)."""
+    import opuslib_next
+
+    cycle = opus_cycle(min(PERIOD, packets), 20, SEED)
+    decoder = opuslib_next.Decoder(48000, 1)
+    return b"".join(decoder.decode(cycle[n % len(cycle)], 960) for n in range(packets))
 
 
 def check_spread(
@@ -253,6 +271,7 @@ def check_spread(
     count: int,
     packets: int,
     recorded_only: bool = False,
+    codec: str = "PCMU",
 ) -> tuple[int, int]:
     """Compare SAMPLES_CHECKED recordings spread over the `count` senders sample for sample;
     returns (checked, exact). `recorded_only`: spread over the senders that were recorded
@@ -268,9 +287,7 @@ def check_spread(
     for index in sorted(spread):
         sidecar = sidecars.get(index)
         checked += 1
-        if sidecar is not None and compare_wav(
-            recordings / sidecar["file"], index, packets, "PCMU"
-        ):
+        if sidecar is not None and compare_wav(recordings / sidecar["file"], index, packets, codec):
             exact += 1
     return checked, exact
 
@@ -318,12 +335,15 @@ def rtp_step(
     args: argparse.Namespace,
     series: str = "rtp",
     ramp: float | None = None,
+    codec: str = "pcmu",
 ) -> Row:
     """`series` "rtp": streams started over a ramp of 1 000 a second; "burst": all within one
     packet time; "overload": offered more than the receiver sustains, with the same ramp (a
     step succeeds when at least `args.overload_floor` streams are recorded exactly, every other
-    stream refused whole, and no recorded stream damaged)."""
+    stream refused whole, and no recorded stream damaged); "opus", "g722": as "rtp", with
+    streams of that codec (`codec`)."""
     row, receiver = start_step(series, workdir, streams, seconds, workers, args)
+    frames_per_packet = 20 * CODECS[codec].frames_per_ms
     try:
         if ramp is None:
             ramp = min(streams / 1000, seconds / 3)
@@ -333,14 +353,16 @@ def rtp_step(
                 sys.executable, "-m", "bench.rtp_load", "--port", str(receiver.rtp_port),
                 "--streams", str(streams), "--seconds", str(seconds), "--seed", str(SEED),
                 "--period", str(PERIOD), "--ramp", str(ramp), "--processes", str(args.processes),
-                "--start-at", repr(start_at),
+                "--start-at", repr(start_at), "--codec", codec,
             ]),
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         first, last, rss = measure_window(lambda: receiver.pids, start_at, ramp, seconds)
         out, _ = sender.communicate(timeout=seconds + ramp + 120)
+        ended = time.monotonic()
         summary = json.loads(out)
-        sidecars = wait_sidecars(receiver.recordings, "rtp-*.json", streams, 15)
+        sidecars = wait_sidecars(receiver.recordings, "rtp-*.json", streams, 60)
+        drain = time.monotonic() - ended  # the idle timeout (1 s), then the writer's backlog
     finally:
         code = receiver.stop()
     packets = int(summary["packets_per_stream"])
@@ -353,12 +375,12 @@ def rtp_step(
         for s in sidecars
     )
     row.lost = row.sent - row.received
-    _cpu_and_io(row, first, last, rss, streams * 50 * window, streams)
+    _cpu_and_io(row, first, last, rss, streams * 50 * window, streams, frames_per_packet * 50)
     row.taps = len(sidecars)
     complete = [
         s
         for s in sidecars
-        if s.get("state") == "finished" and s.get("frames_written") == packets * 160
+        if s.get("state") == "finished" and s.get("frames_written") == packets * frames_per_packet
     ]
     by_stream = {
         int(s["rtp"]["ssrcs"][0], 16) - 0x10000000: s
@@ -367,8 +389,9 @@ def rtp_step(
     }
     row.per_worker = _per_worker(sidecars)
     checked, exact = check_spread(
-        receiver.recordings, by_stream, streams, packets, recorded_only=series == "overload"
-    )
+        receiver.recordings, by_stream, streams, packets, recorded_only=series == "overload",
+        codec=codec.upper(),
+    )  # fmt: skip
     row.samples_compared = checked
     row.wavs_exact = len(complete) == streams == row.taps and exact == checked
     row.sender_kept_pace = float(summary["seconds"]) <= (seconds + ramp) * 1.02 + 0.1
@@ -384,6 +407,9 @@ def rtp_step(
         row.wavs_exact = damaged == 0 and exact == checked
         row.sustainable = row.wavs_exact and row.exact_taps >= args.overload_floor and code == 0
     notes = []
+    if series in ("opus", "g722") and drain > DRAIN_LIMIT:  # decoding fell behind real time
+        row.sustainable = False
+        notes.append(f"receiver behind (finished {drain:.1f} s after the last packet)")
     if row.refused:
         notes.append(f"{row.refused} refused, {row.exact_taps} recorded exactly")
     if gaps:
@@ -502,7 +528,9 @@ def sink_step(workdir: Path, streams: int, seconds: float, args: argparse.Namesp
     return row
 
 
-def _cpu_and_io(row: Row, first: Window, last: Window, rss: int, packets: float, taps: int) -> None:
+def _cpu_and_io(
+    row: Row, first: Window, last: Window, rss: int, packets: float, taps: int, rate: int = 8000
+) -> None:
     window = max(1e-6, last.at - first.at)
     cpu = last.cpu - first.cpu
     row.cpu_percent = round(100 * cpu / window, 1)
@@ -514,7 +542,7 @@ def _cpu_and_io(row: Row, first: Window, last: Window, rss: int, packets: float,
     # audio to the disk-writer process as well.)
     written = last.io.get("write_bytes", 0) - first.io.get("write_bytes", 0)
     calls = last.io.get("syscw", 0) - first.io.get("syscw", 0)
-    audio = taps * 16000 * window  # PCM 16-bit, 8 kHz: the WAV's audio rate
+    audio = taps * 2 * rate * window  # PCM 16-bit at the WAV's audio rate
     row.disk_bytes_per_audio_byte = round(written / audio, 3) if row.series != "sink" else 0.0
     row.writes_per_tap_second = round(calls / taps / window, 2) if row.series != "sink" else 0.0
 
@@ -540,6 +568,8 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         label = {
             "rtp": "RTP",
+            "opus": "RTP Opus 20 ms",
+            "g722": "RTP G.722",
             "burst": "RTP, all start at once",
             "overload": "RTP, 2x offered",
             "ws": "WebSocket",
@@ -566,7 +596,9 @@ def best(rows: list[Row], series: str, workers: int) -> Row | None:
 def summarize(rows: list[Row]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for series, workers, key in (("rtp", 1, "rtp_1_worker"), ("rtp", 2, "rtp_2_workers"),
-                                 ("ws", 1, "ws_1_worker"), ("sink", 1, "sink")):  # fmt: skip
+                                 ("ws", 1, "ws_1_worker"), ("sink", 1, "sink"),
+                                 ("opus", 1, "opus_1_worker"),
+                                 ("g722", 1, "g722_1_worker")):  # fmt: skip
         row = best(rows, series, workers)
         if row is not None:
             limited = any(
@@ -599,6 +631,15 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
             sink_row.us_per_packet / receiver.us_per_packet, 3
         )
         out["ratio_cpu_cost_at_streams"] = receiver.streams
+    sinks = {r.streams: r for r in rows if r.series == "sink" and r.sustainable}
+    for codec in ("opus", "g722"):  # CPU per packet against the bare sink at the same count
+        same_count = [r for r in rows if r.series == codec and r.sustainable and r.streams in sinks]
+        if same_count:
+            row = max(same_count, key=lambda r: r.streams)
+            out[f"ratio_cpu_cost_sink_to_{codec}"] = round(
+                sinks[row.streams].us_per_packet / row.us_per_packet, 3
+            )
+            out[f"ratio_cpu_cost_sink_to_{codec}_at_streams"] = row.streams
     burst = best(rows, "burst", 1)
     if burst is not None:
         out["burst_streams_exact"] = burst.streams
@@ -621,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few streams for a few seconds")
     parser.add_argument("--series", default="sink,rtp1,burst,overload,hold,rtp2,ws",
-                        help="comma-separated: sink, rtp1, burst, overload, hold, rtp2, ws; "
+                        help="comma-separated: sink, rtp1, burst, overload, hold, rtp2, ws, "
+                             "opus, g722 (not in the default run); "
                              "burst and overload use the largest count rtp1 sustained (or "
                              "--burst-streams)")  # fmt: skip
     parser.add_argument(
@@ -632,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rtp-steps", default="1000,1500,2000,2500,3000,3500,4000")
     parser.add_argument("--sink-steps", default="1000,1500,2000,3000")
+    parser.add_argument("--codec-steps", default="300,600,900,1200",
+                        help="streams of the opus and g722 series")  # fmt: skip
     parser.add_argument("--ws-steps", default="500,1000,1500,2000")
     parser.add_argument("--seconds", type=float, default=15.0, help="per step")
     parser.add_argument(
@@ -651,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rtp_steps, args.sink_steps, args.ws_steps = "40", "40", "20"
+        args.codec_steps = "40"
         args.seconds, args.hold_seconds = 2.0, 0.0
         args.processes = 2
         if args.series == parser.get_default("series"):
@@ -685,6 +730,11 @@ def main(argv: list[str] | None = None) -> int:
                 stepped(lambda n: rtp_step(workdir, n, args.seconds, 2, args), args.rtp_steps)
             elif name == "ws":
                 stepped(lambda n: ws_step(workdir, n, args.seconds, 1, args), args.ws_steps)
+            elif name in ("opus", "g722"):
+                stepped(
+                    lambda n, c=name: rtp_step(workdir, n, args.seconds, 1, args, c, codec=c),
+                    args.codec_steps,
+                )
             elif name in ("burst", "overload"):
                 sustained = best(rows, "rtp", 1)
                 n = args.burst_streams or (sustained.streams if sustained else 0)

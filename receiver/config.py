@@ -423,7 +423,49 @@ SETTINGS: tuple[Setting, ...] = (
         "RTP payload type of RFC 4733 telephone-events (DTMF).",
         _between(96, 127),
     ),
+    Setting(
+        "rtp_payload_types",
+        "str",
+        "111=opus",
+        "Dynamic RTP payload types and their codecs, as PT=CODEC[,PT=CODEC...] (PT 96-127; "
+        "CODEC opus, g722, pcmu or pcma), for streams on the shared port and pool ports alike "
+        "(a registered tap's codec also maps its stream's first dynamic payload type). The "
+        "static ones are always known: 0 PCMU, 8 PCMA, 9 G.722.",
+        lambda text: _payload_types_problem(text),
+    ),
 )
+
+RTP_DYNAMIC_CODECS = ("opus", "g722", "pcmu", "pcma")
+
+
+def parse_payload_types(text: str) -> dict[int, str]:
+    """'111=opus, 112=g722' -> {111: 'opus', 112: 'g722'}; '' -> {}. Raises ValueError."""
+    mapping: dict[int, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        pt, sep, codec = item.partition("=")
+        codec = codec.strip().lower()
+        try:
+            number = int(pt)
+        except ValueError:
+            raise ValueError(f"{item.strip()!r} is not PT=CODEC") from None
+        if not sep or not 96 <= number <= 127 or codec not in RTP_DYNAMIC_CODECS:
+            raise ValueError(
+                f"{item.strip()!r}: PT must be 96-127 and CODEC one of "
+                + ", ".join(RTP_DYNAMIC_CODECS)
+            )
+        mapping[number] = codec
+    return mapping
+
+
+def _payload_types_problem(text: str) -> str | None:
+    try:
+        parse_payload_types(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
 
 _BY_KEY = {s.key: s for s in SETTINGS}
 
@@ -495,6 +537,7 @@ class RtpSettings:
     port_range: range | None
     registration_timeout: float
     dtmf_payload_type: int
+    payload_types: dict[int, str]  # dynamic payload types -> codec names (`rtp_payload_types`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,6 +626,7 @@ def build(values: Mapping[str, Any], config_file: Path | None = None) -> Config:
             port_range=parse_port_range(v["rtp_port_range"]),
             registration_timeout=v["rtp_registration_timeout"],
             dtmf_payload_type=v["rtp_dtmf_payload_type"],
+            payload_types=parse_payload_types(v["rtp_payload_types"]),
         ),
         webhooks=WebhookSettings(url=v["webhook_url"], secret=v["webhook_secret"]),
         log=LogSettings(level=v["log_level"], format=v["log_format"]),

@@ -102,3 +102,67 @@ def ffmpeg_decode(codec: str, data: bytes) -> np.ndarray:
         check=True,
     ).stdout
     return np.frombuffer(out, dtype="<i2").astype(np.int16)
+
+
+# -- Opus and G.722: real encoders and the Debian ffmpeg CLI's decoders ------------------------
+
+#: The test signal every codec test encodes: a wavering tone over pink noise, well below full
+#: scale (libopus's int16 output soft-clips near it, FFmpeg's float path does not).
+LAVFI_SIGNAL = (
+    "sine=frequency=330:sample_rate={rate}:duration={seconds},volume=0.3[a];"
+    "anoisesrc=d={seconds}:c=pink:r={rate}:a=0.05[b];[a][b]amix=inputs=2"
+)
+
+
+def _ffmpeg(*args: str, data: bytes | None = None) -> bytes:
+    command = [shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-v", "error", *args]
+    return subprocess.run(command, input=data, capture_output=True, check=True).stdout
+
+
+def ffmpeg_encode_ogg_opus(seconds: float, bitrate: str = "24k", channels: int = 1) -> bytes:
+    """An Ogg Opus file made by ffmpeg's libopus encoder, 20 ms packets (stereo: the tone on
+    the left, the noise on the right)."""
+    graph = LAVFI_SIGNAL.format(rate=48000, seconds=seconds)
+    if channels == 2:
+        graph = graph.replace("amix=inputs=2", "join=inputs=2:channel_layout=stereo")
+    return _ffmpeg("-filter_complex", graph, "-ac", str(channels), "-c:a", "libopus", "-b:a",
+                   bitrate, "-frame_duration", "20", "-f", "ogg", "pipe:1")  # fmt: skip
+
+
+def ogg_packets(data: bytes) -> list[bytes]:
+    """The packets of an Ogg stream (RFC 3533), its two Opus header packets included."""
+    packets, current, pos = [], b"", 0
+    while pos < len(data):
+        assert data[pos : pos + 4] == b"OggS", "not an Ogg page"
+        segments = data[pos + 26]
+        lacing = data[pos + 27 : pos + 27 + segments]
+        body = pos + 27 + segments
+        for length in lacing:
+            current += data[body : body + length]
+            body += length
+            if length < 255:
+                packets.append(current)
+                current = b""
+        pos = body
+    return packets
+
+
+def ffmpeg_decode_ogg_opus(data: bytes, channels: int = 1) -> np.ndarray:
+    """Every sample ffmpeg's libopus decoder (the system's libopus) makes of an Ogg Opus file at
+    48 kHz, int16: nothing trimmed (`skip_manual`: the pre-skip stays, as a tap has no Ogg
+    header to say it), int16 straight from libopus (`request_sample_fmt s16`)."""
+    decoder = ["-flags2", "skip_manual", "-request_sample_fmt", "s16", "-c:a", "libopus"]
+    out = _ffmpeg(*decoder, "-i", "-", "-f", "s16le", "-ac", str(channels), "-", data=data)
+    return np.frombuffer(out, dtype="<i2").astype(np.int16)
+
+
+def ffmpeg_encode_g722(seconds: float) -> bytes:
+    """Raw G.722 at 64 kbit/s from ffmpeg's encoder."""
+    graph = LAVFI_SIGNAL.format(rate=16000, seconds=seconds)
+    return _ffmpeg("-filter_complex", graph, "-ac", "1", "-c:a", "g722", "-f", "g722", "pipe:1")
+
+
+def ffmpeg_decode_g722(data: bytes) -> np.ndarray:
+    """ffmpeg's own G.722 decoder (not libg722): 16 kHz int16."""
+    out = _ffmpeg("-f", "g722", "-i", "pipe:0", "-f", "s16le", "pipe:1", data=data)
+    return np.frombuffer(out, dtype="<i2").astype(np.int16)

@@ -135,6 +135,9 @@ def test_sizes(text: str, size: int) -> None:
             "no_auth (from RECEIVER_NO_AUTH): must be true or false",
         ),
         (["--tls-cert", "x.pem"], {}, "tls_cert, tls_key: give both"),
+        (["--rtp-payload-types", "111=amr"], {}, "rtp_payload_types (from --rtp-payload-types)"),
+        (["--rtp-payload-types", "8=opus"], {}, "PT must be 96-127"),
+        ([], {"RECEIVER_RTP_PAYLOAD_TYPES": "opus"}, "'opus' is not PT=CODEC"),
     ],
 )
 def test_bad_values_name_the_key(argv: list[str], env: dict[str, str], fragment: str) -> None:
@@ -260,7 +263,15 @@ def test_text_that_is_not_a_format_header(text: str) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["audio/opus", "audio/mulaw;rate=16000", "audio/l16;rate=11025", "audio/l16;channels=3"],
+    [
+        "audio/AMR-WB",
+        "audio/mulaw;rate=16000",
+        "audio/l16;rate=11025",
+        "audio/l16;channels=3",
+        "audio/opus;rate=44100",
+        "audio/G722;rate=48000",
+        "audio/G722;channels=2",
+    ],
 )
 def test_unsupported_formats(value: str) -> None:
     with pytest.raises(FormatError):
@@ -271,3 +282,10 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     for s in config.SETTINGS:
         assert f"| `{s.key}` | `{s.env}` | `{s.flag}` |" in readme, s.key
+
+
+def test_rtp_payload_types() -> None:
+    cfg = config.from_argv(["--rtp-payload-types", " 111=Opus, 112=g722 ,"], {})
+    assert cfg.rtp.payload_types == {111: "opus", 112: "g722"}
+    assert config.from_argv([], {}).rtp.payload_types == {111: "opus"}
+    assert config.from_argv(["--rtp-payload-types", ""], {}).rtp.payload_types == {}

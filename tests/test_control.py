@@ -124,7 +124,7 @@ def test_pool_exhaustion_and_auth(pool_server: ServerProcess) -> None:
     url = f"{pool_server.base_url}/api/taps"
     assert asyncio.run(post(url, {"tap_id": "x"}, token=None))[0] == 401
     assert asyncio.run(post(url, {"tap_id": "../x"}))[0] == 400
-    assert asyncio.run(post(url, {"tap_id": "x", "codec": "opus"}))[0] == 400
+    assert asyncio.run(post(url, {"tap_id": "x", "codec": "amr"}))[0] == 400
     ports = {asyncio.run(post(url, {"tap_id": f"t{i}"}))[1]["rtp"]["port"] for i in range(3)}
     assert ports == set(pool_server.pool)  # type: ignore[attr-defined]
     status, answer = asyncio.run(post(url, {"tap_id": "one-too-many"}))

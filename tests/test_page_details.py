@@ -20,6 +20,7 @@ from tests.helpers import (
     banner,
     new_id,
     noise,
+    send_tap,
     tap_url,
     wait_for_live_frames,
     wait_for_sidecar,
@@ -145,4 +146,34 @@ def test_channels_are_named_and_labels_stay_off_the_audio(
     row = page.locator(f'tr[data-name="{stereo_recording}"] .c-codec')
     row.wait_for()
     assert "inbound + outbound" in row.inner_text()
+    page.close()
+
+
+def test_an_opus_recording_shows_its_codec_rate_and_concealment(
+    browser: Any,  # noqa: F811
+    server: ServerProcess,
+) -> None:
+    """An Opus tap with one frame that is no Opus packet: the page shows OPUS at 48 kHz and
+    the libopus concealment the sidecar reports."""
+    tap_id = new_id("opuspage")
+    packets: list[bytes | str] = [bytes([0xF8, 0xFF, 0xFE])] * 10 + [bytes([0x03, 0x00])]
+    # Playwright's sync API holds this thread's event loop: the tap is sent from another thread
+    sender = threading.Thread(
+        target=asyncio.run, args=(send_tap(tap_url(server, tap_id, "?codec=opus"), packets),)
+    )
+    sender.start()
+    sender.join()
+    wait_for_sidecar(server.recordings, tap_id)
+    page = browser.new_page()
+    page.goto(f"{server.base_url}/t/{TOKEN}/#/tap/{tap_id}")
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('#d-facts dt'))"
+        ".some((dt) => dt.textContent === 'Decoding')"
+    )
+    shown = facts(page, "#d-facts")
+    assert shown["Decoding"] == (
+        "OPUS at 48000 Hz; concealment opus-plc: 960 frames concealed, 0 corrupt packets"
+    )
+    assert shown["Format"].endswith("48000 Hz, 1 ch")
+    assert page.locator("#d-badges").inner_text().find("OPUS") >= 0
     page.close()

@@ -245,7 +245,7 @@ def test_rtcp_packet_types_overlap_rtp_marker_payload_types(payload_type: int) -
 
 
 def test_audio_codecs() -> None:
-    assert AUDIO_CODECS == {0: "PCMU", 8: "PCMA"}
+    assert AUDIO_CODECS == {0: "PCMU", 8: "PCMA", 9: "G722"}  # the static ones (RFC 3551)
 
 
 def test_telephone_event_parse() -> None:

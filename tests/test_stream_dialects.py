@@ -334,7 +334,7 @@ def test_unsupported_media_format_closes_1003(srv: ServerProcess) -> None:
             aiohttp.ClientSession() as session,
             session.ws_connect(f"{srv.ws_url}/stream/{tap_id}") as ws,
         ):
-            await ws.send_str(json.dumps(start(["inbound"], "audio/opus", 48000)))
+            await ws.send_str(json.dumps(start(["inbound"], "audio/AMR-WB", 16000)))
             msg = await ws.receive(timeout=DEADLINE)
             assert msg.type == aiohttp.WSMsgType.CLOSE
             return ws.close_code

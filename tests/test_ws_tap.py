@@ -243,9 +243,10 @@ def test_missing_or_wrong_token_gets_401(server: ServerProcess) -> None:
 
 def test_unknown_codec_refused_before_upgrade(server: ServerProcess) -> None:
     tap_id = new_id("codec")
-    status, body = raw_request(server.http_port, f"/t/{TOKEN}/tap/{tap_id}?codec=opus")
+    status, body = raw_request(server.http_port, f"/t/{TOKEN}/tap/{tap_id}?codec=amr-wb")
     assert status == 400
     assert b"unknown codec" in body
+    assert b"pcmu, pcma, opus, g722" in body  # the refusal names what is supported
     assert not list(server.recordings.glob(f"{tap_id}*"))
 
 
@@ -286,17 +287,18 @@ def test_oversized_frame_closes_1009_and_keeps_audio(make_server: Any) -> None:
 
 
 def test_unsupported_format_header_is_refused_with_1003(server: ServerProcess) -> None:
-    tap_id = new_id("opus")
+    tap_id = new_id("amr")
 
     async def run() -> int | None:
         async with (
             aiohttp.ClientSession() as session,
             session.ws_connect(tap_url(server, tap_id)) as ws,
         ):
-            await ws.send_str('{"content-type": "audio/opus;rate=48000"}')
+            await ws.send_str('{"content-type": "audio/AMR-WB;rate=16000"}')
             msg = await ws.receive(timeout=DEADLINE)
             assert msg.type == aiohttp.WSMsgType.CLOSE
             assert "unsupported audio format" in msg.extra
+            assert "audio/opus" in msg.extra
             return ws.close_code
 
     assert asyncio.run(run()) == 1003

@@ -34,6 +34,9 @@ from receiver.taps.tap_id import TAP_ID_RULE, is_valid_tap_id
 from receiver.taps.transport import Transport
 
 log = logging.getLogger("receiver.control")
+
+# What an RTP tap may be registered with (Opus: its stream's first dynamic payload type is Opus)
+RTP_CODECS = (Encoding.PCMU, Encoding.PCMA, Encoding.G722, Encoding.OPUS)
 MAX_FIELD = 256  # characters kept of each SignalWire value
 DEVICE_PARAMS = ("uri", "addr", "port", "codec", "rate", "ptime")  # of device.params, kept
 
@@ -134,8 +137,8 @@ class ControlApi:
         if not isinstance(tap_id, str) or not is_valid_tap_id(tap_id):
             return json_error(400, TAP_ID_RULE)
         codec = encoding_named(str(body.get("codec") or "PCMU"))
-        if codec is None or not codec.is_g711:
-            return json_error(400, "codec must be PCMU or PCMA")
+        if codec is None or codec not in RTP_CODECS:
+            return json_error(400, "codec must be one of PCMU, PCMA, G722, OPUS")
         ptime = _int(body.get("ptime", 20))
         if ptime is None or not 10 <= ptime <= 120 or ptime % 10:
             return json_error(400, "ptime must be a multiple of 10 from 10 to 120")

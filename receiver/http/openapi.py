@@ -59,10 +59,15 @@ FORBIDDEN = _error("the client is not in `http_allow`")
 
 _TAP_ENDPOINT = {
     "security": TOKEN_SECURITY,
-    "parameters": [TAP_ID, _query("codec", {"type": "string", "enum": ["pcmu", "pcma"]},
-                                  "the G.711 law of raw binary frames (default pcmu)")],
+    "parameters": [TAP_ID, _query("codec", {"type": "string",
+                                            "enum": ["pcmu", "pcma", "opus", "g722"]},
+                                  "the codec of raw binary frames (default pcmu); opus: one "
+                                  "Opus packet per frame"),
+                   _query("rate", {"type": "integer", "enum": [8000, 12000, 16000, 24000, 48000]},
+                          "Opus: the rate it is decoded and recorded at (default 48000)")],
     "responses": {
-        "101": {"description": "WebSocket upgrade: binary frames of audio (raw G.711, or as the "
+        "101": {"description": "WebSocket upgrade: binary frames of audio (raw G.711 or G.722, "
+                "one Opus packet each, or as the "
                 "dialect says); text frames per dialect (format, Media Streams events, fork "
                 "metadata). Close codes: 1000 tap finished, 1001 shutting down, 1003 "
                 "unsupported format, 1009 message too large, 1013 low disk."},
@@ -348,7 +353,8 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": True},
     "Registration": {"type": "object", "required": ["tap_id"], "properties": {
         "tap_id": {"type": "string", "pattern": TAP_ID_PATTERN},
-        "codec": {"type": "string", "enum": ["PCMU", "PCMA"], "default": "PCMU"},
+        "codec": {"type": "string", "enum": ["PCMU", "PCMA", "G722", "OPUS"], "default": "PCMU",
+                  "description": "OPUS: the stream's first dynamic payload type is Opus"},
         "ptime": {"type": "integer", "minimum": 10, "maximum": 120, "multipleOf": 10,
                   "default": 20},
         "source": {"type": "string", "description": "ip:port of the sender on the shared RTP "

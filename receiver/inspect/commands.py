@@ -237,6 +237,15 @@ def _sidecar_lines(sidecar: dict[str, Any]) -> list[tuple[str, str]]:
         lines.append(
             ("written", f"{sidecar['frames_written']} frames, {sidecar.get('duration_seconds')} s")
         )
+    decoding = sidecar.get("decoding")
+    if decoding and isinstance(decoding, dict):
+        lines.append(
+            (
+                "decoding",
+                f"concealment {decoding.get('concealment')}: {decoding.get('concealed_frames')} "
+                f"frames concealed, {decoding.get('corrupt_packets')} corrupt packets",
+            )
+        )
     counters = sidecar.get("counters")
     if counters and isinstance(counters, dict):
         lines.append(("counters", " ".join(f"{k}={v}" for k, v in counters.items())))

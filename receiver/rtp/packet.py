@@ -9,11 +9,23 @@ from receiver.codecs.encoding import Encoding
 
 PT_PCMU = 0
 PT_PCMA = 8
+PT_G722 = 9
 PT_COMFORT_NOISE = 13  # RFC 3389
 DEFAULT_TELEPHONE_EVENT_PT = 101  # dynamic; whatever the tap was configured with
 
-#: Static audio payload types we record, by codec name. G.711 at 8 kHz: one byte = one sample.
-AUDIO_CODECS: dict[int, Encoding] = {PT_PCMU: Encoding.PCMU, PT_PCMA: Encoding.PCMA}
+#: Static audio payload types we record. G.711 at 8 kHz: one byte = one sample; G.722: its RTP
+#: clock is 8000 Hz too (RFC 3551 §4.5.2), one byte = one tick = two samples of its 16 kHz audio.
+AUDIO_CODECS: dict[int, Encoding] = {
+    PT_PCMU: Encoding.PCMU,
+    PT_PCMA: Encoding.PCMA,
+    PT_G722: Encoding.G722,
+}
+
+
+def rtp_clock_rate(codec: Encoding) -> int:
+    """The RTP timestamp clock of `codec`: Opus 48 kHz (RFC 7587), the others 8 kHz."""
+    return 48000 if codec is Encoding.OPUS else 8000
+
 
 RTP_VERSION = 2
 RTP_HEADER_LENGTH = 12

@@ -30,10 +30,17 @@ from typing import Any
 import numpy as np
 
 from receiver.codecs.encoding import Encoding
+from receiver.codecs.formats import default_rate
 from receiver.config import RtpSettings
 from receiver.rtp.datagrams import BATCH, Batch, enable_timestamps, open_reader
 from receiver.rtp.fast_lane import FastLane, store_bytes_for
-from receiver.rtp.packet import AUDIO_CODECS, RtpPacket, RtpParseError, is_rtcp
+from receiver.rtp.packet import (
+    AUDIO_CODECS,
+    RtpPacket,
+    RtpParseError,
+    is_rtcp,
+    rtp_clock_rate,
+)
 from receiver.rtp.refused import RefusedSources
 from receiver.rtp.sockets import open_udp_socket
 from receiver.rtp.stream import Discard, RtpSocket, RtpStream, TapOutput
@@ -57,6 +64,27 @@ REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused sources, 
 _TOTALS = ("received", "lost", "late", "duplicate", "reordered")
 
 
+def stream_codecs(
+    known: dict[int, Encoding], payload_type: int, registered: Encoding | None
+) -> tuple[Encoding, dict[int, Encoding]]:
+    """The codec of a stream whose first packet has `payload_type`, and its audio payload
+    types. The codec: the type's (static, or configured by `rtp_payload_types`); for another
+    dynamic type, the codec its tap was registered with; else the registered codec or PCMU (its
+    packets are then counted as of an unknown type). The types: every known one of the codec's
+    RTP clock and audio rate (one WAV has one rate)."""
+    codec = known.get(payload_type)
+    if codec is None and registered is not None and 96 <= payload_type <= 127:
+        known = {**known, payload_type: registered}
+        codec = registered
+    if codec is None:
+        codec = registered or Encoding.PCMU
+    rate, clock = default_rate(codec), rtp_clock_rate(codec)
+    same = {
+        pt: c for pt, c in known.items() if default_rate(c) == rate and rtp_clock_rate(c) == clock
+    }
+    return codec, same
+
+
 class NoFreePort(Exception):
     """Every port of rtp_port_range is in use (or no range is configured)."""
 
@@ -76,6 +104,11 @@ class RtpReceiver:
         flush_interval: float = 1.0,
     ) -> None:
         self.settings = settings
+        # Audio payload types: the static ones and those `rtp_payload_types` maps
+        self.payload_codecs: dict[int, Encoding] = {
+            **AUDIO_CODECS,
+            **{pt: Encoding(name.upper()) for pt, name in settings.payload_types.items()},
+        }
         self.host = host
         self.admission = admission
         self.naming = naming
@@ -298,15 +331,17 @@ class RtpReceiver:
         name_key = rtp_port_key(sock.port) if owns_port else rtp_source_key(*source)
         expected = self.naming.claim(name_key) if owns_port or not sock.pool else None
         tap_id = expected.tap_id if expected else file_safe_id(f"rtp-{addr[0]}-{addr[1]}")
-        fallback = (expected.codec if expected else None) or Encoding.PCMU
-        codec = AUDIO_CODECS.get(packet.payload_type, fallback)
+        codec, codecs = stream_codecs(
+            self.payload_codecs, packet.payload_type, expected.codec if expected else None
+        )
         allowance = self.settings.jitter_window + AHEAD_SLACK
-        tap = Tap(tap_id, "rtp", codec, remote=f"{addr[0]}:{addr[1]}", key=name_key,
-                  ahead_allowance=allowance)  # fmt: skip
+        tap = Tap(tap_id, "rtp", codec, default_rate(codec), remote=f"{addr[0]}:{addr[1]}",
+                  key=name_key, ahead_allowance=allowance)  # fmt: skip
         tap.extra["local_port"] = sock.port
+        tap.extra["audio_payload_types"] = {str(pt): c.value for pt, c in codecs.items()}
         if expected is not None:
             tap.extra.update(expected.extra)
-        timeline = self._timeline(TapOutput(tap))
+        timeline = self._timeline(TapOutput(tap, rtp_clock_rate(codec)), codecs, codec)
         stream = RtpStream(sock, key, addr, tap, timeline, now, self.lane, lane_key)
         if owns_port:
             sock.owner = stream
@@ -331,13 +366,16 @@ class RtpReceiver:
         more = f" (and {suppressed} more sources since the last such line)" if suppressed else ""
         log.warning("refused RTP stream from %s:%d: %s%s", source[0], source[1], why, more)
 
-    def _timeline(self, output: TapOutput | Discard) -> RtpTimeline:
+    def _timeline(
+        self, output: TapOutput | Discard, codecs: dict[int, Encoding], codec: Encoding
+    ) -> RtpTimeline:
         return RtpTimeline(
             output,
-            clock_rate=8000,
+            clock_rate=rtp_clock_rate(codec),
             jitter_window=self.settings.jitter_window,
             max_gap=self.settings.max_gap,
             dtmf_payload_type=self.settings.dtmf_payload_type,
+            audio_codecs=codecs,
         )
 
     # -- ending -------------------------------------------------------------------------------
@@ -451,7 +489,8 @@ class RtpReceiver:
         if not stream.muted:
             stream.leave_lane()
             self._finalize(stream, reason)
-            stream.mute(self._timeline(Discard()))
+            codecs, codec = stream.timeline.audio_codecs, Encoding(stream.tap.codec)
+            stream.mute(self._timeline(Discard(), codecs, codec))
         return True
 
     async def end_all(self, reason: str, close_code: int, message: str, timeout: float) -> None:

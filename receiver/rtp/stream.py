@@ -10,10 +10,11 @@ which brings the timeline up to date first (`sync`), so no caller has to remembe
 from __future__ import annotations
 
 import socket
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from receiver.codecs.encoding import Encoding
+from receiver.codecs.opus_packet import OpusPacketError, packet_samples
 from receiver.rtp.fast_lane import FastLane
 from receiver.rtp.packet import RtpPacket
 from receiver.rtp.timeline import RtpTimeline
@@ -22,16 +23,42 @@ from receiver.taps.tap import Tap
 
 
 class TapOutput:
-    """Connects a timeline's output to a tap: audio and silence go to its buffer."""
+    """Connects a timeline's output to a tap: audio and silence go to its buffer. The timeline
+    counts in RTP clock ticks (`clock_rate`), the buffer in samples of the tap's rate: G.722's
+    clock is 8 kHz and its audio 16 kHz. For Opus, each payload is one packet, and a gap is
+    audio that was lost (concealed by the decoder, not silence)."""
 
-    __slots__ = ("audio", "event", "silence")
+    __slots__ = ("_buffer", "_tap", "audio", "event", "silence")
 
-    def __init__(self, tap: Tap) -> None:
+    def __init__(self, tap: Tap, clock_rate: int = 8000) -> None:
         buffer = tap.buffer
         assert isinstance(buffer, AudioBuffer)
-        self.audio = buffer.append
-        self.silence = buffer.append_silence
+        self._buffer = buffer
+        self._tap = tap
         self.event = tap.add_event
+        self.audio: Callable[[Encoding, bytes], None]
+        self.silence: Callable[[int], None]
+        if tap.codec == Encoding.OPUS:
+            self.audio = self._opus_packet
+            self.silence = self._opus_lost
+        elif tap.sample_rate != clock_rate:
+            ratio = tap.sample_rate // clock_rate
+            self.audio = buffer.append
+            self.silence = lambda ticks: buffer.append_silence(ticks * ratio)
+        else:
+            self.audio = buffer.append
+            self.silence = buffer.append_silence
+
+    def _opus_packet(self, codec: Encoding, payload: bytes) -> None:
+        try:
+            frames = packet_samples(payload)  # Opus taps on RTP are recorded at 48 kHz
+        except OpusPacketError:  # the timeline gave it no time: the gap is concealed
+            self._tap.count("corrupt_packets")
+            return
+        self._buffer.append_packet(codec, payload, frames)
+
+    def _opus_lost(self, ticks: int) -> None:
+        self._buffer.append_lost(Encoding.OPUS, ticks)
 
 
 class Discard:

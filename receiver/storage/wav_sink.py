@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import soundfile
 
+from receiver.codecs.decoders import StreamDecoders
 from receiver.codecs.law_check import LawCheck
 
 SFC_UPDATE_HEADER_NOW = 0x1060
@@ -92,6 +93,8 @@ class WavSink:
         # The writer's check of its first seconds of G.711 (None once it has said its piece)
         self.law_check: LawCheck | None = LawCheck()
         self.codec_mismatch: dict[str, Any] | None = None
+        # The tap's codec state (Opus, G.722), kept from batch to batch and file to file
+        self.decoders = StreamDecoders(sample_rate)
         self.info = SinkInfo()  # for the event loop: see `publish`
 
     def publish(self) -> None:
@@ -190,6 +193,7 @@ class WavSink:
         """A segment split (max_tap_duration): what one channel has beyond the others belongs
         at the start of the next file, not padded with silence at the end of this one."""
         successor._carry, self._carry = self._carry, [np.zeros(0, np.int16) for _ in self._carry]
+        successor.decoders = self.decoders  # the codec state goes on into the next file
 
     def write(self, frames: np.ndarray) -> None:
         if self._file is None or len(frames) == 0:

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from receiver.codecs.decoders import StreamDecoders
 from receiver.codecs.encoding import Encoding
 from receiver.codecs.law_check import LawCheck
 from receiver.storage.disk_space import free_bytes
@@ -61,8 +62,9 @@ class Pending(Protocol):
         """The encoded audio as it came, a run at a time (for the G.711 law check)."""
         ...
 
-    def render(self) -> list[np.ndarray]:
-        """One int16 array per channel (the channels may differ in length)."""
+    def render(self, decoders: StreamDecoders) -> list[np.ndarray]:
+        """One int16 array per channel (the channels may differ in length), decoded by the
+        tap's stream decoders (they keep codec state between batches)."""
         ...
 
 
@@ -374,7 +376,7 @@ class DiskWriter:
         try:
             before = sink.frames_written
             if pending:
-                sink.write_channels(pending.render())
+                sink.write_channels(pending.render(sink.decoders))
             if last:
                 sink.drain_carry()
             self.bytes_written += (sink.frames_written - before) * 2 * sink.channels
@@ -476,6 +478,9 @@ class DiskWriter:
             data["state"] = TapState.FINISHED
         if sink.codec_mismatch is not None:
             data["codec_mismatch"] = sink.codec_mismatch
+        decoding = sink.decoders.summary()
+        if decoding is not None:
+            data["decoding"] = decoding
         return data
 
 

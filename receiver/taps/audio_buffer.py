@@ -1,9 +1,14 @@
 """A tap's not-yet-written audio, kept as cheap runs of raw bytes until a batch is written.
 
 Appending is a list append (no numpy per packet); rendering turns a whole batch into int16 samples
-with one vectorised decode per run, in the writer thread. `AudioBuffer` holds one stream (mono, or
-interleaved L16 channels); `ChannelBuffer` holds one mono buffer per channel, for sources whose
-channels arrive separately (Media Streams inbound/outbound tracks).
+with one decode per run (vectorised for G.711 and L16), in the disk writer, through the tap's
+stream decoders (receiver.codecs.decoders), which keep Opus and G.722 state between batches. Opus
+is appended a packet at a time with the frames its TOC says it plays; audio that was lost is
+appended as such (`append_lost`) and concealed by the decoder.
+
+`AudioBuffer` holds one stream (mono, or interleaved L16 channels); `ChannelBuffer` holds one mono
+buffer per channel, for sources whose channels arrive separately (Media Streams inbound/outbound
+tracks).
 
 A `BufferGuard` bounds what a buffer takes: audio that would run further ahead of the wall clock
 (since the tap began) than its allowance is dropped, and audio beyond `max_unwritten` seconds
@@ -17,9 +22,11 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from receiver.codecs.decoders import StreamDecoders
 from receiver.codecs.encoding import Encoding
 
 _BYTES_PER_SAMPLE = {e: e.bytes_per_sample for e in Encoding}  # a dict look-up: cheaper
+_G722 = Encoding.G722
 DRIFT = 0.001  # a sender's clock may run this much fast (1000 ppm) before its audio is "ahead"
 
 
@@ -73,14 +80,16 @@ class BufferGuard:
 
 
 class Run:
-    """Consecutive audio of one encoding (its byte chunks), or silence (`encoding` None)."""
+    """Consecutive audio of one encoding (its byte chunks; Opus: its packets), or silence
+    (`encoding` None), or audio of an encoding that was lost (no chunks; the decoder conceals
+    `silence` frames)."""
 
     __slots__ = ("chunks", "encoding", "silence")
 
     def __init__(self, encoding: Encoding | None, chunks: list[bytes], silence: int = 0) -> None:
         self.encoding = encoding
         self.chunks = chunks
-        self.silence = silence  # frames, for a run of silence
+        self.silence = silence  # frames, for a run of silence or of lost audio
 
 
 class AudioBuffer:
@@ -111,7 +120,17 @@ class AudioBuffer:
         """Append encoded audio (whole frames only)."""
         if not data:
             return
-        frames = len(data) // (_BYTES_PER_SAMPLE[encoding] * self.channels)
+        if encoding is _G722:
+            frames = len(data) * 2
+        else:
+            frames = len(data) // (_BYTES_PER_SAMPLE[encoding] * self.channels)
+        self._append(encoding, data, frames)
+
+    def append_packet(self, encoding: Encoding, packet: bytes, frames: int) -> None:
+        """Append one packet (Opus) that plays `frames` frames."""
+        self._append(encoding, packet, frames)
+
+    def _append(self, encoding: Encoding, data: bytes, frames: int) -> None:
         guard = self.guard
         if guard is not None:
             if self.audio_frames + frames > guard.allowed(time.monotonic()):
@@ -122,7 +141,7 @@ class AudioBuffer:
                 self.append_silence(frames)
                 return
         last = self._last
-        if last is not None and last.encoding is encoding:
+        if last is not None and last.encoding is encoding and not last.silence:
             last.chunks.append(data)
         else:
             self._last = Run(encoding, [data])
@@ -140,6 +159,22 @@ class AudioBuffer:
             last.silence += frames
         else:
             self._last = Run(None, [], frames)
+            self._runs.append(self._last)
+        self.frames += frames
+
+    def append_lost(self, encoding: Encoding, frames: int) -> None:
+        """`frames` of `encoding` audio that never came: the decoder conceals them (Opus: its
+        packet loss concealment; the others: silence)."""
+        if frames <= 0:
+            return
+        if encoding is not Encoding.OPUS:
+            self.append_silence(frames)
+            return
+        last = self._last
+        if last is not None and last.encoding is encoding and last.silence:
+            last.silence += frames
+        else:
+            self._last = Run(encoding, [], frames)
             self._runs.append(self._last)
         self.frames += frames
 
@@ -213,22 +248,25 @@ class Pending:
                 if run.encoding is not None:
                     yield run.encoding, b"".join(run.chunks)
 
-    def render(self) -> list[np.ndarray]:
-        """One int16 array per channel (the channels may differ in length)."""
+    def render(self, decoders: StreamDecoders) -> list[np.ndarray]:
+        """One int16 array per channel (the channels may differ in length), decoded by the
+        tap's stream `decoders` (stream i: the i-th channel buffer, or the interleaved one)."""
         if len(self.runs) > 1:
-            return [render(runs, 1)[:, 0] for runs in self.runs]
-        frames = render(self.runs[0], self.interleaved_channels)
+            return [render(runs, 1, decoders, i)[:, 0] for i, runs in enumerate(self.runs)]
+        frames = render(self.runs[0], self.interleaved_channels, decoders)
         return [frames[:, c] for c in range(self.interleaved_channels)]
 
 
-def render(runs: list[Run], channels: int = 1) -> np.ndarray:
-    """Runs -> int16 array of shape (frames, channels). One numpy call per run."""
+def render(runs: list[Run], channels: int, decoders: StreamDecoders, stream: int = 0) -> np.ndarray:
+    """Runs -> int16 array of shape (frames, channels). One decoder call per run."""
     parts: list[np.ndarray] = []
     for run in runs:
         if run.encoding is None:
             parts.append(np.zeros(run.silence * channels, dtype=np.int16))
+        elif not run.chunks:
+            parts.append(decoders.get(stream, run.encoding, channels).conceal(run.silence))
         else:
-            parts.append(run.encoding.decode(b"".join(run.chunks)))
+            parts.append(decoders.get(stream, run.encoding, channels).decode(run.chunks))
     if not parts:
         return np.zeros((0, channels), dtype=np.int16)
     samples = parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -97,7 +97,7 @@ class WsTapEndpoint:
             log.warning("refused tap %s from %s: missing or wrong token", tap_id, request.remote)
             return unauthorized
         try:
-            fmt = codec_from_query(request.query.get("codec"))
+            fmt = codec_from_query(request.query.get("codec"), request.query.get("rate"))
         except FormatError as exc:
             self._count("rejected_bad_codec")
             return json_error(400, str(exc))

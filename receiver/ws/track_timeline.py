@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from receiver.codecs.encoding import Encoding
+from receiver.codecs.opus_packet import packet_samples, samples_at
 
 TIMESTAMP_TOLERANCE = 0.06  # seconds: timestamp jitter absorbed before the timestamp wins
 MAX_GAP_SECONDS = 30.0  # the longest jump filled with silence (as the RTP timeline's max_gap)
@@ -60,8 +61,13 @@ class TrackStats:
         return {**asdict(self), "missing_chunks": self.missing_chunks}
 
 
-def _trim(kind: Encoding, data: bytes, samples: int) -> bytes:
-    return data[samples * kind.bytes_per_sample :]
+def _trim(kind: Encoding, data: bytes, samples: int) -> tuple[bytes, int]:
+    """`data` less its first `samples`; and the samples of silence that must stand in for a
+    part of a byte (G.722: a byte is two samples, and an odd overlap cuts one in half)."""
+    if kind is Encoding.G722:
+        cut = (samples + 1) // 2
+        return data[cut:], 2 * cut - samples
+    return data[samples * kind.bytes_per_sample :], 0
 
 
 class TrackTimeline:
@@ -95,8 +101,11 @@ class TrackTimeline:
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque()
 
-    @staticmethod
-    def _samples(kind: Encoding, data: bytes) -> int:
+    def _samples(self, kind: Encoding, data: bytes) -> int:
+        if kind is Encoding.G722:
+            return 2 * len(data)  # 16 kHz audio, 8 bits for two samples
+        if kind is Encoding.OPUS:  # one packet (the session has checked its TOC)
+            return samples_at(packet_samples(data), self.rate)
         return len(data) // kind.bytes_per_sample
 
     def _by_time(self, timestamp_ms: float | None) -> int | None:
@@ -190,8 +199,13 @@ class TrackTimeline:
         if position + samples <= self.end:
             self.stats.late += 1
             return
+        if position < self.end and kind.is_packetized:
+            self.stats.late += 1  # a packet cannot be cut: what it overlaps is kept instead
+            return
         if position < self.end:
-            data = _trim(kind, data, self.end - position)
+            data, fill = _trim(kind, data, self.end - position)
+            if fill:
+                self.output.append_silence(fill)
         self.output.append(kind, data)
         self.end = position + samples
 

@@ -342,6 +342,10 @@ function renderDetail(data) {
   if (side.content_type) facts.push(["Content type", side.content_type]);
   if (side.error) facts.push(["Error", side.error]);
   if (mismatch) facts.push(["Codec check", mismatch.message]);
+  const decoding = side.decoding;  // Opus / G.722 taps (codecs/decoders.py)
+  if (decoding) facts.push(["Decoding", (side.codec || "") + " at " + side.sample_rate + " Hz; concealment "
+    + decoding.concealment + ": " + decoding.concealed_frames + " frames concealed, "
+    + decoding.corrupt_packets + " corrupt packets"]);
   fillFacts($("d-facts"), facts);
 
   const rtp = side.rtp;

@@ -52,6 +52,9 @@ class Placement:
     hot: HotState
     stats: TimelineStats
 
+    # A payload's duration in clock ticks: its length for G.711 and G.722, an Opus packet's TOC
+    samples_of: Callable[[bytes], int] = len
+
     # State
     first_arrival: float | None = field(default=None, init=False)  # for the wall-clock budget
     pending_pause: int = field(default=0, init=False)  # silence owed before the run's first sample
@@ -95,10 +98,11 @@ class Placement:
         ext = ref + ((packet.timestamp - ref + 0x80000000) & 0xFFFFFFFF) - 0x80000000
         hot.ref_ts = ext
         payload = packet.payload
+        samples = self.samples_of(payload)
         if ext + hot.offset != hot.position or not hot.anchored:
-            self.place(ext, len(payload), packet)
+            self.place(ext, samples, packet)
         self.emit_audio(codec, payload)
-        hot.position += len(payload)
+        hot.position += samples
 
     def place(self, ext: int, samples: int, packet: RtpPacket) -> None:
         """Move the current end to where an audio packet at `ext` belongs (or rebase)."""

@@ -10,6 +10,7 @@ inline, on the hot record alone.
 from __future__ import annotations
 
 from receiver.codecs.encoding import Encoding
+from receiver.codecs.opus_packet import OpusPacketError, packet_samples
 from receiver.rtp.packet import (
     AUDIO_CODECS,
     DEFAULT_TELEPHONE_EVENT_PT,
@@ -24,10 +25,20 @@ from receiver.rtp.timeline.ssrc import SsrcHistory, SsrcProbation
 from receiver.rtp.timeline.stats import InterarrivalJitter, TimelineStats, ssrc_hex
 
 
+def opus_ticks(payload: bytes) -> int:
+    """An Opus payload's duration at its 48 kHz RTP clock; 0 for one that is no Opus packet
+    (the tap's output counts it, and the gap to the next packet is concealed)."""
+    try:
+        return packet_samples(payload)
+    except OpusPacketError:
+        return 0
+
+
 class RtpTimeline:
     """Turns one stream's RTP packets into contiguous audio, silence and sidecar events."""
 
     __slots__ = (
+        "_audio_codecs",
         "_clock_rate",
         "_dtmf",
         "_emit_audio",
@@ -38,6 +49,7 @@ class RtpTimeline:
         "_place",
         "_placement",
         "_probation",
+        "_samples_of",
         "_sequencer",
         "_ssrcs",
         "_stats",
@@ -53,11 +65,19 @@ class RtpTimeline:
         dtmf_payload_type: int = DEFAULT_TELEPHONE_EVENT_PT,
         max_held: int = MAX_HELD,
         ssrc_timeout: float = 2.0,
+        audio_codecs: dict[int, Encoding] | None = None,
     ) -> None:
-        """`jitter_window` and `max_gap` in seconds; `ssrc_timeout`: see ssrc.py."""
+        """`jitter_window` and `max_gap` in seconds; `ssrc_timeout`: see ssrc.py;
+        `audio_codecs`: the payload types recorded as audio (all of one RTP clock and output
+        rate; default: the static ones, G.711 and G.722)."""
         # Settings
         self._output = output
         self._clock_rate = clock_rate
+        self._audio_codecs = codecs = AUDIO_CODECS if audio_codecs is None else audio_codecs
+        # A payload's duration in clock ticks: its length (G.711, G.722), or an Opus TOC's
+        self._samples_of = samples_of = (
+            opus_ticks if any(c.is_packetized for c in codecs.values()) else len
+        )
 
         # State shared by the pieces, and what they count
         self._hot = hot = HotState()
@@ -66,14 +86,14 @@ class RtpTimeline:
 
         # The pieces
         self._placement = placement = Placement(
-            clock_rate, round(max_gap * clock_rate), jitter_window, output, hot, stats
+            clock_rate, round(max_gap * clock_rate), jitter_window, output, hot, stats, samples_of
         )
         self._sequencer = Sequencer(
             jitter_window,
             max_held,
             hot,
             stats,
-            note_arrival=InterarrivalJitter(clock_rate, hot, stats).note,
+            note_arrival=InterarrivalJitter(clock_rate, codecs, hot, stats, samples_of).note,
             release=self._release,
             restart=self._sequence_reset,
         )
@@ -85,6 +105,14 @@ class RtpTimeline:
         self._held = self._sequencer.held
         self._place = placement.place
         self._emit_audio = output.audio
+
+    @property
+    def audio_codecs(self) -> dict[int, Encoding]:
+        return self._audio_codecs
+
+    @property
+    def clock_rate(self) -> int:
+        return self._clock_rate
 
     @property
     def position(self) -> int:
@@ -138,7 +166,7 @@ class RtpTimeline:
         hot.audio_arrival = arrival
         hot.audio_ts = timestamp
         payload = packet.payload
-        hot.audio_length = samples = len(payload)
+        hot.audio_length = samples = self._samples_of(payload)
         ref = hot.ref_ts
         ext = ref + ((timestamp - ref + 0x80000000) & 0xFFFFFFFF) - 0x80000000
         hot.ref_ts = ext
@@ -194,7 +222,7 @@ class RtpTimeline:
     def _release(self, packet: RtpPacket) -> None:
         """A packet sequencing released, by payload type."""
         payload_type = packet.payload_type
-        codec = AUDIO_CODECS.get(payload_type)
+        codec = self._audio_codecs.get(payload_type)
         if codec is not None:
             self._placement.release_audio(codec, packet)
         elif payload_type == self._dtmf.payload_type:
@@ -208,7 +236,7 @@ class RtpTimeline:
 
     def _note_payload_type(self, payload_type: int) -> None:
         self._last_payload_type = payload_type
-        codec = AUDIO_CODECS.get(payload_type)
+        codec = self._audio_codecs.get(payload_type)
         self._hot.payload_type = payload_type if codec is not None else -1
         self._hot.codec = codec or Encoding.PCMU
         if payload_type not in self._stats.payload_types:
@@ -223,9 +251,9 @@ class RtpTimeline:
             self._accept(packet, arrival)
         elif self._ssrcs.is_stale(packet.ssrc, arrival):
             stats.stale_ssrc += 1
-            if packet.payload_type in AUDIO_CODECS:
+            if packet.payload_type in self._audio_codecs:
                 self._ssrcs.stale_audio(packet)
-        elif packet.payload_type not in AUDIO_CODECS:
+        elif packet.payload_type not in self._audio_codecs:
             stats.ssrc_probation_dropped += 1  # only audio may start or continue a streak
         else:
             streak = self._probation.offer(packet, arrival)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from receiver.rtp.packet import AUDIO_CODECS, RtpPacket
+from receiver.codecs.encoding import Encoding
+from receiver.rtp.packet import RtpPacket
 from receiver.rtp.timeline.hot_state import HotState
 
 MAX_EVENTS = 1000  # DTMF digits and discontinuities kept in the stats; the rest are counted
@@ -80,12 +82,14 @@ class InterarrivalJitter:
 
     # Settings
     clock_rate: int
+    audio_codecs: dict[int, Encoding]  # the stream's audio payload types
     # Shared: state in `hot`, the first audio timestamp in `stats`
     hot: HotState
     stats: TimelineStats
+    samples_of: Callable[[bytes], int] = len  # a payload's duration in clock ticks
 
     def note(self, packet: RtpPacket, arrival: float) -> None:
-        if packet.payload_type not in AUDIO_CODECS:
+        if packet.payload_type not in self.audio_codecs:
             # DTMF carries its event's start timestamp, which would read as huge jitter.
             return
         hot = self.hot
@@ -99,4 +103,4 @@ class InterarrivalJitter:
             self.stats.first_timestamp = timestamp
         hot.audio_arrival = arrival
         hot.audio_ts = timestamp
-        hot.audio_length = len(packet.payload)
+        hot.audio_length = self.samples_of(packet.payload)

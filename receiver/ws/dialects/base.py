@@ -10,6 +10,7 @@ from typing import Any
 
 from receiver.codecs.encoding import Encoding
 from receiver.codecs.formats import AudioFormat
+from receiver.codecs.opus_packet import OpusPacketError, packet_samples, samples_at
 from receiver.config import WsSettings
 from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
 from receiver.taps.naming import websocket_key
@@ -40,6 +41,7 @@ class Session:
         self.warned: set[str] = set()
         self.ended = False  # set by the endpoint once the tap is finished
         self._partial = b""  # the start of a frame split across binary messages
+        self._packet_frames = 0  # the last good packet's frames (a corrupt one conceals as many)
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -101,6 +103,22 @@ class Session:
             whole = len(data) - len(data) % frame
             data, self._partial = data[:whole], data[whole:]
         self.stream_buffer().append(fmt.encoding, data)
+
+    def append_packet(self, fmt: AudioFormat, packet: bytes) -> None:
+        """One Opus packet (a binary message). One that is not an Opus packet is counted and
+        concealed for as long as the packet before it played (20 ms if none)."""
+        tap = self.tap or self.start_tap(fmt)
+        tap.count("frames_received")
+        tap.count("bytes_received", len(packet))
+        buffer = self.stream_buffer()
+        try:
+            frames = samples_at(packet_samples(packet), fmt.sample_rate)
+        except OpusPacketError as exc:
+            self.bad_input("corrupt_packets", f"not an Opus packet: {exc}; concealed")
+            buffer.append_lost(fmt.encoding, self._packet_frames or fmt.sample_rate // 50)
+            return
+        self._packet_frames = frames
+        buffer.append_packet(fmt.encoding, packet, frames)
 
     def flush(self) -> None:
         """End of stream: release anything held back. A partial frame cannot be recorded."""

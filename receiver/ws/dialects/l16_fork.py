@@ -70,6 +70,8 @@ class L16ForkSession(Session):
                 assert isinstance(message, dict)
                 content_type = str(message.get("content-type") or "audio/l16;rate=16000")
                 self.fmt = parse_content_type(content_type)
+                if self.fmt.encoding in (Encoding.OPUS, Encoding.G722):
+                    raise FormatError(f"this dialect carries L16 or G.711, not {content_type!r}")
                 metadata = {k: v for k, v in message.items() if k not in ("event",)}
                 self.start_tap(self.fmt, extra={"metadata": metadata})
                 return

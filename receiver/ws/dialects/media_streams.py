@@ -17,12 +17,20 @@ from typing import Any
 
 import orjson
 
+from receiver.codecs.decoders import G722_RATE, OPUS_RATES
 from receiver.codecs.encoding import Encoding, encoding_named
-from receiver.codecs.formats import AudioFormat, FormatError, check_rate
+from receiver.codecs.formats import (
+    AudioFormat,
+    FormatError,
+    check_rate,
+    default_rate,
+    parse_codec_spec,
+)
+from receiver.codecs.opus_packet import OpusPacketError, packet_samples, samples_at
 from receiver.storage.sidecar import too_deep
 from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer
 from receiver.ws.dialects.base import Session, SessionContext
-from receiver.ws.track_timeline import TrackTimeline
+from receiver.ws.track_timeline import TrackOutput, TrackTimeline
 
 INBOUND, OUTBOUND = "inbound", "outbound"
 MAX_NAME = 256  # characters of a mark's name kept in the sidecar
@@ -67,17 +75,44 @@ def _track(value: Any) -> str:
 
 
 def parse_media_format(media_format: Any) -> AudioFormat:
-    """`start.mediaFormat` / `media_format` -> AudioFormat (mono per track)."""
+    """`start.mediaFormat` / `media_format` -> AudioFormat (mono per track). The encoding may
+    carry modifiers (`L16@24000h@40i`: its rate, unless `sampleRate` says otherwise)."""
     if not isinstance(media_format, dict):
         return AudioFormat(Encoding.PCMU)
-    encoding_name = str(_get(media_format, "encoding") or "audio/x-mulaw").strip().lower()
-    encoding = encoding_named(encoding_name)
+    encoding_name = str(_get(media_format, "encoding") or "audio/x-mulaw").strip()
+    spec = parse_codec_spec(encoding_name)
+    encoding = encoding_named(spec.name)
     if encoding is None:
-        raise FormatError(f"unsupported media format {encoding_name!r}")
+        raise FormatError(
+            f"unsupported media format {encoding_name.lower()!r}: Media Streams carry "
+            "audio/x-mulaw, audio/x-alaw, audio/x-l16 (e.g. L16@24000h@40i), audio/G722 or "
+            "OPUS here"
+        )
     rate_value = _number(_get(media_format, "sampleRate", "sample_rate"))
-    rate = int(rate_value) if rate_value else 8000
+    rate = int(rate_value) if rate_value else spec.rate or default_rate(encoding)
+    if encoding is Encoding.OPUS and rate not in OPUS_RATES:
+        rate = default_rate(encoding)  # decoded at 48 kHz whatever the sender's input rate
+    if encoding is Encoding.G722 and rate == 8000:
+        rate = G722_RATE  # the RTP clock rate SDP gives G.722 (RFC 3551 §4.5.2)
     check_rate(encoding, rate)
     return AudioFormat(encoding, rate, 1)
+
+
+class OpusTrack:
+    """A track's output for Opus: one packet per media message, and a hole is audio that was
+    lost (concealed by libopus), not silence."""
+
+    __slots__ = ("buffer", "rate")
+
+    def __init__(self, buffer: AudioBuffer, rate: int) -> None:
+        self.buffer = buffer
+        self.rate = rate
+
+    def append(self, encoding: Encoding, data: bytes) -> None:
+        self.buffer.append_packet(encoding, data, samples_at(packet_samples(data), self.rate))
+
+    def append_silence(self, frames: int) -> None:
+        self.buffer.append_lost(Encoding.OPUS, frames)
 
 
 class MediaStreamsSession(Session):
@@ -234,7 +269,10 @@ class MediaStreamsSession(Session):
         buffer: AudioBuffer | ChannelBuffer = (
             ChannelBuffer(channels) if channels > 1 else AudioBuffer(1)
         )
-        outputs = buffer.channel_buffers if isinstance(buffer, ChannelBuffer) else [buffer]
+        buffers = buffer.channel_buffers if isinstance(buffer, ChannelBuffer) else [buffer]
+        outputs: list[TrackOutput] = list(buffers)
+        if fmt.encoding is Encoding.OPUS:
+            outputs = [OpusTrack(b, fmt.sample_rate) for b in buffers]
         window = self.ctx.settings.stream_jitter_ms * fmt.sample_rate // 1000
         self.timelines = {
             track: TrackTimeline(output, fmt.sample_rate, window)
@@ -265,6 +303,12 @@ class MediaStreamsSession(Session):
             if len(audio) % 2:
                 self.bad_input("bad_payload_length", "L16 payload of an odd number of bytes")
                 audio = audio[:-1]
+        if kind is Encoding.OPUS:
+            try:
+                packet_samples(audio)
+            except OpusPacketError as exc:  # its time becomes a hole: concealed by libopus
+                self.bad_input("corrupt_packets", f"not an Opus packet: {exc}; concealed")
+                return
         self.tap.count("media_messages")
         elapsed = self.clock() - self._started
         timeline.horizon = round(elapsed * timeline.rate) + timeline.max_gap

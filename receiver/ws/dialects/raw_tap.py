@@ -1,5 +1,6 @@
-"""SignalWire tap over WebSocket: binary frames of raw G.711, optionally
-preceded by one text frame that declares the format. Later text frames are ignored."""
+"""SignalWire tap over WebSocket: binary frames of raw G.711 (or G.722, or L16), or one Opus
+packet per binary frame, optionally preceded by one text frame that declares the format (e.g.
+`audio/opus;rate=48000`). Later text frames are ignored."""
 
 from __future__ import annotations
 
@@ -29,4 +30,7 @@ class RawTapSession(Session):
         self.count("text_frames_ignored")
 
     def binary(self, data: bytes) -> None:
-        self.append_frames(self.fmt, data)
+        if self.fmt.encoding.is_packetized:
+            self.append_packet(self.fmt, data)
+        else:
+            self.append_frames(self.fmt, data)
