@@ -205,6 +205,32 @@ PATHS: dict[str, dict[str, Any]] = {
             },
         }
     },
+    "/api/taps/{name}/live": {
+        "get": {
+            "operationId": "getTapLive",
+            "summary": "The audio of a tap being recorded, live, over a WebSocket",
+            "description": "First a JSON text frame `{\"type\": \"start\", \"name\", "
+            "\"tap_id\", \"sample_rate\", \"channels\", \"sample_format\": \"s16le\", "
+            "\"position\"}`; then binary frames of 16-bit little-endian PCM (channels "
+            "interleaved): the recording's audio from frame `position` of its WAV on, as the "
+            "tap's timeline places it (every `live_interval`). A listener more than "
+            "`live_queue_seconds` behind misses audio: a JSON `{\"type\": \"gap\", "
+            "\"skipped_frames\", \"position\"}` says how much, and where the audio goes on. "
+            "At the tap's end a JSON `{\"type\": \"end\", \"position\", \"reason\", "
+            "\"dropped_frames\", \"gaps\"}` and close 1000. The name of a per-track WAV "
+            "(`<name>.inbound`) gives that channel alone.",
+            "security": TOKEN_SECURITY,
+            "parameters": [NAME],
+            "responses": {
+                "101": {"description": "WebSocket upgrade: the live audio, as described"},
+                "400": _error("a bad name, or not a WebSocket upgrade"),
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+                "409": _error("the recording is not being recorded (its WAV is at .../audio)"),
+                "503": _error("live_max_subscribers reached"),
+            },
+        }
+    },
     "/api/taps/{name}/levels": {
         "get": {
             "operationId": "getTapLevels",
@@ -303,7 +329,10 @@ SCHEMAS: dict[str, Any] = {
         "uptime_seconds": {"type": "number"}, "http_port": {"type": "integer"},
         "rtp_port": {"type": "integer"}, "active_taps": {"type": "integer"},
         "auth": {"type": "boolean"}, "low_disk": {"type": "boolean"},
-        "limits": {"type": "object"}, "recovery": {"type": "object"}},
+        "limits": {"type": "object"}, "recovery": {"type": "object"},
+        "live": {"type": "object", "description": "live listeners: subscribers (now), taps "
+                 "(listened to now), subscriptions, dropped_frames, gaps (in all), refused "
+                 "(by reason)"}},
         "additionalProperties": True},
     "Connect": {"type": "object", "properties": {
         "tap_uri": {"type": "string", "description": "ws(s)://…/tap/{tap_id}"},

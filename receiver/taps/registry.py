@@ -150,9 +150,17 @@ class TapRegistry:
         tap.end_reason = reason
         if tap.sink.info.error is not None:
             tap.state = TapState.FAILED
+        live = tap.live
+        if live is not None:
+            live.catch_up()
         future = self.writer.finish(tap.sink, tap.buffer.take(), tap.describe())
         future.add_done_callback(lambda done: self._finalized(tap, done.result(), reason))
+        if live is not None:
+            live.end(reason)
         return future
+
+    def is_active(self, tap: Tap) -> bool:
+        return tap.serial in self._active
 
     def split(self, tap: Tap) -> None:
         """max_tap_duration reached: finalize this segment's files and go on recording the same
@@ -166,6 +174,8 @@ class TapRegistry:
         new = self.writer.new_sink(
             self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files
         )
+        if tap.live is not None:
+            tap.live.catch_up()
         future = self.writer.finish(old, tap.buffer.take(), sidecar, successor=new)
         future.add_done_callback(lambda done: self._finalized(tap, done.result(), reason))
         tap.extra["segment"] += 1
@@ -257,9 +267,12 @@ class TapRegistry:
                     self.max_unwritten_bytes,
                 )
             return
-        batch = [
-            (tap.sink, tap.buffer.take()) for tap in self._active.values() if tap.buffer.pending
-        ]
+        batch = []
+        for tap in self._active.values():
+            if tap.buffer.pending:
+                if tap.live is not None:
+                    tap.live.catch_up()  # live listeners read the buffer: before it is taken
+                batch.append((tap.sink, tap.buffer.take()))
         if batch:
             self.writer.write(batch)  # type: ignore[arg-type]
 
