@@ -72,6 +72,14 @@ class _SnapshotCollector(Collector):
         for reason, n in sorted(live["refused"].items()):
             refused.add_metric([reason], n)
         yield refused
+        calls = CounterMetricFamily(
+            "tap_receiver_calls", "Calls (speak + listen legs): built, failed, legs recorded "
+            "apart by reason (apart_*).", labels=["outcome"],
+        )  # fmt: skip
+        for outcome, n in sorted(s["calls"].items()):
+            if outcome not in ("waiting", "building"):
+                calls.add_metric([outcome], n)
+        yield calls
 
 
 class Metrics:

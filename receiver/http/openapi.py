@@ -57,10 +57,14 @@ BAD_NAME = _error("a bad recording name or parameter")
 NOT_FOUND = _error("no such recording")
 FORBIDDEN = _error("the client is not in `http_allow`")
 
+CODEC = _query(
+    "codec",
+    {"type": "string", "enum": ["pcmu", "pcma"]},
+    "the G.711 law of raw binary frames (default pcmu)",
+)
 _TAP_ENDPOINT = {
     "security": TOKEN_SECURITY,
-    "parameters": [TAP_ID, _query("codec", {"type": "string", "enum": ["pcmu", "pcma"]},
-                                  "the G.711 law of raw binary frames (default pcmu)")],
+    "parameters": [TAP_ID, CODEC],
     "responses": {
         "101": {"description": "WebSocket upgrade: binary frames of audio (raw G.711, or as the "
                 "dialect says); text frames per dialect (format, Media Streams events, fork "
@@ -278,6 +282,18 @@ PATHS: dict[str, dict[str, Any]] = {
     "/stream/{tap_id}": {
         "get": {"operationId": "streamWebSocket", "summary": "The same endpoint as /tap/{tap_id}",
                 **_TAP_ENDPOINT}
+    },
+    "/call/{call_id}/{leg}": {
+        "get": {"operationId": "callLegWebSocket", "summary": "A WebSocket tap that is one leg "
+                "of a call (as /tap/{tap_id}), recorded as `<call_id>.<leg>`; once both legs "
+                "have ended, `<call_id>.wav` holds them side by side (speak, listen)",
+                **_TAP_ENDPOINT,
+                "parameters": [
+                    _path("call_id", "the call both legs name", TAP_ID_PATTERN),
+                    {**_path("leg", "which party: speak (channel 1) or listen (channel 2)"),
+                     "schema": {"type": "string", "enum": ["speak", "listen"]}},
+                    CODEC,
+                ]}
     },
     "/": {
         "get": {

@@ -304,6 +304,7 @@ class RtpReceiver:
         tap = Tap(tap_id, "rtp", codec, remote=f"{addr[0]}:{addr[1]}", key=name_key,
                   ahead_allowance=allowance)  # fmt: skip
         tap.extra["local_port"] = sock.port
+        tap.first_audio_monotonic = now
         if expected is not None:
             tap.extra.update(expected.extra)
         timeline = self._timeline(TapOutput(tap))

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from receiver.calls.assembler import CallAssembler
 from receiver.config import Config
 from receiver.control.api import ControlApi
 from receiver.control.webhooks import WebhookSender
@@ -124,6 +125,8 @@ class Server:
         self.registry.audio_holders = [t.gather for t in self.transports.values()]
         self.registry.on_open_failed = self.refuse_unrecordable
         self.live = LiveHub(config.live, self.registry.gather)
+        self.calls = CallAssembler(storage.recordings, self.writer)
+        self.registry.on_tap_finalized = self.calls.leg_finalized
         self.recordings_api = RecordingsApi(
             storage.recordings,
             self.auth,
@@ -167,6 +170,7 @@ class Server:
             "write_errors": self.writer.errors,
             "webhooks": dict(self.webhooks.counters) if self.webhooks else {},
             "live": self.live.stats(),
+            "calls": self.calls.stats(),
         }
         for transport in self.transports.values():
             snapshot.update(transport.metrics())
@@ -191,6 +195,7 @@ class Server:
             **{name: t.stats() for name, t in self.transports.items()},
             "names": self.naming.stats(),
             "live": self.live.stats(),
+            "calls": self.calls.stats(),
             "recovery": self.recovery,
             "webhooks": dict(self.webhooks.counters) if self.webhooks else None,
             "writer": {

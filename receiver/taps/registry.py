@@ -53,6 +53,8 @@ class TapRegistry:
         }
         # Called on the event loop with each final sidecar, once its files are complete.
         self.on_finalized: Callable[[dict[str, Any]], None] | None = None
+        # The same with the tap, for the calls it may be a leg of (receiver.calls).
+        self.on_tap_finalized: Callable[[Tap, dict[str, Any]], None] | None = None
         # The transports' `gather`: they may hold audio outside the taps' buffers.
         self.audio_holders: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -217,7 +219,7 @@ class TapRegistry:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        loop.call_soon_threadsafe(self._count_and_notify, tap.transport, failed, sidecar)
+        loop.call_soon_threadsafe(self._count_and_notify, tap, failed, sidecar)
 
     def _open_failed(self, sink: Sink, why: str) -> None:
         """On the writer's thread (or the event loop): a tap's files could not be created."""
@@ -233,11 +235,13 @@ class TapRegistry:
         if self.on_open_failed is not None:
             self.on_open_failed(tap, why)
 
-    def _count_and_notify(self, transport: str, failed: bool, sidecar: dict[str, Any]) -> None:
+    def _count_and_notify(self, tap: Tap, failed: bool, sidecar: dict[str, Any]) -> None:
         if failed:
-            self.counts["failed"][transport] += 1
+            self.counts["failed"][tap.transport] += 1
         if self.on_finalized is not None and sidecar:
             self.on_finalized(sidecar)
+        if self.on_tap_finalized is not None and sidecar:
+            self.on_tap_finalized(tap, sidecar)
 
     def gather(self) -> None:
         """Bring every tap's buffer up to date, before its length is read or it is taken."""

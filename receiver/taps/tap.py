@@ -59,6 +59,9 @@ class Tap:
         self.started_at = utc_now_iso()
         self.ended_at: str | None = None
         self.started_monotonic = time.monotonic()
+        # When its first audio arrived (an RTP stream: its first packet's kernel timestamp): where
+        # it begins on a call's timeline (receiver.calls).
+        self.first_audio_monotonic = self.started_monotonic
         # Seconds its audio may lead the wall clock since it began (see BufferGuard).
         self.ahead_allowance = ahead_allowance
         self.buffer: AudioBuffer | ChannelBuffer = AudioBuffer(channels)
