@@ -7,16 +7,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
+import threading
+import time
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
 
+from receiver.rtp.packet import RtpPacket
 from tests import reference
 from tests.helpers import (
     TOKEN,
     ServerProcess,
+    free_port,
     new_id,
     noise,
     read_wav,
@@ -228,3 +233,88 @@ def test_a_leg_must_be_speak_or_listen(srv: ServerProcess) -> None:
     assert asyncio.run(status(leg_url(srv, "c1", "both"))) == 400
     assert asyncio.run(status(leg_url(srv, "-bad", "speak"))) == 400
     assert asyncio.run(status(f"{srv.ws_url}/call/c1/speak")) == 401
+
+
+# -- RTP legs -----------------------------------------------------------------------------------
+
+
+def rtp_status(control_id: str, call_id: str, direction: str, port: int, state: str) -> Any:
+    event = status_event(control_id, call_id, direction, "")
+    event["params"]["state"] = state
+    event["params"]["device"] = {"type": "rtp", "params": {"addr": "x", "port": str(port)}}
+    return event
+
+
+def send_rtp(port: int, frames: dict[int, bytes], ssrc: int, pause_from: int = -1) -> None:
+    """Real-time RTP, 20 ms a packet; `frames` by 20 ms slot: a slot without audio is a pause
+    (nothing sent, the timestamps run on)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    seq = 1000
+    start = time.monotonic()
+    with sock:
+        for slot in range(max(frames) + 1):
+            if slot in frames:
+                packet = RtpPacket(0, slot == 0, seq, 5000 + 160 * slot, ssrc, frames[slot])
+                sock.sendto(packet.serialize(), ("127.0.0.1", port))
+                seq += 1
+            delay = start + 0.02 * (slot + 1) - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # pacing: a real-time sender
+
+
+def test_two_rtp_legs_named_by_status_callbacks(make_server: Any) -> None:
+    """RTP legs from a registered pool port each, named by status callbacks (call_id, direction):
+    listen begins 1.5 s after speak and pauses 0.5 s (no packets, its timestamps run on). The
+    call's WAV holds each leg's exact audio, the pause as silence, at the legs' offsets."""
+    first = free_port()
+    server = make_server("--token", TOKEN, "--rtp-port-range", f"{first}-{first + 1}",
+                         "--rtp-idle-timeout", "60")  # fmt: skip
+    call_id = new_id("rtp-call")
+    ports = {}
+    for leg in ("speak", "listen"):
+        status, answer = asyncio.run(post_json(server, "/api/taps", {"tap_id": f"p-{leg}"}))
+        assert status == 201, answer
+        ports[leg] = answer["rtp"]["port"]
+        event = rtp_status(f"{call_id}-{leg}", call_id, leg, ports[leg], "tapping")
+        assert asyncio.run(post(server, event)) == 200
+    speak = {n: noise(CHUNK, n) for n in range(150)}
+    listen = {n: noise(CHUNK, 300 + n) for n in range(100) if not 40 <= n < 65}
+    talker = threading.Thread(target=send_rtp, args=(ports["speak"], speak, 0x5EA4))
+    talker.start()
+    wait_for_live(server, f"{call_id}-speak", lambda live: live["frames"] >= 12000, "1.5 s")
+    send_rtp(ports["listen"], listen, 0x115E)
+    talker.join()
+    for leg in ("speak", "listen"):
+        placed = len(speak) * CHUNK if leg == "speak" else 100 * CHUNK
+        wait_for_live(server, f"{call_id}-{leg}", lambda live, n=placed: live["frames"] == n, "all")
+        event = rtp_status(f"{call_id}-{leg}", call_id, leg, ports[leg], "finished")
+        assert asyncio.run(post(server, event)) == 200
+
+    call = wait_for_sidecar(server.recordings, call_id)
+    speak_wav, _ = read_wav(server.recordings / f"{call_id}-speak.wav")
+    listen_wav, _ = read_wav(server.recordings / f"{call_id}-listen.wav")
+    assert np.array_equal(speak_wav, reference.decode("PCMU", b"".join(speak.values())))
+    expected = np.zeros(100 * CHUNK, np.int16)
+    for n, payload in listen.items():
+        expected[n * CHUNK : (n + 1) * CHUNK] = reference.decode("PCMU", payload)
+    assert np.array_equal(listen_wav, expected)  # the pause is silence of its length
+    legs = call["call"]["legs"]
+    offset = legs["listen"]["offset_frames"] - legs["speak"]["offset_frames"]
+    assert legs["speak"]["offset_frames"] == 0 and abs(offset - 12000) <= 800, offset
+    assert (
+        legs["listen"]["aligned"]["rtp_ssrcs"] and legs["listen"]["named_by"] == "status_callback"
+    )
+    samples, _ = read_wav(server.recordings / f"{call_id}.wav")
+    total = max(len(speak_wav), offset + len(listen_wav))
+    assert samples.shape == (total, 2)
+    assert np.array_equal(samples[:, 0], placed_at(total, 0, speak_wav))
+    assert np.array_equal(samples[:, 1], placed_at(total, offset, listen_wav))
+
+
+async def post_json(server: ServerProcess, path: str, body: Any) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.base_url + path, json=body, headers=headers) as answer,
+    ):
+        return answer.status, await answer.json()
