@@ -364,3 +364,37 @@ def test_refusals(srv: ServerProcess) -> None:
     refused = {k: after["live"]["refused"].get(k, 0) - before["live"]["refused"].get(k, 0)
                for k in ("not_recording", "not_websocket")}  # fmt: skip
     assert refused == {"not_recording": 2, "not_websocket": 1}
+
+
+def test_shutdown_with_listeners_that_do_not_read(make_server: Any) -> None:
+    """SIGTERM while a tap records and listeners stall: the server still finishes the tap
+    exactly and exits 0."""
+    server = make_server("--token", TOKEN, "--live-queue-seconds", "0.2")
+    tap_id = new_id("live")
+    pcm = pcm16(2.0, 48000, 2, 4)
+    raw = pcm.astype("<i2").tobytes()
+
+    async def scenario() -> list[socket.socket]:
+        async with aiohttp.ClientSession() as session:
+            tap = await session.ws_connect(stream_url(server, tap_id), protocols=JAMBONZ)
+            await tap.send_str(json.dumps({"sampleRate": 48000, "mixType": "stereo"}))
+            pieces = [raw[i : i + 19200] for i in range(0, len(raw), 19200)]  # 50 ms each
+            half = len(pieces) // 2
+            for piece in pieces[:half]:
+                await tap.send_bytes(piece)
+            await placed(server, tap_id, half * 4800)
+            loop = asyncio.get_running_loop()
+            stalled = [await loop.run_in_executor(None, raw_listener, server, tap_id)
+                       for _ in range(3)]  # fmt: skip
+            for piece in pieces[half:]:
+                await tap.send_bytes(piece)
+            await placed(server, tap_id, len(raw) // 4)
+            assert server.stop() == 0  # while the tap and its listeners are connected
+            return stalled
+
+    stalled = asyncio.run(scenario())
+    sidecar = wait_for_sidecar(server.recordings, tap_id)
+    wav, _ = read_wav(server.recordings / f"{tap_id}.wav")
+    assert np.array_equal(wav, pcm) and sidecar["end_reason"] is not None
+    for sock in stalled:
+        sock.close()
