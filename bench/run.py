@@ -348,23 +348,41 @@ def rtp_step(
         if ramp is None:
             ramp = min(streams / 1000, seconds / 3)
         start_at = time.time() + 1.0 + streams / 1500
+        # live: the listeners connect first (they find the taps through the API), and the
+        # window is measured once they all listen; the streams send that much longer
+        settle = 3.0 + streams / 100 if series == "live" else 0.0
         sender = subprocess.Popen(
             pinned(args.load_cores, [
                 sys.executable, "-m", "bench.rtp_load", "--port", str(receiver.rtp_port),
-                "--streams", str(streams), "--seconds", str(seconds), "--seed", str(SEED),
+                "--streams", str(streams), "--seconds", str(seconds + settle),
+                "--seed", str(SEED),
                 "--period", str(PERIOD), "--ramp", str(ramp), "--processes", str(args.processes),
                 "--start-at", repr(start_at), "--codec", codec,
             ]),
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        first, last, rss = measure_window(lambda: receiver.pids, start_at, ramp, seconds)
-        out, _ = sender.communicate(timeout=seconds + ramp + 120)
+        listeners = None
+        if series == "live":  # one live listener per tap (bench.live_load), on the load cores
+            listeners = subprocess.Popen(
+                pinned(args.load_cores, [
+                    sys.executable, "-m", "bench.live_load", "--port", str(receiver.http_port),
+                    "--taps", str(streams), "--seconds", str(seconds + settle + ramp + 60),
+                ]),
+                cwd=ROOT, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+        first, last, rss = measure_window(
+            lambda: receiver.pids, start_at, ramp + settle, seconds + settle
+        )
+        out, _ = sender.communicate(timeout=seconds + settle + ramp + 120)
         ended = time.monotonic()
         summary = json.loads(out)
         sidecars = wait_sidecars(receiver.recordings, "rtp-*.json", streams, 60)
         drain = time.monotonic() - ended  # the idle timeout (1 s), then the writer's backlog
     finally:
         code = receiver.stop()
+    heard = None
+    if listeners is not None:
+        heard = json.loads(listeners.communicate(timeout=120)[0])
     packets = int(summary["packets_per_stream"])
     window = last.at - first.at
     row.offered_pps = round(streams * 1000 / 20, 1)
@@ -394,7 +412,7 @@ def rtp_step(
     )  # fmt: skip
     row.samples_compared = checked
     row.wavs_exact = len(complete) == streams == row.taps and exact == checked
-    row.sender_kept_pace = float(summary["seconds"]) <= (seconds + ramp) * 1.02 + 0.1
+    row.sender_kept_pace = float(summary["seconds"]) <= (seconds + settle + ramp) * 1.02 + 0.1
     row.exact_taps = len(complete) if checked == exact else 0
     row.refused = streams - row.taps
     row.sustainable = (
@@ -415,9 +433,17 @@ def rtp_step(
     if gaps:
         notes.append(f"{gaps} lost/late in timelines")
     if not row.sender_kept_pace:
-        notes.append(f"sender-limited ({summary['seconds']} s for {seconds + ramp:.1f} s)")
+        notes.append(f"sender-limited ({summary['seconds']} s for {seconds + settle + ramp:.1f} s)")
     if code != 0:
         notes.append(f"receiver exit {code}")
+    if heard is not None:
+        heard_share = heard["bytes"] / (streams * packets * 160 * 2)
+        notes.append(
+            f"{heard['listeners']} live listeners (connected within "
+            f"{heard['connected_within_seconds']} s), {heard_share:.3f} of the audio heard, "
+            f"{heard.get('gap', 0)} gaps, {heard.get('end', 0)} ends"
+        )
+        row.sustainable = row.sustainable and heard["listeners"] == streams
     row.note = "; ".join(notes)
     receiver.set_aside()
     return row
@@ -574,6 +600,7 @@ def table(rows: list[Row]) -> str:
             "overload": "RTP, 2x offered",
             "ws": "WebSocket",
             "sink": "bare uvloop sink",
+            "live": "RTP, a live listener per tap",
         }[r.series]
         lines.append(
             f"| {label} | {r.workers} | {r.streams} | {r.offered_pps:,.0f} | {r.sent:,} "
@@ -640,6 +667,15 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
                 sinks[row.streams].us_per_packet / row.us_per_packet, 3
             )
             out[f"ratio_cpu_cost_sink_to_{codec}_at_streams"] = row.streams
+    # Live listeners: the receiver's CPU per packet with one listener per tap, against the same
+    # step recorded alone.
+    alone = {(r.streams, r.seconds): r for r in rows if r.series == "rtp" and r.workers == 1}
+    for r in rows:
+        match = alone.get((r.streams, r.seconds))
+        if r.series == "live" and match is not None and match.us_per_packet:
+            out.setdefault("live_cpu_ratio", {})[r.streams] = round(
+                r.us_per_packet / match.us_per_packet, 3
+            )
     burst = best(rows, "burst", 1)
     if burst is not None:
         out["burst_streams_exact"] = burst.streams
@@ -663,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few streams for a few seconds")
     parser.add_argument("--series", default="sink,rtp1,burst,overload,hold,rtp2,ws",
                         help="comma-separated: sink, rtp1, burst, overload, hold, rtp2, ws, "
-                             "opus, g722 (not in the default run); "
+                             "opus, g722, live (rtp1 with one live listener per tap) (these "
+                             "three not in the default run); "
                              "burst and overload use the largest count rtp1 sustained (or "
                              "--burst-streams)")  # fmt: skip
     parser.add_argument(
@@ -677,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec-steps", default="300,600,900,1200",
                         help="streams of the opus and g722 series")  # fmt: skip
     parser.add_argument("--ws-steps", default="500,1000,1500,2000")
+    parser.add_argument("--live-steps", default="", help="for the live series; default rtp-steps")
     parser.add_argument("--seconds", type=float, default=15.0, help="per step")
     parser.add_argument(
         "--hold-streams",
@@ -726,6 +764,9 @@ def main(argv: list[str] | None = None) -> int:
                 stepped(lambda n: sink_step(workdir, n, args.seconds, args), args.sink_steps)
             elif name == "rtp1":
                 stepped(lambda n: rtp_step(workdir, n, args.seconds, 1, args), args.rtp_steps)
+            elif name == "live":
+                steps = args.live_steps or args.rtp_steps
+                stepped(lambda n: rtp_step(workdir, n, args.seconds, 1, args, "live"), steps)
             elif name == "rtp2":
                 stepped(lambda n: rtp_step(workdir, n, args.seconds, 2, args), args.rtp_steps)
             elif name == "ws":

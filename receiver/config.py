@@ -214,6 +214,29 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("split", "stop"),
     ),
     Setting(
+        "live_interval",
+        "float",
+        0.1,
+        "Seconds between updates of live listeners (GET /api/taps/{name}/live): how far their "
+        "audio trails what the timeline has placed.",
+        _between(0.02, 1.0),
+    ),
+    Setting(
+        "live_queue_seconds",
+        "float",
+        2.0,
+        "Seconds of audio one live listener may have waiting; what it cannot take beyond that "
+        "is dropped (counted, and it is told by a gap marker), never delaying the recording.",
+        _between(0.1, 60),
+    ),
+    Setting(
+        "live_max_subscribers",
+        "int",
+        10000,
+        "Live listeners at once, all taps together; more are refused (503).",
+        _between(0, 1_000_000),
+    ),
+    Setting(
         "new_tap_rate_limit",
         "float",
         0.0,
@@ -507,6 +530,13 @@ class StorageSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LiveSettings:
+    interval: float
+    queue_seconds: float
+    max_subscribers: int
+
+
+@dataclass(frozen=True, slots=True)
 class LimitSettings:
     """Who may start a tap and how many may run (see receiver.taps.admission)."""
 
@@ -561,6 +591,7 @@ class Config:
     auth: AuthSettings
     storage: StorageSettings
     limits: LimitSettings
+    live: LiveSettings
     ws: WsSettings
     rtp: RtpSettings
     webhooks: WebhookSettings
@@ -610,6 +641,11 @@ def build(values: Mapping[str, Any], config_file: Path | None = None) -> Config:
             max_load=v["max_load"],
             http_allow=tuple(parse_cidrs(v["http_allow"])),
             rtp_allow=tuple(parse_cidrs(v["rtp_allow"])),
+        ),
+        live=LiveSettings(
+            interval=v["live_interval"],
+            queue_seconds=v["live_queue_seconds"],
+            max_subscribers=v["live_max_subscribers"],
         ),
         ws=WsSettings(
             max_message_size=v["ws_max_message_size"],

@@ -21,7 +21,14 @@ from tests.helpers import TOKEN, ServerProcess, require_module
 
 METHODS = ("get", "post", "put", "patch", "delete")
 #: Values for the path parameters of the described paths.
-EXAMPLES = {"token": TOKEN, "name": "no-such-call", "tap_id": "no-such-call", "file": "app.js"}
+EXAMPLES = {
+    "token": TOKEN,
+    "name": "no-such-call",
+    "tap_id": "no-such-call",
+    "file": "app.js",
+    "call_id": "no-such-call",
+    "leg": "speak",
+}
 
 
 def concrete(path: str) -> str:

@@ -20,10 +20,12 @@ from tests.helpers import (
     TOKEN,
     ServerProcess,
     new_id,
+    read_wav,
     require_module,
     require_tool,
     send_tap,
     tap_url,
+    wait_for_live,
     wait_for_sidecar,
 )
 
@@ -197,4 +199,44 @@ def test_page_with_token_in_path_and_token_prompt(browser: Any, server: ServerPr
     page.click("#token-form button")
     page.locator(f'tr[data-name="{tap_id}"]').wait_for(timeout=10_000)
     assert page.url.startswith(f"{server.base_url}/?token={TOKEN}")
+    page.close()
+
+
+def test_page_plays_a_recording_tap_live(browser: Any, server: ServerProcess) -> None:
+    """While a tap records, its page offers live listening: the page's WebSocket receives the
+    tap's audio (exactly the WAV's, from the position it was told, to the end marker), plays
+    it with Web Audio and scrolls its waveform."""
+    tap_id = new_id("listen")
+    t = np.arange(8000 * 5) / 8000
+    samples = (AMPLITUDE * 32767 * np.sin(2 * np.pi * 330 * t)).astype(np.int16)
+    raw = samples.astype("<i2").tobytes()
+    frames: list[bytes | str] = ["content-type:audio/l16;rate=8000"]
+    frames += [raw[i : i + 320] for i in range(0, len(raw), 320)]  # 20 ms each
+    with ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(asyncio.run, send_tap(tap_url(server, tap_id), frames, pause=0.02))
+        wait_for_live(server, tap_id, lambda live: live["frames"] > 0, "its first audio")
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{server.base_url}/?token={TOKEN}#/tap/{tap_id}")
+        page.locator("#d-listen").wait_for(state="visible", timeout=10_000)
+        page.click("#d-listen")
+        page.wait_for_function("window.tapLive && window.tapLive.frames >= 4000", timeout=10_000)
+        assert page.evaluate("window.tapLive.ended") is False  # heard while it records
+        sending.result()
+    wait_for_sidecar(server.recordings, tap_id)
+    page.wait_for_function("window.tapLive.ended === true", timeout=10_000)
+    live = page.evaluate("window.tapLive")
+    wav, _ = read_wav(server.recordings / f"{tap_id}.wav")
+    assert np.array_equal(wav, samples)
+    heard = np.array(live["samples"], dtype=np.int16)
+    assert live["position"] < len(wav) - 4000 and live["gaps"] == 0
+    assert live["frames"] == len(wav) - live["position"]
+    assert np.array_equal(heard, wav[live["position"] :])
+    stats = page.locator("#d-live-wave").evaluate(CANVAS_STATS)
+    assert stats["columns"] > 50  # the waveform scrolled in
+    assert page.evaluate("document.getElementById('d-listen-state').textContent") == (
+        "the tap ended"
+    )
+    assert errors == []
     page.close()

@@ -62,10 +62,13 @@ def _field(value: Any) -> str | int | float | None:
 
 
 def tap_id_from_uri(uri: str) -> str | None:
-    """The tap id in a WebSocket URI this server handed out (…/tap/{id} or …/stream/{id})."""
+    """The tap id in a WebSocket URI this server handed out (…/tap/{id} or …/stream/{id}; a
+    call's leg …/call/{call_id}/{leg} is the tap `{call_id}.{leg}`)."""
     parts = [unquote(p) for p in urlsplit(uri).path.split("/") if p]
     if len(parts) >= 2 and parts[-2] in ("tap", "stream"):
         return parts[-1]
+    if len(parts) >= 3 and parts[-3] == "call":
+        return f"{parts[-2]}.{parts[-1]}"
     return None
 
 

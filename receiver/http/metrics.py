@@ -54,6 +54,32 @@ class _SnapshotCollector(Collector):
             ("write_errors", "write_errors", "Disk errors (each fails one tap)."),
         ):
             yield CounterMetricFamily(f"tap_receiver_{name}", text, value=s[key])
+        live = s["live"]
+        yield GaugeMetricFamily(
+            "tap_receiver_live_subscribers", "Live listeners connected now.",
+            value=live["subscribers"],
+        )  # fmt: skip
+        for name, key, text in (
+            ("live_subscriptions", "subscriptions", "Live listeners accepted."),
+            ("live_dropped_frames", "dropped_frames",
+             "Frames of live audio dropped for listeners that fell behind."),
+            ("live_gaps", "gaps", "Gap markers sent to live listeners."),
+        ):  # fmt: skip
+            yield CounterMetricFamily(f"tap_receiver_{name}", text, value=live[key])
+        refused = CounterMetricFamily(
+            "tap_receiver_live_refused", "Live listeners refused.", labels=["reason"]
+        )
+        for reason, n in sorted(live["refused"].items()):
+            refused.add_metric([reason], n)
+        yield refused
+        calls = CounterMetricFamily(
+            "tap_receiver_calls", "Calls (speak + listen legs): built, failed, legs recorded "
+            "apart by reason (apart_*).", labels=["outcome"],
+        )  # fmt: skip
+        for outcome, n in sorted(s["calls"].items()):
+            if outcome not in ("waiting", "building"):
+                calls.add_metric([outcome], n)
+        yield calls
 
 
 class Metrics:

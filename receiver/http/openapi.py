@@ -57,14 +57,19 @@ BAD_NAME = _error("a bad recording name or parameter")
 NOT_FOUND = _error("no such recording")
 FORBIDDEN = _error("the client is not in `http_allow`")
 
+CODEC = _query(
+    "codec",
+    {"type": "string", "enum": ["pcmu", "pcma", "opus", "g722"]},
+    "the codec of raw binary frames (default pcmu); opus: one Opus packet per frame",
+)
+RATE = _query(
+    "rate",
+    {"type": "integer", "enum": [8000, 12000, 16000, 24000, 48000]},
+    "Opus: the rate it is decoded and recorded at (default 48000)",
+)
 _TAP_ENDPOINT = {
     "security": TOKEN_SECURITY,
-    "parameters": [TAP_ID, _query("codec", {"type": "string",
-                                            "enum": ["pcmu", "pcma", "opus", "g722"]},
-                                  "the codec of raw binary frames (default pcmu); opus: one "
-                                  "Opus packet per frame"),
-                   _query("rate", {"type": "integer", "enum": [8000, 12000, 16000, 24000, 48000]},
-                          "Opus: the rate it is decoded and recorded at (default 48000)")],
+    "parameters": [TAP_ID, CODEC, RATE],
     "responses": {
         "101": {"description": "WebSocket upgrade: binary frames of audio (raw G.711 or G.722, "
                 "one Opus packet each, or as the "
@@ -210,6 +215,32 @@ PATHS: dict[str, dict[str, Any]] = {
             },
         }
     },
+    "/api/taps/{name}/live": {
+        "get": {
+            "operationId": "getTapLive",
+            "summary": "The audio of a tap being recorded, live, over a WebSocket",
+            "description": "First a JSON text frame `{\"type\": \"start\", \"name\", "
+            "\"tap_id\", \"sample_rate\", \"channels\", \"sample_format\": \"s16le\", "
+            "\"position\"}`; then binary frames of 16-bit little-endian PCM (channels "
+            "interleaved): the recording's audio from frame `position` of its WAV on, as the "
+            "tap's timeline places it (every `live_interval`). A listener more than "
+            "`live_queue_seconds` behind misses audio: a JSON `{\"type\": \"gap\", "
+            "\"skipped_frames\", \"position\"}` says how much, and where the audio goes on. "
+            "At the tap's end a JSON `{\"type\": \"end\", \"position\", \"reason\", "
+            "\"dropped_frames\", \"gaps\"}` and close 1000. The name of a per-track WAV "
+            "(`<name>.inbound`) gives that channel alone.",
+            "security": TOKEN_SECURITY,
+            "parameters": [NAME],
+            "responses": {
+                "101": {"description": "WebSocket upgrade: the live audio, as described"},
+                "400": _error("a bad name, or not a WebSocket upgrade"),
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+                "409": _error("the recording is not being recorded (its WAV is at .../audio)"),
+                "503": _error("live_max_subscribers reached"),
+            },
+        }
+    },
     "/api/taps/{name}/levels": {
         "get": {
             "operationId": "getTapLevels",
@@ -257,6 +288,19 @@ PATHS: dict[str, dict[str, Any]] = {
     "/stream/{tap_id}": {
         "get": {"operationId": "streamWebSocket", "summary": "The same endpoint as /tap/{tap_id}",
                 **_TAP_ENDPOINT}
+    },
+    "/call/{call_id}/{leg}": {
+        "get": {"operationId": "callLegWebSocket", "summary": "A WebSocket tap that is one leg "
+                "of a call (as /tap/{tap_id}), recorded as `<call_id>.<leg>`; once both legs "
+                "have ended, `<call_id>.wav` holds them side by side (speak, listen)",
+                **_TAP_ENDPOINT,
+                "parameters": [
+                    _path("call_id", "the call both legs name", TAP_ID_PATTERN),
+                    {**_path("leg", "which party: speak (channel 1) or listen (channel 2)"),
+                     "schema": {"type": "string", "enum": ["speak", "listen"]}},
+                    CODEC,
+                    RATE,
+                ]}
     },
     "/": {
         "get": {
@@ -308,7 +352,10 @@ SCHEMAS: dict[str, Any] = {
         "uptime_seconds": {"type": "number"}, "http_port": {"type": "integer"},
         "rtp_port": {"type": "integer"}, "active_taps": {"type": "integer"},
         "auth": {"type": "boolean"}, "low_disk": {"type": "boolean"},
-        "limits": {"type": "object"}, "recovery": {"type": "object"}},
+        "limits": {"type": "object"}, "recovery": {"type": "object"},
+        "live": {"type": "object", "description": "live listeners: subscribers (now), taps "
+                 "(listened to now), subscriptions, dropped_frames, gaps (in all), refused "
+                 "(by reason)"}},
         "additionalProperties": True},
     "Connect": {"type": "object", "properties": {
         "tap_uri": {"type": "string", "description": "ws(s)://…/tap/{tap_id}"},

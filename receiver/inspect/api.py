@@ -28,6 +28,8 @@ from receiver.http.auth import Auth
 from receiver.http.errors import json_error
 from receiver.inspect import analysis
 from receiver.inspect.catalog import STATES, Catalog, Recording, loss_percent, markers
+from receiver.live.endpoint import serve_live
+from receiver.live.hub import LiveHub
 from receiver.storage.files import open_regular, regular_stat
 from receiver.storage.sidecar import TapState
 from receiver.storage.wav_header import WavError, check_wav
@@ -37,7 +39,7 @@ from receiver.taps.tap_id import NAME_RULE, is_valid_name
 
 PAGE_DIR = Path(__file__).parent / "page"
 STATIC_FILES = {"app.js", "style.css", "favicon.svg"}
-ACTIONS = ("audio", "waveform", "spectrogram", "levels")
+ACTIONS = ("audio", "waveform", "spectrogram", "levels", "live")
 CACHE_ENTRIES = 64
 MAX_PAGE = 1000
 _EMPTY_SUFFIX_RANGE = re.compile(r"bytes=-0+")
@@ -93,9 +95,13 @@ class RecordingsApi:
         auth: Auth,
         registry: TapRegistry,
         live_stats: dict[str, LiveStats] | None = None,
+        live: LiveHub | None = None,
+        heartbeat: float = 30.0,
     ) -> None:
         self.auth = auth
         self.registry = registry
+        self.live = live  # live listeners (GET /api/taps/{name}/live)
+        self.heartbeat = heartbeat  # of their WebSockets (ws_heartbeat)
         self.live_stats = live_stats or {}  # by transport
         self.catalog = Catalog(recordings, run_started_at=utc_now_iso())
         self.cache = ResultCache(CACHE_ENTRIES)
@@ -213,6 +219,8 @@ class RecordingsApi:
         if not is_valid_name(name):
             return json_error(400, NAME_RULE)
         try:
+            if action == "live":
+                return await self._listen(request, name)
             if action == "audio":
                 return await self._audio(request, name)
             if action == "waveform":
@@ -251,6 +259,26 @@ class RecordingsApi:
         body["markers"] = markers(sidecar)
         body["wav"] = await self._run(_wav_info, self.catalog.wav_path(name))
         return web.json_response(body)
+
+    async def _listen(self, request: web.Request, name: str) -> web.StreamResponse:
+        """The live audio of a tap being recorded (receiver.live.endpoint); a per-track file's
+        name gives that channel alone."""
+        hub = self.live
+        tap = self._active().get(name)
+        if hub is None or tap is None or tap.sink is None:
+            if hub is not None:
+                hub.refused["not_recording"] += 1
+            if await self._run(self.catalog.load, name) is None:
+                return json_error(404, f"no recording {name!r}")
+            return json_error(
+                409, f"{name!r} is not being recorded: its audio is at /api/taps/{name}/audio"
+            )
+        tracks = tap.sink.info.track_names
+        channel = tracks.index(name) if name != tap.name and name in tracks else None
+        registry = self.registry
+        return await serve_live(
+            request, hub, tap, name, channel, lambda: registry.is_active(tap), self.heartbeat
+        )
 
     async def _audio(self, request: web.Request, name: str) -> web.StreamResponse:
         path = self.catalog.wav_path(name)

@@ -339,6 +339,7 @@ class RtpReceiver:
                   key=name_key, ahead_allowance=allowance)  # fmt: skip
         tap.extra["local_port"] = sock.port
         tap.extra["audio_payload_types"] = {str(pt): c.value for pt, c in codecs.items()}
+        tap.first_audio_monotonic = now
         if expected is not None:
             tap.extra.update(expected.extra)
         timeline = self._timeline(TapOutput(tap, rtp_clock_rate(codec)), codecs, codec)

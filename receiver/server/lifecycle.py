@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from receiver.calls.assembler import CallAssembler
 from receiver.config import Config
 from receiver.control.api import ControlApi
 from receiver.control.webhooks import WebhookSender
@@ -24,6 +25,7 @@ from receiver.http.auth import Auth
 from receiver.http.metrics import Metrics
 from receiver.http.public_urls import ConnectInfo, PublicUrls
 from receiver.inspect.api import RecordingsApi
+from receiver.live.hub import LiveHub
 from receiver.rtp.receiver import RtpReceiver
 from receiver.server.load import LoadMeter
 from receiver.server.loop import loop_name
@@ -122,11 +124,16 @@ class Server:
         self.admission.overload += [self.load.check, self.rtp.overloaded, self._writer_behind]
         self.registry.audio_holders = [t.gather for t in self.transports.values()]
         self.registry.on_open_failed = self.refuse_unrecordable
+        self.live = LiveHub(config.live, self.registry.gather)
+        self.calls = CallAssembler(storage.recordings, self.writer)
+        self.registry.on_tap_finalized = self.calls.leg_finalized
         self.recordings_api = RecordingsApi(
             storage.recordings,
             self.auth,
             self.registry,
             {name: t.live_stats for name, t in self.transports.items()},
+            self.live,
+            config.ws.heartbeat,
         )
         self.webhooks: WebhookSender | None = None
         self.metrics = Metrics(self.metrics_snapshot, self.auth)
@@ -162,6 +169,8 @@ class Server:
             "bytes_written": self.writer.bytes_written,
             "write_errors": self.writer.errors,
             "webhooks": dict(self.webhooks.counters) if self.webhooks else {},
+            "live": self.live.stats(),
+            "calls": self.calls.stats(),
         }
         for transport in self.transports.values():
             snapshot.update(transport.metrics())
@@ -185,6 +194,8 @@ class Server:
             "limits": self.admission.describe(self.config.storage.min_free_space),
             **{name: t.stats() for name, t in self.transports.items()},
             "names": self.naming.stats(),
+            "live": self.live.stats(),
+            "calls": self.calls.stats(),
             "recovery": self.recovery,
             "webhooks": dict(self.webhooks.counters) if self.webhooks else None,
             "writer": {
@@ -283,6 +294,7 @@ class Server:
         self.http_port = _bound_port(self._runner, self.http_port)
         self._tasks = [
             asyncio.create_task(self.registry.run_flusher(), name="flusher"),
+            asyncio.create_task(self.live.run(), name="live"),
             asyncio.create_task(self.rtp.run_housekeeping(), name="rtp-housekeeping"),
             asyncio.create_task(self.metrics.watch_loop_lag(), name="loop-lag"),
             asyncio.create_task(self.load.run(), name="load-meter"),

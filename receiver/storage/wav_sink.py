@@ -22,6 +22,7 @@ import soundfile
 
 from receiver.codecs.decoders import StreamDecoders
 from receiver.codecs.law_check import LawCheck
+from receiver.taps.channel_aligner import ChannelAligner
 
 SFC_UPDATE_HEADER_NOW = 0x1060
 SFC_RF64_AUTO_DOWNGRADE = 0x1210
@@ -81,8 +82,8 @@ class WavSink:
         self._file: soundfile.SoundFile | None = None
         self._data_offset = 0
         # Channels that arrive separately are interleaved only as far as all have data; the
-        # rest waits here for the next batch (bounded by the caller's alignment of the tracks).
-        self._carry: list[np.ndarray] = [np.zeros(0, np.int16) for _ in range(channels)]
+        # rest waits there for the next batch (bounded by the caller's alignment of the tracks).
+        self._aligner = ChannelAligner(channels)
         self._track_names = track_names or []
         self.track_sinks: dict[str, WavSink] = {}
         # The writer's book-keeping: files created yet, the sidecar to create them with, and
@@ -166,13 +167,9 @@ class WavSink:
         if self.channels == 1:
             self.write(parts[0].reshape(-1, 1))
             return
-        carry = [
-            np.concatenate((c, p)) if len(c) else p for c, p in zip(self._carry, parts, strict=True)
-        ]
-        ready = min(len(c) for c in carry)
-        self._carry = [c[ready:] for c in carry]
-        if ready:
-            self._write_aligned([c[:ready] for c in carry])
+        columns = self._aligner.push(parts)
+        if len(columns[0]):
+            self._write_aligned(columns)
 
     def _write_aligned(self, columns: list[np.ndarray]) -> None:
         """Equal-length channels: the interleaved WAV, and each per-track WAV its column, so
@@ -183,16 +180,14 @@ class WavSink:
 
     def drain_carry(self) -> None:
         """At the end: pad the shorter channels with silence and write what is left."""
-        longest = max((len(c) for c in self._carry), default=0)
-        if longest:
-            padded = [np.pad(c, (0, longest - len(c))) for c in self._carry]
-            self._carry = [np.zeros(0, np.int16) for _ in self._carry]
-            self._write_aligned(padded)
+        columns = self._aligner.drain()
+        if len(columns[0]):
+            self._write_aligned(columns)
 
     def hand_over_carry(self, successor: WavSink) -> None:
         """A segment split (max_tap_duration): what one channel has beyond the others belongs
         at the start of the next file, not padded with silence at the end of this one."""
-        successor._carry, self._carry = self._carry, [np.zeros(0, np.int16) for _ in self._carry]
+        self._aligner.hand_over(successor._aligner)
         successor.decoders = self.decoders  # the codec state goes on into the next file
 
     def write(self, frames: np.ndarray) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 from receiver.codecs.decoders import StreamDecoders
 from receiver.codecs.encoding import Encoding
 from receiver.codecs.law_check import LawCheck
+from receiver.storage.call_file import write_call
 from receiver.storage.disk_space import free_bytes
 from receiver.storage.sidecar import TapState, write_json_atomic, write_json_new
 from receiver.storage.wav_sink import SinkInfo, WavSink
@@ -105,6 +106,15 @@ class Writer(Protocol):
     ) -> Future[Finished]: ...
 
     def rename(self, sink: Any, new_id: str, sidecar: dict[str, Any]) -> Future[Any]: ...
+
+    def build_call(
+        self,
+        directory: Path,
+        call_id: str,
+        rate: int,
+        legs: list[tuple[Path, int]],
+        sidecar: dict[str, Any],
+    ) -> Future[str | None]: ...
 
 
 Job = tuple[Callable[..., Any], tuple[Any, ...], Future[Any], int]
@@ -180,6 +190,18 @@ class DiskWriter:
 
     def rename(self, sink: WavSink, new_id: str, sidecar: dict[str, Any]) -> Future[None]:
         return self._submit(self._rename, sink, new_id, sidecar)
+
+    def build_call(
+        self,
+        directory: Path,
+        call_id: str,
+        rate: int,
+        legs: list[tuple[Path, int]],
+        sidecar: dict[str, Any],
+    ) -> Future[str | None]:
+        """A call's stereo WAV from its legs' finished WAVs (receiver.storage.call_file); the
+        future gives its base name, or None if it could not be written (logged)."""
+        return self._submit(self._build_call, directory, call_id, rate, legs, sidecar)
 
     @property
     def sidecars_pending(self) -> int:
@@ -449,6 +471,22 @@ class DiskWriter:
             log.error("tap %s: could not write its sidecar, will retry: %s", sink.tap_id, exc)
         self._publish(sink)
         return Finished(sink.info, final)
+
+    def _build_call(
+        self,
+        directory: Path,
+        call_id: str,
+        rate: int,
+        legs: list[tuple[Path, int]],
+        sidecar: dict[str, Any],
+    ) -> str | None:
+        try:
+            return write_call(directory, call_id, rate, legs, sidecar)
+        except Exception as exc:
+            self.errors += 1
+            log.error("call %s: could not write its stereo WAV: %s: %s", call_id,
+                      type(exc).__name__, exc)  # fmt: skip
+            return None
 
     def _retry_sidecars(self) -> None:
         for path, final in list(self._unwritten_sidecars.items()):

@@ -87,6 +87,7 @@ class WriterProcess:
         self._next_id = 0
         self._handles: dict[int, SinkHandle] = {}
         self._finishes: dict[int, Future[Finished]] = {}
+        self._calls: dict[int, Future[str | None]] = {}  # call files being built, by job id
         self._stopped: asyncio.Future[bool] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._stopping = False
@@ -198,6 +199,21 @@ class WriterProcess:
         self._send(("rename", sink.id, new_id, sidecar))
         return _done()
 
+    def build_call(
+        self,
+        directory: Path,
+        call_id: str,
+        rate: int,
+        legs: list[tuple[Path, int]],
+        sidecar: dict[str, Any],
+    ) -> Future[str | None]:
+        self._next_id += 1
+        future: Future[str | None] = Future()
+        self._calls[self._next_id] = future
+        legs_sent = [(str(path), offset) for path, offset in legs]
+        self._send(("call", self._next_id, str(directory), call_id, rate, legs_sent, sidecar))
+        return future
+
     def retry_sidecars(self) -> Future[None]:
         """Final sidecars the directory did not take: try them again (it is writable now)."""
         self._send(("retry_sidecars",))
@@ -279,6 +295,10 @@ class WriterProcess:
             future = self._finishes.pop(message[1], None)
             if future is not None:
                 future.set_result(finished)
+        elif kind == "call_built":
+            call = self._calls.pop(message[1], None)
+            if call is not None:
+                call.set_result(message[2])
         elif kind == "open_failed":
             handle = self._handles.get(message[1])
             if handle is not None and self.on_open_failed is not None:
@@ -318,6 +338,9 @@ class WriterProcess:
             failed = SinkInfo(info.name, info.frames_written, info.track_names, "disk writer died")
             future.set_result(Finished(failed, None))
         self._finishes.clear()
+        for call in self._calls.values():
+            call.set_result(None)
+        self._calls.clear()
         for handle in self._handles.values():
             handle.info = SinkInfo(error="disk writer died")
         self._handles.clear()
@@ -424,6 +447,11 @@ class _Child:
             future.add_done_callback(partial(self.finished, sink_id, sink))
         elif kind == "rename":
             self.writer.rename(self.sinks[message[1]], message[2], message[3])
+        elif kind == "call":
+            _, job_id, directory, call_id, rate, legs, sidecar = message
+            legs = [(Path(path), offset) for path, offset in legs]
+            built = self.writer.build_call(Path(directory), call_id, rate, legs, sidecar)
+            built.add_done_callback(partial(self.call_built, job_id))
         elif kind == "retry_sidecars":
             self.writer.retry_sidecars()
         elif kind == "shutdown":
@@ -432,6 +460,9 @@ class _Child:
             self.send(("stopped", done))
             return False
         return True
+
+    def call_built(self, job_id: int, future: Future[str | None]) -> None:
+        self.send(("call_built", job_id, future.result()))
 
     def finished(self, sink_id: int, sink: WavSink, future: Future[Finished]) -> None:
         self.ids.pop(id(sink), None)

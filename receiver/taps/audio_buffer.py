@@ -13,6 +13,10 @@ tracks).
 A `BufferGuard` bounds what a buffer takes: audio that would run further ahead of the wall clock
 (since the tap began) than its allowance is dropped, and audio beyond `max_unwritten` seconds
 waiting for the disk becomes silence of its length (the file keeps its timeline); both counted.
+
+Live listeners (receiver.live) read a buffer without taking it: `mark` says where its pending
+audio ends now, `runs_since` gives what was appended after a mark (runs are only ever appended
+to at the end, until `take` hands them all over).
 """
 
 from __future__ import annotations
@@ -92,12 +96,16 @@ class Run:
         self.silence = silence  # frames, for a run of silence or of lost audio
 
 
+Mark = tuple[int, int, int, int]  # (takes, runs, chunks of the last run, its silence)
+
+
 class AudioBuffer:
     """Pending audio of one tap, in arrival order of the timeline."""
 
     __slots__ = (
         "_last",
         "_runs",
+        "_takes",
         "audio_frames",
         "channels",
         "frames",
@@ -115,6 +123,7 @@ class AudioBuffer:
         self.guard = guard
         self._runs: list[Run] = []
         self._last: Run | None = None
+        self._takes = 0  # how many times the pending audio was handed over
 
     def append(self, encoding: Encoding, data: bytes) -> None:
         """Append encoded audio (whole frames only)."""
@@ -185,6 +194,7 @@ class AudioBuffer:
     def take(self) -> Pending:
         """Hand over everything pending (the writer renders it off the event loop)."""
         runs, self._runs, self._last = self._runs, [], None
+        self._takes += 1
         pending = Pending([runs], self.channels, self.pending_bytes)
         self.pending_audio = self.pending_bytes = 0
         return pending
@@ -192,6 +202,32 @@ class AudioBuffer:
     def ahead_seconds(self, now: float) -> float:
         """How far the audio leads the wall clock (0 without a guard)."""
         return self.guard.ahead_seconds(self.audio_frames, now) if self.guard else 0.0
+
+    def mark(self) -> Mark:
+        """Where the pending audio ends now."""
+        last = self._last
+        if last is None:
+            return (self._takes, len(self._runs), 0, 0)
+        return (self._takes, len(self._runs), len(last.chunks), last.silence)
+
+    def runs_since(self, mark: Mark) -> tuple[list[Run], Mark]:
+        """The audio appended after `mark` (new Run objects; nothing is taken), and the new
+        mark. A mark from before a `take` counts as the start of what is pending now: whoever
+        reads must do so before each take, or miss what it took."""
+        takes, count, chunks, silence = mark
+        runs = self._runs
+        if takes != self._takes:
+            count = chunks = silence = 0
+        new: list[Run] = []
+        if count:
+            grown = runs[count - 1]  # the last run then: it may have grown since
+            if grown.encoding is None:
+                if grown.silence > silence:
+                    new.append(Run(None, [], grown.silence - silence))
+            elif len(grown.chunks) > chunks:
+                new.append(Run(grown.encoding, grown.chunks[chunks:]))
+        new.extend(Run(r.encoding, list(r.chunks), r.silence) for r in runs[count:])
+        return new, self.mark()
 
 
 class ChannelBuffer:

@@ -53,6 +53,8 @@ class TapRegistry:
         }
         # Called on the event loop with each final sidecar, once its files are complete.
         self.on_finalized: Callable[[dict[str, Any]], None] | None = None
+        # The same with the tap, for the calls it may be a leg of (receiver.calls).
+        self.on_tap_finalized: Callable[[Tap, dict[str, Any]], None] | None = None
         # The transports' `gather`: they may hold audio outside the taps' buffers.
         self.audio_holders: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -150,9 +152,17 @@ class TapRegistry:
         tap.end_reason = reason
         if tap.sink.info.error is not None:
             tap.state = TapState.FAILED
+        live = tap.live
+        if live is not None:
+            live.catch_up()
         future = self.writer.finish(tap.sink, tap.buffer.take(), tap.describe())
         future.add_done_callback(lambda done: self._finalized(tap, done.result(), reason))
+        if live is not None:
+            live.end(reason)
         return future
+
+    def is_active(self, tap: Tap) -> bool:
+        return tap.serial in self._active
 
     def split(self, tap: Tap) -> None:
         """max_tap_duration reached: finalize this segment's files and go on recording the same
@@ -166,6 +176,8 @@ class TapRegistry:
         new = self.writer.new_sink(
             self.recordings, tap.tap_id, tap.sample_rate, tap.channels, tap.track_files
         )
+        if tap.live is not None:
+            tap.live.catch_up()
         future = self.writer.finish(old, tap.buffer.take(), sidecar, successor=new)
         future.add_done_callback(lambda done: self._finalized(tap, done.result(), reason))
         tap.extra["segment"] += 1
@@ -207,7 +219,7 @@ class TapRegistry:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        loop.call_soon_threadsafe(self._count_and_notify, tap.transport, failed, sidecar)
+        loop.call_soon_threadsafe(self._count_and_notify, tap, failed, sidecar)
 
     def _open_failed(self, sink: Sink, why: str) -> None:
         """On the writer's thread (or the event loop): a tap's files could not be created."""
@@ -223,11 +235,13 @@ class TapRegistry:
         if self.on_open_failed is not None:
             self.on_open_failed(tap, why)
 
-    def _count_and_notify(self, transport: str, failed: bool, sidecar: dict[str, Any]) -> None:
+    def _count_and_notify(self, tap: Tap, failed: bool, sidecar: dict[str, Any]) -> None:
         if failed:
-            self.counts["failed"][transport] += 1
+            self.counts["failed"][tap.transport] += 1
         if self.on_finalized is not None and sidecar:
             self.on_finalized(sidecar)
+        if self.on_tap_finalized is not None and sidecar:
+            self.on_tap_finalized(tap, sidecar)
 
     def gather(self) -> None:
         """Bring every tap's buffer up to date, before its length is read or it is taken."""
@@ -257,9 +271,12 @@ class TapRegistry:
                     self.max_unwritten_bytes,
                 )
             return
-        batch = [
-            (tap.sink, tap.buffer.take()) for tap in self._active.values() if tap.buffer.pending
-        ]
+        batch = []
+        for tap in self._active.values():
+            if tap.buffer.pending:
+                if tap.live is not None:
+                    tap.live.catch_up()  # live listeners read the buffer: before it is taken
+                batch.append((tap.sink, tap.buffer.take()))
         if batch:
             self.writer.write(batch)  # type: ignore[arg-type]
 

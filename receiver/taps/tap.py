@@ -6,7 +6,7 @@ import itertools
 import time
 from collections.abc import Hashable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from receiver.redaction import redact
 from receiver.storage.sidecar import TapState
@@ -20,6 +20,15 @@ MAX_EVENTS = 1000  # events kept per tap (DTMF, marks, SSRC changes, discontinui
 
 def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class LiveOutput(Protocol):
+    """Where a tap's audio goes live while it is recorded (receiver.live.feed.LiveFeed): read
+    from its buffer, so it must catch up before each `take` (the registry sees to it)."""
+
+    def catch_up(self) -> None: ...
+
+    def end(self, reason: str) -> None: ...
 
 
 class Tap:
@@ -50,6 +59,9 @@ class Tap:
         self.started_at = utc_now_iso()
         self.ended_at: str | None = None
         self.started_monotonic = time.monotonic()
+        # When its first audio arrived (an RTP stream: its first packet's kernel timestamp): where
+        # it begins on a call's timeline (receiver.calls).
+        self.first_audio_monotonic = self.started_monotonic
         # Seconds its audio may lead the wall clock since it began (see BufferGuard).
         self.ahead_allowance = ahead_allowance
         self.buffer: AudioBuffer | ChannelBuffer = AudioBuffer(channels)
@@ -60,6 +72,7 @@ class Tap:
         self.extra: dict[str, Any] = {}  # transport-specific sidecar fields
         self.end_reason: str | None = None
         self.segment_start_frames = 0  # buffer.frames when the current file began
+        self.live: LiveOutput | None = None  # while someone listens (receiver.live)
 
     @property
     def segment_seconds(self) -> float:

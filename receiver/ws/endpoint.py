@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from receiver.calls.legs import LEGS
 from receiver.codecs.formats import AudioFormat, FormatError, codec_from_query
 from receiver.config import WsSettings
 from receiver.http.auth import Auth
@@ -72,6 +73,7 @@ class WsTapEndpoint:
         for prefix in ("", "/t/{token}"):
             app.router.add_get(prefix + "/tap/{tap_id:.*}", self.handle)
             app.router.add_get(prefix + "/stream/{tap_id:.*}", self.handle)
+            app.router.add_get(prefix + "/call/{call_id}/{leg:.*}", self.handle_leg)
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -85,8 +87,22 @@ class WsTapEndpoint:
             tap.extra.update(expected.extra)
         self.registry.start(tap)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        tap_id = request.match_info.get("tap_id", "")
+    async def handle_leg(self, request: web.Request) -> web.StreamResponse:
+        """`/call/{call_id}/{leg}`: a tap that is one leg (`speak` or `listen`) of a call,
+        recorded as `<call_id>.<leg>` (receiver.calls puts the two legs side by side)."""
+        call_id, leg = request.match_info["call_id"], request.match_info["leg"]
+        if leg not in LEGS or not is_valid_tap_id(f"{call_id}.{leg}"):
+            self._count("rejected_bad_call")
+            log.warning("refused call leg from %s: bad call id or leg %r", request.remote,
+                        f"{call_id[:100]}/{leg[:20]}")  # fmt: skip
+            return json_error(400, f"/call/<call-id>/<leg>: leg is speak or listen; {TAP_ID_RULE}")
+        return await self.handle(request, f"{call_id}.{leg}", {"call": {"call_id": call_id,
+                                                                         "leg": leg}})  # fmt: skip
+
+    async def handle(
+        self, request: web.Request, leg_id: str | None = None, extra: dict[str, Any] | None = None
+    ) -> web.StreamResponse:
+        tap_id = leg_id or request.match_info.get("tap_id", "")
         if not is_valid_tap_id(tap_id):
             self._count("rejected_bad_tap_id")
             log.warning("refused tap from %s: bad tap id %r", request.remote, tap_id[:200])
@@ -118,7 +134,7 @@ class WsTapEndpoint:
         await ws.prepare(request)
         self.sockets.add(ws)
         try:
-            await self._record(ws, tap_id, fmt, request.remote)
+            await self._record(ws, tap_id, fmt, request.remote, extra)
         finally:
             self.sockets.discard(ws)
             self._close_reasons.pop(ws, None)
@@ -128,9 +144,14 @@ class WsTapEndpoint:
         return ws
 
     async def _record(
-        self, ws: web.WebSocketResponse, tap_id: str, fmt: AudioFormat, remote: str | None
+        self,
+        ws: web.WebSocketResponse,
+        tap_id: str,
+        fmt: AudioFormat,
+        remote: str | None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        ctx = SessionContext(tap_id, remote, self.settings, self._start, ws.ws_protocol)
+        ctx = SessionContext(tap_id, remote, self.settings, self._start, ws.ws_protocol, extra)
         session: Session | None = None
         reason = "closed"
         close_code: int | None = None  # what we closed with, when it was us

@@ -235,8 +235,103 @@ $("page-next").addEventListener("click", () => { list.offset += PAGE_SIZE; loadL
 
 // -- the detail view -------------------------------------------------------------------------
 
+// -- live listening: GET api/taps/<name>/live (receiver/live), played with Web Audio ----------
+
+const LIVE_KEEP_SAMPLES = 8000 * 60; // first channel's samples kept for tests and automation
+let listener = null; // {ws, ctx, next, channels, rate}
+
+function stopListening(text) {
+  if (!listener) return;
+  const l = listener;
+  listener = null;
+  l.ws.onclose = null;
+  try { l.ws.close(); } catch (_) { /* closed */ }
+  if (l.ctx) l.ctx.close();
+  $("d-listen").textContent = "▶ Listen live";
+  $("d-listen-state").textContent = text || "";
+}
+
+function startListening(name) {
+  const url = new URL(apiUrl(tapPath(name, "live")), location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
+  const l = { ws, ctx: null, next: 0, channels: 1, rate: 8000 };
+  listener = l;
+  // What the page got, for tests and automation: the announced position, the frames since.
+  window.tapLive = { name, position: null, frames: 0, gaps: 0, ended: false, samples: [] };
+  $("d-listen").textContent = "■ Stop";
+  $("d-listen-state").textContent = "connecting…";
+  ws.onmessage = (event) => {
+    if (listener !== l) return;
+    if (typeof event.data === "string") return liveEvent(l, JSON.parse(event.data));
+    livePcm(l, new Int16Array(event.data));
+  };
+  ws.onclose = () => { if (listener === l) stopListening("ended"); };
+}
+
+function liveEvent(l, message) {
+  const live = window.tapLive;
+  if (message.type === "start") {
+    l.channels = message.channels;
+    l.rate = message.sample_rate;
+    live.position = message.position;
+    l.ctx = new AudioContext({ sampleRate: l.rate });
+    $("d-listen-state").textContent = "live, " + l.rate + " Hz";
+  } else if (message.type === "gap") {
+    live.gaps += 1;
+    $("d-listen-state").textContent = "fell behind: skipped " + fmtTime(message.skipped_frames / l.rate, true);
+  } else if (message.type === "end") {
+    live.ended = true;
+    stopListening("the tap ended");
+  }
+}
+
+function livePcm(l, pcm) {
+  const frames = pcm.length / l.channels;
+  const live = window.tapLive;
+  live.frames += frames;
+  document.body.dataset.liveFrames = String(live.frames);
+  for (let i = 0; i < pcm.length && live.samples.length < LIVE_KEEP_SAMPLES; i += l.channels) live.samples.push(pcm[i]);
+  if (!l.ctx || !frames) return;
+  const buffer = l.ctx.createBuffer(l.channels, frames, l.rate);
+  for (let c = 0; c < l.channels; c++) {
+    const out = buffer.getChannelData(c);
+    for (let i = 0; i < frames; i++) out[i] = pcm[i * l.channels + c] / 32768;
+  }
+  const source = l.ctx.createBufferSource();
+  source.buffer = buffer;
+  source.connect(l.ctx.destination);
+  l.next = Math.max(l.next, l.ctx.currentTime + 0.05); // a little ahead, never in the past
+  source.start(l.next);
+  l.next += buffer.duration;
+  scrollLiveWave(buffer.getChannelData(0));
+}
+
+function scrollLiveWave(samples) {
+  const canvas = $("d-live-wave");
+  const ctx = canvas.getContext("2d");
+  const { width, height } = canvas;
+  const columns = Math.max(1, Math.round(samples.length / 160)); // 20 ms at 8 kHz a column
+  ctx.drawImage(canvas, -columns, 0);
+  ctx.fillStyle = "#0b1220";
+  ctx.fillRect(width - columns, 0, columns, height);
+  ctx.fillStyle = "#39d98a";
+  const per = samples.length / columns;
+  for (let x = 0; x < columns; x++) {
+    let lo = 0, hi = 0;
+    for (let i = Math.floor(x * per); i < Math.floor((x + 1) * per); i++) {
+      lo = Math.min(lo, samples[i]);
+      hi = Math.max(hi, samples[i]);
+    }
+    const top = (1 - hi) * height / 2, bottom = (1 - lo) * height / 2;
+    ctx.fillRect(width - columns + x, top, 1, Math.max(1, bottom - top));
+  }
+}
+
 function stopDetail() {
   if (!detail) return;
+  stopListening();
   clearInterval(detail.liveTimer);
   cancelAnimationFrame(detail.frame);
   detail.closed = true;
@@ -318,6 +413,7 @@ function renderDetail(data) {
 
   const banner = $("d-live");
   banner.hidden = !live;
+  $("d-listen-row").hidden = !live && !listener;
   if (live) {
     const parts = ["● Recording", fmtTime(live.duration_seconds, true) + " of audio",
       (live.frames - live.frames_written) + " frames buffered"];
@@ -591,6 +687,10 @@ $("scope").addEventListener("mousemove", (e) => {
 });
 $("scope").addEventListener("mouseleave", () => { $("d-hover").hidden = true; });
 
+$("d-listen").addEventListener("click", () => {
+  if (listener) stopListening();
+  else if (detail) startListening(detail.name);
+});
 $("d-delete").addEventListener("click", async () => {
   const d = detail;
   if (!d || !confirm("Delete " + d.name + " (WAV and sidecar)? This cannot be undone.")) return;

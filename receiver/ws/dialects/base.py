@@ -26,6 +26,7 @@ class SessionContext:
     settings: WsSettings
     start: Callable[[Tap], None]  # makes a tap live (its name, its files): the endpoint's
     subprotocol: str | None = None
+    extra: dict[str, Any] | None = None  # sidecar fields from the URI (a call's leg)
 
 
 class Session:
@@ -81,6 +82,7 @@ class Session:
         if self.ctx.subprotocol:
             tap.extra["subprotocol"] = self.ctx.subprotocol
         tap.extra.update(extra or {})
+        tap.extra.update(self.ctx.extra or {})
         for name, n in self._early_counters.items():
             tap.count(name, n)
         for event in self._early_events:

@@ -1,0 +1,190 @@
+"""The calls whose legs are being recorded: finished legs wait here for their partner; once a
+call's `speak` and `listen` legs have both ended, the disk writer builds `<call-id>.wav` from
+their WAVs (receiver.storage.call_file). On the event loop; bounded (`MAX_PENDING` calls wait,
+each at most `PARTNER_WAIT` seconds).
+
+What cannot be a call is recorded apart (each leg keeps its own files, which nothing here
+touches), counted, and logged once: a leg whose URI and status callback name different calls, a
+third leg, legs at different rates or not mono, a leg split by max_tap_duration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from receiver.calls.legs import LEGS, Leg, leg_of, offsets
+from receiver.storage.writer import Writer
+from receiver.taps.tap import Tap
+
+log = logging.getLogger("receiver.calls")
+MAX_PENDING = 10_000  # calls with one leg ended, waiting for the other
+PARTNER_WAIT = 600.0  # seconds a finished leg waits for its partner
+MAX_DONE = 10_000  # call ids remembered as built, to tell a third leg
+
+
+@dataclass
+class FinishedLeg:
+    leg: Leg
+    tap_id: str
+    transport: str
+    file: str
+    rate: int
+    channels: int
+    frames: int
+    first_arrival: float  # monotonic
+    first_arrival_at: str  # UTC, the same instant
+    ended_at: str | None
+    rtp: dict[str, Any] | None
+    finished: float  # monotonic, when it was finalized here
+
+
+class CallAssembler:
+    def __init__(self, recordings: Path, writer: Writer) -> None:
+        self.recordings = recordings
+        self.writer = writer
+        self._waiting: OrderedDict[str, dict[str, FinishedLeg]] = OrderedDict()
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self.counters: Counter[str] = Counter()
+
+    def leg_finalized(self, tap: Tap, sidecar: dict[str, Any]) -> None:
+        """A tap's files are complete: if it is a call's leg, the call may be complete too."""
+        leg = leg_of(sidecar)
+        if leg is None:
+            return
+        if isinstance(leg, str):
+            self._apart(sidecar.get("tap_id"), leg, "its URI and its status callback name "
+                        "different calls or legs")  # fmt: skip
+            return
+        if sidecar.get("segment") is not None or not sidecar.get("file"):
+            self._apart(leg.call_id, "leg_without_one_file", "a leg split by max_tap_duration, "
+                        "or one without a file, is not put into a call")  # fmt: skip
+            return
+        self._expire()
+        if leg.call_id in self._done or leg.leg in self._waiting.get(leg.call_id, {}):
+            self._apart(leg.call_id, "third_leg", f"a further {leg.leg} leg ({sidecar['file']}) "
+                        "is recorded apart")  # fmt: skip
+            return
+        now = time.monotonic()
+        first_at = datetime.now(UTC).timestamp() - (now - tap.first_audio_monotonic)
+        finished = FinishedLeg(
+            leg, str(sidecar.get("tap_id")), tap.transport, str(sidecar["file"]),
+            tap.sample_rate, tap.channels, int(sidecar.get("frames_written", 0)),
+            tap.first_audio_monotonic, _iso(first_at), sidecar.get("ended_at"),
+            sidecar.get("rtp") if isinstance(sidecar.get("rtp"), dict) else None, now,
+        )  # fmt: skip
+        legs = self._waiting.setdefault(leg.call_id, {})
+        legs[leg.leg] = finished
+        self.counters["legs"] += 1
+        if len(legs) < len(LEGS):
+            while len(self._waiting) > MAX_PENDING:
+                dropped, _ = self._waiting.popitem(last=False)
+                self._apart(dropped, "too_many_waiting", "too many calls wait for a leg")
+            return
+        del self._waiting[leg.call_id]
+        self._remember(leg.call_id)
+        self._build(leg.call_id, [legs[name] for name in LEGS])
+
+    def _build(self, call_id: str, legs: list[FinishedLeg]) -> None:
+        rates = {leg.rate for leg in legs}
+        if len(rates) > 1 or any(leg.channels != 1 for leg in legs):
+            formats = ", ".join(f"{x.leg.leg} {x.rate} Hz x{x.channels}" for x in legs)
+            self._apart(call_id, "formats_differ", f"legs of different rates or not mono "
+                        f"({formats}): each kept in its own file")  # fmt: skip
+            return
+        rate = legs[0].rate
+        starts = offsets({x.leg.leg: x.first_arrival for x in legs}, rate)
+        sidecar = {
+            "tap_id": call_id,
+            "transport": "call",
+            "codec": "L16",
+            "sample_rate": rate,
+            "channels": len(legs),
+            "channel_names": list(LEGS),
+            "state": "finished",
+            "started_at": min(x.first_arrival_at for x in legs),
+            "ended_at": max((x.ended_at for x in legs if x.ended_at), default=None),
+            "call": {
+                "call_id": call_id,
+                "legs": {x.leg.leg: _describe(x, starts[x.leg.leg]) for x in legs},
+                "relative_drift_ms": _relative_drift(legs, starts),
+            },
+        }
+        files = [(self.recordings / x.file, starts[x.leg.leg]) for x in legs]
+        future = self.writer.build_call(self.recordings, call_id, rate, files, sidecar)
+        self.counters["building"] += 1
+        future.add_done_callback(lambda done: self._built(call_id, done.result()))
+
+    def _built(self, call_id: str, name: str | None) -> None:
+        self.counters["building"] -= 1
+        self.counters["built" if name else "failed"] += 1
+        if name:
+            log.info("call %s: %s.wav (speak, listen)", call_id, name)
+
+    def _apart(self, call_id: Any, reason: str, why: str) -> None:
+        self.counters[f"apart_{reason}"] += 1
+        log.warning("call %s: %s", call_id, why)
+
+    def _remember(self, call_id: str) -> None:
+        self._done[call_id] = None
+        while len(self._done) > MAX_DONE:
+            self._done.popitem(last=False)
+
+    def _expire(self) -> None:
+        deadline = time.monotonic() - PARTNER_WAIT
+        while self._waiting:
+            call_id, legs = next(iter(self._waiting.items()))
+            if min(x.finished for x in legs.values()) > deadline:
+                return
+            del self._waiting[call_id]
+            self._apart(call_id, "partner_never_came", "one leg ended and the other never came")
+
+    def stats(self) -> dict[str, Any]:
+        return {"waiting": len(self._waiting), **self.counters}
+
+
+def _describe(leg: FinishedLeg, offset: int) -> dict[str, Any]:
+    aligned: dict[str, Any] = {"by": "first_arrival", "first_arrival_at": leg.first_arrival_at}
+    if leg.rtp is not None:  # its timestamps place its audio inside the leg (gaps as silence)
+        aligned["rtp_ssrcs"] = leg.rtp.get("ssrcs")
+    return {
+        "file": leg.file,
+        "tap_id": leg.tap_id,
+        "transport": leg.transport,
+        "named_by": leg.leg.how,
+        "offset_frames": offset,
+        "offset_seconds": round(offset / leg.rate, 6),
+        "frames": leg.frames,
+        "aligned": aligned,
+        "drift_ms": _drift_ms(leg),
+    }
+
+
+def _drift_ms(leg: FinishedLeg) -> float | None:
+    """How far the leg's sample clock ran from the wall clock: its audio's length minus the time
+    from its first arrival to its end (negative: fewer samples than time)."""
+    if not leg.ended_at:
+        return None
+    try:
+        ended = datetime.fromisoformat(leg.ended_at.replace("Z", "+00:00")).timestamp()
+        first = datetime.fromisoformat(leg.first_arrival_at.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+    return round((leg.frames / leg.rate - (ended - first)) * 1000, 1)
+
+
+def _relative_drift(legs: list[FinishedLeg], starts: dict[str, int]) -> float | None:
+    drifts = [_drift_ms(x) for x in legs]
+    if any(d is None for d in drifts):
+        return None
+    return round(drifts[0] - drifts[1], 1)  # type: ignore[operator]
+
+
+def _iso(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")

@@ -1,0 +1,107 @@
+"""The taps being listened to live, brought up to date every `live_interval`, and the counters.
+
+A tap has a feed only while someone listens (`tap.live`); with nobody listening the hub's tick
+does nothing. The registry makes each feed catch up before it takes a tap's buffer for the disk
+and ends it with the tap (receiver.taps.registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from receiver.config import LiveSettings
+from receiver.live.feed import LiveFeed
+from receiver.live.subscriber import Subscriber
+from receiver.taps.tap import Tap
+
+log = logging.getLogger("receiver.live")
+SAMPLE_FORMAT = "s16le"  # signed 16-bit little-endian, channels interleaved
+
+
+class LiveHub:
+    def __init__(self, settings: LiveSettings, gather: Callable[[], None]) -> None:
+        self.settings = settings
+        self.gather = gather  # brings every tap's buffer up to date (the transports' audio)
+        self.feeds: dict[int, LiveFeed] = {}  # by tap serial
+        self.subscribers = 0  # connected now
+        self.subscriptions = 0  # in all
+        self.refused: Counter[str] = Counter()  # by reason
+        self._dropped_ended = 0  # frames dropped for subscribers of feeds that ended
+        self._gaps_ended = 0
+
+    @property
+    def full(self) -> bool:
+        return self.subscribers >= self.settings.max_subscribers
+
+    def subscribe(self, tap: Tap, name: str, channel: int | None) -> Subscriber:
+        """A new listener of an active tap; its first message says the format and position."""
+        feed = self.feeds.get(tap.serial)
+        if feed is None:
+            feed = LiveFeed(tap, self._feed_ended)
+            self.feeds[tap.serial] = feed
+            tap.live = feed
+        start = {
+            "type": "start",
+            "name": name,
+            "tap_id": tap.tap_id,
+            "sample_rate": tap.sample_rate,
+            "channels": 1 if channel is not None else tap.channels,
+            "sample_format": SAMPLE_FORMAT,
+            "position": feed.position,
+        }
+        max_frames = max(1, round(self.settings.queue_seconds * tap.sample_rate))
+        subscriber = Subscriber(max_frames, channel, start)
+        feed.subscribers.append(subscriber)
+        self.subscribers += 1
+        self.subscriptions += 1
+        return subscriber
+
+    def unsubscribe(self, tap: Tap, subscriber: Subscriber) -> None:
+        self.subscribers -= 1
+        feed = self.feeds.get(tap.serial)
+        if feed is None or subscriber not in feed.subscribers:
+            return  # its feed ended (its counts are in the totals already)
+        feed.subscribers.remove(subscriber)
+        self._dropped_ended += subscriber.dropped_frames
+        self._gaps_ended += subscriber.gaps
+        feed.dropped_frames -= subscriber.dropped_frames
+        if not feed.subscribers:  # nobody listens: the tap goes back to costing nothing
+            del self.feeds[tap.serial]
+            tap.live = None
+
+    def _feed_ended(self, feed: LiveFeed) -> None:
+        self.feeds.pop(feed.tap.serial, None)
+        feed.tap.live = None
+        self._dropped_ended += feed.dropped_frames
+        self._gaps_ended += sum(s.gaps for s in feed.subscribers)
+        feed.subscribers.clear()
+
+    def catch_up(self) -> None:
+        if not self.feeds:
+            return
+        self.gather()
+        for feed in list(self.feeds.values()):
+            feed.catch_up()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.interval)
+            try:
+                self.catch_up()
+            except Exception:  # a bug: live audio must never stop the server
+                log.exception("live audio update failed")
+
+    def stats(self) -> dict[str, Any]:
+        active = list(self.feeds.values())
+        return {
+            "subscribers": self.subscribers,
+            "taps": len(active),
+            "subscriptions": self.subscriptions,
+            "dropped_frames": self._dropped_ended + sum(f.dropped_frames for f in active),
+            "gaps": self._gaps_ended + sum(s.gaps for f in active for s in f.subscribers),
+            "refused": dict(self.refused),
+        }
