@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from receiver.archive.process import ArchiverProcess
 from receiver.config import Config
 from receiver.control.api import ControlApi
 from receiver.control.webhooks import WebhookSender
@@ -129,6 +130,17 @@ class Server:
             {name: t.live_stats for name, t in self.transports.items()},
         )
         self.webhooks: WebhookSender | None = None
+        archive = config.archive
+        self.archiver: ArchiverProcess | None = None
+        if archive.enabled or archive.retention_max_age or archive.retention_max_bytes:
+            self.archiver = ArchiverProcess(
+                archive,
+                storage.recordings,
+                primary=recover_interrupted,
+                log_level=config.log.level,
+                log_format=config.log.format,
+                worker=worker,
+            )
         self.metrics = Metrics(self.metrics_snapshot, self.auth)
         self.writer.observe_batch = self.metrics.write_batch_seconds.observe
         self.http_port = config.server.http_port
@@ -162,6 +174,7 @@ class Server:
             "bytes_written": self.writer.bytes_written,
             "write_errors": self.writer.errors,
             "webhooks": dict(self.webhooks.counters) if self.webhooks else {},
+            "archive": self.archiver.status if self.archiver else None,
         }
         for transport in self.transports.values():
             snapshot.update(transport.metrics())
@@ -187,6 +200,11 @@ class Server:
             "names": self.naming.stats(),
             "recovery": self.recovery,
             "webhooks": dict(self.webhooks.counters) if self.webhooks else None,
+            "archive": (
+                {**self.archiver.status, "restarts": self.archiver.restarts}
+                if self.archiver
+                else None
+            ),
             "writer": {
                 "batches": self.writer.batches,
                 "bytes_written": self.writer.bytes_written,
@@ -246,7 +264,9 @@ class Server:
             )  # fmt: skip
         if cfg.webhooks.url:
             self.webhooks = WebhookSender(cfg.webhooks.url, cfg.webhooks.secret)
-            self.registry.on_finalized = self.webhooks.submit
+        if self.archiver is not None:
+            await self.archiver.start()
+        self.registry.on_finalized = self.finalized
         control = ControlApi(
             cfg, self.auth, self.naming, self.registry, self.transports, self.rtp, self.rtp_port
         )
@@ -305,6 +325,13 @@ class Server:
         if self.on_ready is not None:
             self.on_ready()
 
+    def finalized(self, sidecar: dict[str, Any]) -> None:
+        """A tap's files are complete: notify the webhook, hand the recording to the archiver."""
+        if self.webhooks is not None:
+            self.webhooks.submit(sidecar)
+        if self.archiver is not None:
+            self.archiver.submit(sidecar)
+
     async def recover(self) -> None:
         """Finalize what an earlier process left recording, in the background (see recovery)."""
         loop = asyncio.get_running_loop()
@@ -315,6 +342,9 @@ class Server:
             log.exception("recovery of interrupted recordings failed")
             self.recovery = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
             return
+        finally:
+            if self.archiver is not None and self.config.archive.enabled:
+                self.archiver.scan(self.started_at)  # what earlier processes left unarchived
         self.recovery = {"state": "done", "recovered": len(done)}
         if done:
             log.info("recovery finished: %d interrupted recordings finalized", len(done))
@@ -431,6 +461,9 @@ class Server:
         # The writer keeps to the deadline itself (what is left stays valid on disk).
         await self.writer.stop(remaining)
         self.writer_stuck = self.writer.stuck
+        if self.archiver is not None:
+            await asyncio.sleep(0)  # the writer's last completions reach the archiver first
+            await self.archiver.stop(1.0)
         if self.webhooks is not None:  # the last finalized taps' notifications get what is left
             await asyncio.sleep(0)  # let the writer's last completions reach the loop
             remaining = max(0.2, timeout - (time.monotonic() - started))
