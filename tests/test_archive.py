@@ -27,6 +27,7 @@ import pytest
 import soundfile
 
 from receiver.archive.retention import LocalRecording, enforce
+from receiver.config import ConfigError, from_argv
 from tests import reference
 from tests.helpers import (
     DEADLINE,
@@ -427,3 +428,15 @@ def test_retention_deletes_oldest_first_and_skips_what_may_not_go() -> None:
     done = enforce(recs, now=200.0, max_age=97.5, max_bytes=0, delete=delete)
     assert [r.name for r, _ in done] == ["r0", "r2"]
     assert enforce(recs, now=200.0, max_age=0, max_bytes=0, delete=delete) == []
+
+
+def test_archive_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"archive_recipients.*not an age public key"):
+        from_argv(["--archive-url", "s3://b/p", "--archive-recipients", "age1notakey"])
+    with pytest.raises(ConfigError, match=r"archive_url.*s3://BUCKET"):
+        from_argv(["--archive-url", "https://b/p"])
+    with pytest.raises(ConfigError, match="need archive_url"):
+        from_argv(["--archive-delete-local"])
+    config = from_argv(["--archive-url", "s3://bucket/a/b/", "--archive-endpoint", "http://m:9/"])
+    assert (config.archive.bucket, config.archive.prefix) == ("bucket", "a/b")
+    assert config.archive.endpoint == "http://m:9"
