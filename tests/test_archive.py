@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -343,8 +344,30 @@ def test_delete_local_after_a_confirmed_upload(
     sidecar = wait_until(deleted, "the local audio to be deleted")
     assert sidecar["archive"]["local_deleted_because"] == "archive_delete_local"
     assert not (server.recordings / f"{name}.wav").exists()
-    samples = decoded_samples(moto.get(f"calls/{name}.wav"), tmp_path)
+    stored = moto.get(f"calls/{name}.wav")
+    samples = decoded_samples(stored, tmp_path)
     assert np.array_equal(samples, reference.decode("PCMU", sent))
+    # The inspection API streams it from the store now, Range included.
+    status, headers, body = get_audio(server, name)
+    assert status == 200 and body == stored and headers["Content-Type"] == "audio/wav"
+    status, headers, body = get_audio(server, name, "bytes=40-1039")
+    assert status == 206 and body == stored[40:1040]
+    assert headers["Content-Range"] == f"bytes 40-1039/{len(stored)}"
+    status, headers, body = get_audio(server, name, "bytes=-100")
+    assert status == 206 and body == stored[-100:]
+    assert get_audio(server, "no-such-tap")[0] == 404
+
+
+def get_audio(server: ServerProcess, name: str, byte_range: str = "") -> tuple[int, Any, bytes]:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    if byte_range:
+        headers["Range"] = byte_range
+    request = urllib.request.Request(f"{server.base_url}/api/taps/{name}/audio", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=DEADLINE) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
 
 
 def test_missing_bucket_is_one_outage_and_nothing_unarchived_is_deleted(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,27 +199,16 @@ class ObjectStore:
                 stored[int(part["PartNumber"])] = str(part["ETag"]).strip('"')
         return upload_id, stored
 
-    async def get(self, key: str, byte_range: str | None = None) -> tuple[dict[str, Any], bytes]:
-        """An object (or a `bytes=a-b` range of it): its head fields and its bytes."""
+    async def open_body(
+        self, key: str, byte_range: str | None = None
+    ) -> tuple[dict[str, Any], Any]:
+        """An object (or a `bytes=a-b` range of it) to stream: its head fields and its body
+        (`async with body`, then `await body.read(n)`)."""
         args = {"Bucket": self.bucket, "Key": key}
         if byte_range:
             args["Range"] = byte_range
         try:
             answer = await self._client.get_object(**args)
-            async with answer["Body"] as body:
-                data = await body.read()
         except Exception as exc:
             raise StoreError(describe_error(exc)) from exc
-        return answer, data
-
-    async def keys(self, suffix: str = "") -> AsyncIterator[tuple[str, int]]:
-        """(key, size) of every object under the prefix whose key ends with `suffix`."""
-        prefix = f"{self.prefix}/" if self.prefix else ""
-        paginator = self._client.get_paginator("list_objects_v2")
-        try:
-            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                for item in page.get("Contents", []):
-                    if item["Key"].endswith(suffix):
-                        yield item["Key"], int(item["Size"])
-        except Exception as exc:
-            raise StoreError(describe_error(exc)) from exc
+        return answer, answer["Body"]

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from receiver.archive.process import ArchiverProcess
+from receiver.archive.reader import ArchiveReader
 from receiver.config import Config
 from receiver.control.api import ControlApi
 from receiver.control.webhooks import WebhookSender
@@ -131,6 +132,8 @@ class Server:
         )
         self.webhooks: WebhookSender | None = None
         archive = config.archive
+        if archive.enabled:
+            self.recordings_api.archive = ArchiveReader(archive)
         self.archiver: ArchiverProcess | None = None
         if archive.enabled or archive.retention_max_age or archive.retention_max_bytes:
             self.archiver = ArchiverProcess(
