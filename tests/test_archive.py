@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 import soundfile
@@ -42,6 +43,7 @@ from tests.helpers import (
     send_tap,
     tap_url,
     wait_for_sidecar,
+    wait_for_wav_frames,
     wait_until,
 )
 
@@ -432,6 +434,48 @@ def test_retention_max_age_deletes_finished_recordings(make_server: Any) -> None
     wait_until(lambda: server.health()["archive"].get("retention_deleted") == 1, "counted")
     assert metric(metrics(server), "tap_receiver_retention_deleted_total") == 1
     assert "retention: deleted 1 recordings" in server.log()
+
+
+def test_a_recording_interrupted_by_kill9_is_recovered_then_archived(
+    make_server: Any, moto: Moto, tmp_path: Path
+) -> None:
+    recordings = tmp_path / "rec"
+    args = archiving(moto.endpoint, "--flush-interval", "0.1")
+    server = make_server(*args, recordings=recordings, env=AWS_ENV)
+    sent = noise(8000 * 2, 9)
+    name = new_id("crash")
+
+    async def run() -> None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(tap_url(server, name)) as ws,
+        ):
+            for i in range(0, len(sent) // 2, 800):
+                await ws.send_bytes(sent[i : i + 800])
+            await asyncio.to_thread(wait_for_wav_frames, recordings / f"{name}.wav", len(sent) // 2)
+            server.kill9()
+
+    asyncio.run(run())
+    assert json.loads((recordings / f"{name}.json").read_text())["state"] == "recording"
+    again = make_server(*args, recordings=recordings, env=AWS_ENV)
+    sidecar = wait_archived(again, name)
+    assert sidecar["recovered"] is True and sidecar["state"] == "finished"
+    wav = (recordings / f"{name}.wav").read_bytes()
+    assert moto.get(f"calls/{name}.wav") == wav
+    assert np.array_equal(
+        decoded_samples(wav, tmp_path), reference.decode("PCMU", sent[: len(sent) // 2])
+    )
+    assert json.loads(moto.get(f"calls/{name}.json"))["recovered"] is True
+
+
+def test_workers_each_upload_their_own_recordings_once(make_server: Any, moto: Moto) -> None:
+    server = make_server(*archiving(moto.endpoint, "--workers", "2"), env=AWS_ENV)
+    names = [record(server, 0.5, seed=20 + i)[0] for i in range(4)]
+    for name in names:
+        assert wait_archived(server, name)["archive"]["url"] == f"s3://{BUCKET}/calls/{name}.wav"
+    assert moto.keys() == sorted(f"calls/{n}.{ext}" for n in names for ext in ("json", "wav"))
+    for name in names:
+        assert moto.get(f"calls/{name}.wav") == (server.recordings / f"{name}.wav").read_bytes()
 
 
 # -- pure retention planning ----------------------------------------------------------------------

@@ -105,25 +105,25 @@ class Archiver:
             self._wake.clear()
             if self._rescan and self.primary and not self.in_flight:
                 self._rescan = False
-                await self.scan(time.time())
+                await self.scan()
                 continue
             await self._wake.wait()
         return self._queue.popleft()
 
-    async def scan(self, before: float) -> int:
-        """Queue every finished, unarchived recording last changed before `before`."""
-        names = await asyncio.to_thread(self._pending_on_disk, before)
+    async def scan(self) -> int:
+        """Queue every finished, unarchived recording in the directory. A recording this
+        process was handed as well is found twice and uploaded once (the queue keeps one name;
+        after the lock, an archived sidecar ends it); recovered ones count as finished."""
+        names = await asyncio.to_thread(self._pending_on_disk)
         for name in names:
             self.submit(name)
         if names:
             log.info("archive: %d recordings waiting to be uploaded", len(names))
         return len(names)
 
-    def _pending_on_disk(self, before: float) -> list[str]:
+    def _pending_on_disk(self) -> list[str]:
         found = []
         for rec in retention.local_recordings(self.directory):
-            if rec.mtime >= before:
-                continue
             sidecar, _ = load_sidecar(self.directory / f"{rec.name}.json")
             if sidecar is None or sidecar.get("state") == TapState.RECORDING:
                 continue

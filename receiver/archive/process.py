@@ -2,8 +2,8 @@
 never take the GIL or a slot of the server's event loop.
 
 The server's side (`ArchiverProcess`) writes one JSON line per message to the child's standard
-input: `{"finished": NAME}` when a recording is finalized, `{"scan": BEFORE}` once crash recovery
-is done. The child (`python -m receiver.archive.process`) answers with status lines
+input: `{"finished": NAME}` when a recording is finalized, `{"scan": true}` once crash recovery is
+done. The child (`python -m receiver.archive.process`) answers with status lines
 (`{"status": {...}}`), which /healthz and /metrics show. If the server dies (kill -9) the child
 dies with it (PR_SET_PDEATHSIG); what it was uploading is resumed by the next start. If the
 child dies, the server logs it and starts another.
@@ -57,7 +57,7 @@ class ArchiverProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._scan_before: float | None = None  # sent again to a restarted child
+        self._scanned = False  # crash recovery is done: a restarted child scans at once
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name="archiver")
@@ -75,8 +75,8 @@ class ArchiverProcess:
     async def _supervise(self) -> None:
         while not self._stopping:
             self._proc = proc = await self._spawn()
-            if self._scan_before is not None:
-                self.scan(self._scan_before)
+            if self._scanned:
+                self.scan()
             assert proc.stdout is not None
             async for line in proc.stdout:
                 with contextlib.suppress(ValueError):
@@ -105,10 +105,10 @@ class ArchiverProcess:
         if name:
             self._send({"finished": name})
 
-    def scan(self, before: float) -> None:
+    def scan(self) -> None:
         """Crash recovery is done: queue what earlier processes left unarchived."""
-        self._scan_before = before
-        self._send({"scan": before})
+        self._scanned = True
+        self._send({"scan": True})
 
     async def stop(self, timeout: float) -> None:
         """Stop at once: an upload cut short here is resumed (or redone) by the next start."""
@@ -160,7 +160,7 @@ async def _child(args: dict[str, Any]) -> None:
                 if "finished" in message:
                     archiver.finished(str(message["finished"]))
                 elif "scan" in message and archiver.primary and archiver.enabled:
-                    await archiver.scan(float(message["scan"]))
+                    await archiver.scan()
         stop.set()  # the server is gone
 
     async def report() -> None:

@@ -347,7 +347,7 @@ class Server:
             return
         finally:
             if self.archiver is not None and self.config.archive.enabled:
-                self.archiver.scan(self.started_at)  # what earlier processes left unarchived
+                self.archiver.scan()  # what earlier processes left unarchived
         self.recovery = {"state": "done", "recovered": len(done)}
         if done:
             log.info("recovery finished: %d interrupted recordings finalized", len(done))
@@ -466,7 +466,7 @@ class Server:
         self.writer_stuck = self.writer.stuck
         if self.archiver is not None:
             await asyncio.sleep(0)  # the writer's last completions reach the archiver first
-            await self.archiver.stop(1.0)
+            await self.archiver.stop(max(0.2, min(1.0, timeout - (time.monotonic() - started))))
         if self.webhooks is not None:  # the last finalized taps' notifications get what is left
             await asyncio.sleep(0)  # let the writer's last completions reach the loop
             remaining = max(0.2, timeout - (time.monotonic() - started))
