@@ -392,13 +392,13 @@ def test_missing_bucket_is_one_outage_and_nothing_unarchived_is_deleted(
     moto.client.create_bucket(Bucket=BUCKET)
     for name in names:
         wait_archived(server, name, timeout=2 * DEADLINE)
-    wait_until(
-        lambda: not any((server.recordings / f"{n}.wav").exists() for n in names),
-        "retention to delete the archived audio",
-    )
-    for name in names:
+
+    def deleted(name: str) -> bool:
         archive = json.loads((server.recordings / f"{name}.json").read_text())["archive"]
-        assert archive["local_deleted_because"] == "retention_max_bytes"
+        return archive.get("local_deleted_because") == "retention_max_bytes"
+
+    wait_until(lambda: all(deleted(n) for n in names), "retention to delete the archived audio")
+    assert not any((server.recordings / f"{n}.wav").exists() for n in names)
     assert moto.keys() == sorted(f"calls/{n}.{ext}" for n in names for ext in ("json", "wav"))
     wait_until(lambda: (h := server.health()) and h["archive"]["state"] == "ok", "state ok")
     assert server.log().count("cannot be used") == 1
@@ -416,6 +416,40 @@ def test_unreachable_store_then_back(make_server: Any, moto: Moto, proxy: Proxy)
     wait_archived(server, name, timeout=2 * DEADLINE)
     assert moto.get(f"calls/{name}.wav") == (server.recordings / f"{name}.wav").read_bytes()
     assert moto.keys() == [f"calls/{name}.json", f"calls/{name}.wav"]
+
+
+def test_credentials_from_a_shared_file_and_none_at_all(
+    make_server: Any, moto: Moto, tmp_path: Path
+) -> None:
+    """The standard AWS credentials file and profile are read; with no credentials anywhere the
+    store cannot be used, which /healthz says, while recording goes on."""
+    nowhere = {
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SESSION_TOKEN": "",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "missing-credentials"),
+        "AWS_CONFIG_FILE": str(tmp_path / "missing-config"),
+    }
+    without = make_server(*archiving(moto.endpoint), env=nowhere)
+    name, sent = record(without, 0.5, seed=30)
+    health = wait_until(
+        lambda: (h := without.health()) and h["archive"].get("state") == "failing" and h,
+        "the archive to report the missing credentials",
+    )
+    assert "credentials" in health["archive"]["problem"].lower()
+    assert soundfile.info(str(without.recordings / f"{name}.wav")).frames == len(sent)
+    assert moto.keys() == []
+
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[archive]\naws_access_key_id = testing\naws_secret_access_key = x\n")
+    from_file = {**nowhere, "AWS_SHARED_CREDENTIALS_FILE": str(credentials),
+                 "AWS_PROFILE": "archive"}  # fmt: skip
+    server = make_server(*archiving(moto.endpoint), env=from_file)
+    name, _ = record(server, 0.5, seed=31)
+    wait_archived(server, name)
+    assert moto.get(f"calls/{name}.wav") == (server.recordings / f"{name}.wav").read_bytes()
 
 
 # -- retention without archiving ------------------------------------------------------------------
