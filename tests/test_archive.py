@@ -272,6 +272,8 @@ def test_finished_recording_is_uploaded_with_its_sidecar(make_server: Any, moto:
     text = metrics(server)
     assert metric(text, "tap_receiver_archive_uploads_total") == 1
     assert metric(text, "tap_receiver_archive_up") == 1
+    assert server.stop() == 0  # SIGTERM stops the archiver's process too
+    assert "archiver process exited" not in server.log()
 
 
 def test_kill9_during_a_multipart_upload_then_restart(
@@ -358,6 +360,10 @@ def test_delete_local_after_a_confirmed_upload(
     status, headers, body = get_audio(server, name, "bytes=-100")
     assert status == 206 and body == stored[-100:]
     assert get_audio(server, "no-such-tap")[0] == 404
+    status, listing = server.api_get("/api/taps")
+    assert status == 200
+    assert listing["taps"][0]["archive_url"] == f"s3://{BUCKET}/calls/{name}.wav"
+    assert listing["taps"][0]["duration_seconds"] == 2.0
 
 
 def get_audio(server: ServerProcess, name: str, byte_range: str = "") -> tuple[int, Any, bytes]:

@@ -122,6 +122,12 @@ class Archiver:
         return len(names)
 
     def _pending_on_disk(self) -> list[str]:
+        work = self.directory / WORK_DIR
+        if work.is_dir():  # encrypted copies of recordings deleted before their upload
+            for copy in work.iterdir():
+                source = self.directory / copy.name.removesuffix(".age")
+                if not copy.name.startswith(".") and not source.exists():
+                    copy.unlink(missing_ok=True)
         found = []
         for rec in retention.local_recordings(self.directory):
             sidecar, _ = load_sidecar(self.directory / f"{rec.name}.json")

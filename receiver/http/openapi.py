@@ -327,7 +327,9 @@ SCHEMAS: dict[str, Any] = {
         "started_at": {"type": ["string", "null"]}, "ended_at": {"type": ["string", "null"]},
         "duration_seconds": {"type": ["number", "null"]},
         "size_bytes": {"type": ["integer", "null"]},
-        "loss_percent": {"type": ["number", "null"]}}},
+        "loss_percent": {"type": ["number", "null"]},
+        "archive_url": {"type": ["string", "null"],
+                        "description": "s3://… of the archived audio (archive_url)"}}},
     "TapList": {"type": "object", "properties": {
         "taps": {"type": "array", "items": _ref("TapSummary")}, "total": {"type": "integer"},
         "offset": {"type": "integer"}, "limit": {"type": "integer"},
