@@ -334,6 +334,28 @@ def test_encrypted_for_age_recipients_and_decrypted_by_the_age_cli(
     assert list((server.recordings / ".archive").iterdir()) == []  # no encrypted copy left
 
 
+def test_encrypted_archive_only_is_not_served_in_clear(
+    make_server: Any, moto: Moto, tmp_path: Path
+) -> None:
+    keygen = require_tool("age-keygen")
+    identity = tmp_path / "identity.txt"
+    subprocess.run([keygen, "-o", str(identity)], check=True, capture_output=True)
+    public = subprocess.run([keygen, "-y", str(identity)], check=True, capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+    args = archiving(moto.endpoint, "--archive-recipients", public, "--archive-delete-local")
+    server = make_server(*args, env=AWS_ENV)
+    name, _ = record(server, 1.0, seed=40)
+    sidecar_path = server.recordings / f"{name}.json"
+    wait_until(
+        lambda: json.loads(sidecar_path.read_text()).get("archive", {}).get("local_deleted_at"),
+        "the local audio to be deleted",
+    )
+    status, _, body = get_audio(server, name)
+    assert status == 409 and b"age-encrypted" in body
+    listing = server.api_get("/api/taps")[1]
+    assert listing["taps"][0]["archive_url"] == f"s3://{BUCKET}/calls/{name}.wav.age"
+
+
 def test_delete_local_after_a_confirmed_upload(
     make_server: Any, moto: Moto, tmp_path: Path
 ) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import time
@@ -286,7 +287,10 @@ class Archiver:
             body = await asyncio.to_thread(encrypt_bytes, body, self.recipients)
         content_type = "application/age-encryption" if encrypted else "application/json"
         await store.put_bytes(store.key(f"{name}.json{suffix}"), body, content_type)
-        # The store has it all: say so locally, durably, before anything local is deleted.
+        # The store has it all: say so locally, durably, before anything local is deleted
+        # (unless the recording was deleted meanwhile: its sidecar is not brought back).
+        if not await asyncio.to_thread(sidecar_path.exists):
+            return
         await asyncio.to_thread(write_json_atomic, sidecar_path, sidecar)
         self.counters["uploaded"] += 1
         self._succeeded()
@@ -378,6 +382,4 @@ class Archiver:
 
 
 def _json_bytes(data: dict[str, Any]) -> bytes:
-    import json
-
     return (json.dumps(data, indent=2) + "\n").encode()

@@ -72,10 +72,6 @@ def utc_iso(ts: float) -> str:
     return stamp.replace("+00:00", "Z")
 
 
-def is_track_file(sidecar: dict[str, Any] | None, name: str) -> bool:
-    return False if sidecar is None else f"{name}.wav" in (sidecar.get("track_files") or {})
-
-
 def audio_files(directory: Path, sidecar: dict[str, Any], name: str) -> list[Path]:
     """The recording's WAV and its per-track WAVs (names without a path only)."""
     files = [directory / f"{name}.wav"]
