@@ -163,6 +163,45 @@ def _token(value: str) -> str | None:
     return "must be 8 to 256 characters from A-Z a-z 0-9 . _ ~ - (it goes into the tap URI)"
 
 
+def _archive_url_problem(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        parse_archive_url(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def parse_archive_url(text: str) -> tuple[str, str]:
+    """'s3://bucket/some/prefix/' -> ('bucket', 'some/prefix'). Raises ValueError."""
+    parts = urlsplit(text.strip())
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ValueError("must be s3://BUCKET or s3://BUCKET/PREFIX")
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError("must be s3://BUCKET/PREFIX, without user, query or fragment")
+    return parts.netloc, parts.path.strip("/")
+
+
+def _recipients_problem(value: str) -> str | None:
+    from receiver.archive.encryption import load_recipients  # pyrage only when it is used
+
+    try:
+        load_recipients(parse_recipients(value))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _endpoint_problem(value: str) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL, e.g. http://minio:9000"
+    return None
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "str", "0.0.0.0", "Address the HTTP/WebSocket and RTP listeners bind to."),
     Setting("http_port", "int", 8080, "TCP port for HTTP, WebSocket taps and /healthz.", _port),
@@ -440,6 +479,67 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("text", "json"),
     ),
     Setting(
+        "archive_url",
+        "str",
+        "",
+        "Object store each finished recording is uploaded to, s3://bucket/prefix (credentials "
+        "from the standard AWS variables and files); empty: off.",
+        lambda v: _archive_url_problem(v),
+    ),
+    Setting(
+        "archive_endpoint",
+        "str",
+        "",
+        "URL of an S3-compatible store (MinIO, Ceph, R2, ...); empty: AWS S3.",
+        lambda v: _endpoint_problem(v),
+    ),
+    Setting(
+        "archive_recipients",
+        "str",
+        "",
+        "age public keys (age1..., comma-separated): what is uploaded is encrypted for them; "
+        "empty: uploaded as is.",
+        lambda v: _recipients_problem(v),
+    ),
+    Setting(
+        "archive_concurrency",
+        "int",
+        4,
+        "Files uploaded at once.",
+        _between(1, 64),
+    ),
+    Setting(
+        "archive_part_size",
+        "size",
+        16 * 1024 * 1024,
+        "Files larger than this are uploaded in parts of this size (multipart); S3 and most "
+        "compatible stores need at least 5 MiB.",
+        _between(256 * 1024, 5 * 1024**3),
+    ),
+    Setting(
+        "archive_delete_local",
+        "bool",
+        False,
+        "Delete a recording's local audio once the store has confirmed its upload (its sidecar "
+        "stays, saying where the audio is).",
+    ),
+    Setting(
+        "retention_max_age",
+        "float",
+        0.0,
+        "Seconds a finished recording's audio is kept locally, then deleted (0: forever); with "
+        "archive_url, only once it is archived.",
+        _between(0, 100 * 365 * 86400),
+    ),
+    Setting(
+        "retention_max_bytes",
+        "size",
+        0,
+        "Local audio kept within this many bytes, oldest finished recordings deleted first "
+        "(0: no limit); with archive_url, only archived ones.",
+        _between(0, 2**62),
+    ),
+    Setting(
         "rtp_dtmf_payload_type",
         "int",
         101,
@@ -577,6 +677,25 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ArchiveSettings:
+    """Object storage and local retention (receiver.archive)."""
+
+    bucket: str  # "" when archiving is off
+    prefix: str  # key prefix without a trailing slash, may be ""
+    endpoint: str
+    recipients: tuple[str, ...]  # age public keys
+    concurrency: int
+    part_size: int
+    delete_local: bool
+    retention_max_age: float
+    retention_max_bytes: int
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bucket)
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str
     format: str
@@ -596,6 +715,7 @@ class Config:
     rtp: RtpSettings
     webhooks: WebhookSettings
     log: LogSettings
+    archive: ArchiveSettings
     settings: Mapping[str, Any]  # every setting by its key, as merged (before grouping)
     config_file: Path | None = None
 
@@ -666,8 +786,29 @@ def build(values: Mapping[str, Any], config_file: Path | None = None) -> Config:
         ),
         webhooks=WebhookSettings(url=v["webhook_url"], secret=v["webhook_secret"]),
         log=LogSettings(level=v["log_level"], format=v["log_format"]),
+        archive=_archive_settings(v),
         settings=v,
         config_file=config_file,
+    )
+
+
+def parse_recipients(text: str) -> tuple[str, ...]:
+    """'age1..., age1...' -> the keys (separated by commas or white space)."""
+    return tuple(part for part in re.split(r"[\s,]+", text) if part)
+
+
+def _archive_settings(v: Mapping[str, Any]) -> ArchiveSettings:
+    bucket, prefix = parse_archive_url(v["archive_url"]) if v["archive_url"] else ("", "")
+    return ArchiveSettings(
+        bucket=bucket,
+        prefix=prefix,
+        endpoint=v["archive_endpoint"].rstrip("/"),
+        recipients=parse_recipients(v["archive_recipients"]),
+        concurrency=v["archive_concurrency"],
+        part_size=v["archive_part_size"],
+        delete_local=v["archive_delete_local"],
+        retention_max_age=v["retention_max_age"],
+        retention_max_bytes=v["retention_max_bytes"],
     )
 
 
@@ -780,6 +921,12 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Config, 
             values[s.key] = _convert(s, s.default, "default")
     if values["webhook_url"] and not values["webhook_secret"]:
         raise ConfigError("webhook_secret: required when webhook_url is set (it signs the body)")
+    if (values["archive_delete_local"] or values["archive_recipients"]) and not values[
+        "archive_url"
+    ]:
+        raise ConfigError(
+            "archive_delete_local, archive_recipients: need archive_url (where the recordings go)"
+        )
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("tls_cert, tls_key: give both (certificate and private key) or neither")
     return build(values, Path(config_path) if config_path else None), warnings

@@ -100,6 +100,7 @@ def test_list_shows_finished_taps_newest_first_with_filters(server: ServerProces
         "duration_seconds": 0.2,
         "size_bytes": (server.recordings / f"{second}.wav").stat().st_size,
         "loss_percent": None,
+        "archive_url": None,
     }
     assert listing["taps"][1]["duration_seconds"] == 0.1
 

@@ -6,13 +6,19 @@ each at most `PARTNER_WAIT` seconds).
 What cannot be a call is recorded apart (each leg keeps its own files, which nothing here
 touches), counted, and logged once: a leg whose URI and status callback name different calls, a
 third leg, legs at different rates or not mono, a leg split by max_tap_duration.
+
+A leg's files are the call's input until it is built: `release` hears of each leg (its sidecar)
+once nothing here needs its WAV any more (so the archiver, which may delete local audio, takes
+it only then), and `built` of each call file made.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,53 +48,65 @@ class FinishedLeg:
     ended_at: str | None
     rtp: dict[str, Any] | None
     finished: float  # monotonic, when it was finalized here
+    sidecar: dict[str, Any]
 
 
 class CallAssembler:
-    def __init__(self, recordings: Path, writer: Writer) -> None:
+    def __init__(
+        self,
+        recordings: Path,
+        writer: Writer,
+        release: Callable[[dict[str, Any]], None],
+        built: Callable[[dict[str, Any]], None],
+    ) -> None:
         self.recordings = recordings
         self.writer = writer
+        self.release = release
+        self.built = built
         self._waiting: OrderedDict[str, dict[str, FinishedLeg]] = OrderedDict()
         self._done: OrderedDict[str, None] = OrderedDict()
         self.counters: Counter[str] = Counter()
 
-    def leg_finalized(self, tap: Tap, sidecar: dict[str, Any]) -> None:
-        """A tap's files are complete: if it is a call's leg, the call may be complete too."""
+    def leg_finalized(self, tap: Tap, sidecar: dict[str, Any]) -> bool:
+        """A tap's files are complete: if it is a call's leg, the call may be complete too.
+        True: the leg is kept here, and `release` hears of it once its call is done with it."""
         leg = leg_of(sidecar)
         if leg is None:
-            return
+            return False
         if isinstance(leg, str):
             self._apart(sidecar.get("tap_id"), leg, "its URI and its status callback name "
                         "different calls or legs")  # fmt: skip
-            return
+            return False
         if sidecar.get("segment") is not None or not sidecar.get("file"):
             self._apart(leg.call_id, "leg_without_one_file", "a leg split by max_tap_duration, "
                         "or one without a file, is not put into a call")  # fmt: skip
-            return
+            return False
         self._expire()
         if leg.call_id in self._done or leg.leg in self._waiting.get(leg.call_id, {}):
             self._apart(leg.call_id, "third_leg", f"a further {leg.leg} leg ({sidecar['file']}) "
                         "is recorded apart")  # fmt: skip
-            return
+            return False
         now = time.monotonic()
         first_at = datetime.now(UTC).timestamp() - (now - tap.first_audio_monotonic)
         finished = FinishedLeg(
             leg, str(sidecar.get("tap_id")), tap.transport, str(sidecar["file"]),
             tap.sample_rate, tap.channels, int(sidecar.get("frames_written", 0)),
             tap.first_audio_monotonic, _iso(first_at), sidecar.get("ended_at"),
-            sidecar.get("rtp") if isinstance(sidecar.get("rtp"), dict) else None, now,
+            sidecar.get("rtp") if isinstance(sidecar.get("rtp"), dict) else None, now, sidecar,
         )  # fmt: skip
         legs = self._waiting.setdefault(leg.call_id, {})
         legs[leg.leg] = finished
         self.counters["legs"] += 1
         if len(legs) < len(LEGS):
             while len(self._waiting) > MAX_PENDING:
-                dropped, _ = self._waiting.popitem(last=False)
+                dropped, kept = self._waiting.popitem(last=False)
                 self._apart(dropped, "too_many_waiting", "too many calls wait for a leg")
-            return
+                self._release(kept.values())
+            return True
         del self._waiting[leg.call_id]
         self._remember(leg.call_id)
         self._build(leg.call_id, [legs[name] for name in LEGS])
+        return True
 
     def _build(self, call_id: str, legs: list[FinishedLeg]) -> None:
         rates = {leg.rate for leg in legs}
@@ -96,6 +114,7 @@ class CallAssembler:
             formats = ", ".join(f"{x.leg.leg} {x.rate} Hz x{x.channels}" for x in legs)
             self._apart(call_id, "formats_differ", f"legs of different rates or not mono "
                         f"({formats}): each kept in its own file")  # fmt: skip
+            self._release(legs)
             return
         rate = legs[0].rate
         starts = offsets({x.leg.leg: x.first_arrival for x in legs}, rate)
@@ -116,15 +135,25 @@ class CallAssembler:
             },
         }
         files = [(self.recordings / x.file, starts[x.leg.leg]) for x in legs]
-        future = self.writer.build_call(self.recordings, call_id, rate, files, sidecar)
+        future = asyncio.wrap_future(
+            self.writer.build_call(self.recordings, call_id, rate, files, sidecar)
+        )
         self.counters["building"] += 1
-        future.add_done_callback(lambda done: self._built(call_id, done.result()))
+        future.add_done_callback(lambda done: self._built(call_id, done.result(), legs, sidecar))
 
-    def _built(self, call_id: str, name: str | None) -> None:
+    def _built(
+        self, call_id: str, name: str | None, legs: list[FinishedLeg], sidecar: dict[str, Any]
+    ) -> None:
         self.counters["building"] -= 1
         self.counters["built" if name else "failed"] += 1
+        self._release(legs)
         if name:
             log.info("call %s: %s.wav (speak, listen)", call_id, name)
+            self.built({**sidecar, "file": f"{name}.wav"})
+
+    def _release(self, legs: Any) -> None:
+        for leg in legs:
+            self.release(leg.sidecar)
 
     def _apart(self, call_id: Any, reason: str, why: str) -> None:
         self.counters[f"apart_{reason}"] += 1
@@ -143,6 +172,7 @@ class CallAssembler:
                 return
             del self._waiting[call_id]
             self._apart(call_id, "partner_never_came", "one leg ended and the other never came")
+            self._release(legs.values())
 
     def stats(self) -> dict[str, Any]:
         return {"waiting": len(self._waiting), **self.counters}

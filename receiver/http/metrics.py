@@ -80,6 +80,36 @@ class _SnapshotCollector(Collector):
             if outcome not in ("waiting", "building"):
                 calls.add_metric([outcome], n)
         yield calls
+        archive = s.get("archive")
+        if archive:
+            yield from _archive_metrics(archive)
+
+
+def _archive_metrics(a: dict[str, Any]) -> Iterator[Metric]:
+    """The archiver's last reported status (receiver.archive), when archiving or retention is on."""
+    if a.get("enabled"):
+        yield GaugeMetricFamily(
+            "tap_receiver_archive_up",
+            "1 while the object store takes uploads, 0 during an outage.",
+            value=0 if a.get("state") == "failing" else 1,
+        )
+        yield GaugeMetricFamily(
+            "tap_receiver_archive_pending",
+            "Finished recordings waiting to be uploaded (in memory; more may wait on disk).",
+            value=a.get("pending", 0),
+        )
+    for name, key, text in (
+        ("archive_uploads", "uploaded", "Recordings uploaded to the object store."),
+        ("archive_uploaded_bytes", "uploaded_bytes", "Bytes sent to the object store."),
+        ("archive_resumed_bytes", "resumed_bytes", "Bytes an interrupted upload had stored."),
+        ("archive_failures", "failures", "Upload attempts the store failed (retried)."),
+        ("archive_outages", "outages", "Times the object store became unusable."),
+        ("archive_local_errors", "local_errors", "Recordings that could not be read to upload."),
+        ("archive_local_deleted", "local_deleted", "Local audio deleted after its upload."),
+        ("retention_deleted", "retention_deleted", "Recordings deleted by retention."),
+        ("retention_deleted_bytes", "retention_bytes", "Bytes freed by retention."),
+    ):
+        yield CounterMetricFamily(f"tap_receiver_{name}", text, value=a.get(key, 0))
 
 
 class Metrics:

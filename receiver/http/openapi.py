@@ -170,7 +170,8 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/taps/{name}/audio": {
         "get": {
             "operationId": "getTapAudio",
-            "summary": "The WAV file (Range and ETag supported)",
+            "summary": "The WAV file (Range and ETag supported); once its local copy is "
+                       "deleted, the archived one, streamed from the object store",
             "security": TOKEN_SECURITY,
             "parameters": [NAME, _query("download", {"type": "string"},
                                         "any value: served as an attachment")],
@@ -180,6 +181,9 @@ PATHS: dict[str, dict[str, Any]] = {
                 "206": {"description": "the requested byte range", "content": {"audio/wav": {
                     "schema": {"type": "string", "format": "binary"}}}},
                 "400": BAD_NAME, "401": UNAUTHORIZED, "404": NOT_FOUND,
+                "409": _error("only an age-encrypted copy is left (in the archive)"),
+                "416": _error("a range that cannot be served"),
+                "502": _error("the object store failed"),
             },
         }
     },
@@ -375,7 +379,9 @@ SCHEMAS: dict[str, Any] = {
         "started_at": {"type": ["string", "null"]}, "ended_at": {"type": ["string", "null"]},
         "duration_seconds": {"type": ["number", "null"]},
         "size_bytes": {"type": ["integer", "null"]},
-        "loss_percent": {"type": ["number", "null"]}}},
+        "loss_percent": {"type": ["number", "null"]},
+        "archive_url": {"type": ["string", "null"],
+                        "description": "s3://… of the archived audio (archive_url)"}}},
     "TapList": {"type": "object", "properties": {
         "taps": {"type": "array", "items": _ref("TapSummary")}, "total": {"type": "integer"},
         "offset": {"type": "integer"}, "limit": {"type": "integer"},

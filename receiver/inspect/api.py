@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, TypeVar
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from receiver.archive.reader import ArchiveReader
 from receiver.http.auth import Auth
 from receiver.http.errors import json_error
 from receiver.inspect import analysis
@@ -31,7 +32,7 @@ from receiver.inspect.catalog import STATES, Catalog, Recording, loss_percent, m
 from receiver.live.endpoint import serve_live
 from receiver.live.hub import LiveHub
 from receiver.storage.files import open_regular, regular_stat
-from receiver.storage.sidecar import TapState
+from receiver.storage.sidecar import TapState, read_sidecar
 from receiver.storage.wav_header import WavError, check_wav
 from receiver.taps.registry import TapRegistry
 from receiver.taps.tap import Tap, utc_now_iso
@@ -106,6 +107,7 @@ class RecordingsApi:
         self.catalog = Catalog(recordings, run_started_at=utc_now_iso())
         self.cache = ResultCache(CACHE_ENTRIES)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect")
+        self.archive: ArchiveReader | None = None  # archived audio whose local WAV is gone
 
     def add_routes(self, app: web.Application) -> None:
         for prefix in ("", "/t/{token}"):
@@ -123,6 +125,8 @@ class RecordingsApi:
 
     async def _close(self, _: web.Application) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.archive is not None:
+            await self.archive.close()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -287,6 +291,9 @@ class RecordingsApi:
         try:
             fh = await self._run(open_regular, path)
         except OSError:
+            if self.archive is not None and not os.path.lexists(path):
+                sidecar = await self._run(read_sidecar, self.catalog.sidecar_path(name))
+                return await self.archive.audio(request, name, sidecar)
             return json_error(404, f"no recording {name!r}")
         if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get("Range", "")):
             # "the last 0 bytes" can never be satisfied (RFC 9110 14.1.2); aiohttp reads it as

@@ -54,6 +54,7 @@ class Recording:
             "duration_seconds": self.duration_seconds,
             "size_bytes": self.size_bytes,
             "loss_percent": self.loss_percent,
+            "archive_url": _archive_url(side),
         }
         if self.problem is not None:
             summary["problem"] = self.problem
@@ -63,6 +64,14 @@ class Recording:
         side = self.sidecar or {}
         fields = (self.name, side.get("tap_id"), side.get("remote"), side.get("codec"))
         return any(text in str(f).lower() for f in fields if f)
+
+
+def _archive_url(sidecar: dict[str, Any]) -> str | None:
+    """Where the object store has the audio (receiver.archive), once it confirmed the upload."""
+    archive = sidecar.get("archive")
+    if isinstance(archive, dict) and archive.get("uploaded_at") and archive.get("url"):
+        return str(archive["url"])
+    return None
 
 
 MAX_CHANNEL_NAME = 32

@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from receiver.archive.process import ArchiverProcess
+from receiver.archive.reader import ArchiveReader
 from receiver.calls.assembler import CallAssembler
 from receiver.config import Config
 from receiver.control.api import ControlApi
@@ -125,8 +127,7 @@ class Server:
         self.registry.audio_holders = [t.gather for t in self.transports.values()]
         self.registry.on_open_failed = self.refuse_unrecordable
         self.live = LiveHub(config.live, self.registry.gather)
-        self.calls = CallAssembler(storage.recordings, self.writer)
-        self.registry.on_tap_finalized = self.calls.leg_finalized
+        self.calls = CallAssembler(storage.recordings, self.writer, self.archive, self.finalized)
         self.recordings_api = RecordingsApi(
             storage.recordings,
             self.auth,
@@ -136,6 +137,19 @@ class Server:
             config.ws.heartbeat,
         )
         self.webhooks: WebhookSender | None = None
+        archive = config.archive
+        if archive.enabled:
+            self.recordings_api.archive = ArchiveReader(archive)
+        self.archiver: ArchiverProcess | None = None
+        if archive.enabled or archive.retention_max_age or archive.retention_max_bytes:
+            self.archiver = ArchiverProcess(
+                archive,
+                storage.recordings,
+                primary=recover_interrupted,
+                log_level=config.log.level,
+                log_format=config.log.format,
+                worker=worker,
+            )
         self.metrics = Metrics(self.metrics_snapshot, self.auth)
         self.writer.observe_batch = self.metrics.write_batch_seconds.observe
         self.http_port = config.server.http_port
@@ -171,6 +185,7 @@ class Server:
             "webhooks": dict(self.webhooks.counters) if self.webhooks else {},
             "live": self.live.stats(),
             "calls": self.calls.stats(),
+            "archive": self.archiver.status if self.archiver else None,
         }
         for transport in self.transports.values():
             snapshot.update(transport.metrics())
@@ -198,6 +213,11 @@ class Server:
             "calls": self.calls.stats(),
             "recovery": self.recovery,
             "webhooks": dict(self.webhooks.counters) if self.webhooks else None,
+            "archive": (
+                {**self.archiver.status, "restarts": self.archiver.restarts}
+                if self.archiver
+                else None
+            ),
             "writer": {
                 "batches": self.writer.batches,
                 "bytes_written": self.writer.bytes_written,
@@ -257,7 +277,9 @@ class Server:
             )  # fmt: skip
         if cfg.webhooks.url:
             self.webhooks = WebhookSender(cfg.webhooks.url, cfg.webhooks.secret)
-            self.registry.on_finalized = self.webhooks.submit
+        if self.archiver is not None:
+            await self.archiver.start()
+        self.registry.on_finalized = self.tap_finalized
         control = ControlApi(
             cfg, self.auth, self.naming, self.registry, self.transports, self.rtp, self.rtp_port
         )
@@ -317,6 +339,24 @@ class Server:
         if self.on_ready is not None:
             self.on_ready()
 
+    def tap_finalized(self, tap: Tap, sidecar: dict[str, Any]) -> None:
+        """A tap's files are complete: notify the webhook; the archiver takes the recording
+        now, or, for a call's leg, once its call no longer needs the leg's WAV."""
+        if self.webhooks is not None:
+            self.webhooks.submit(sidecar)
+        if not self.calls.leg_finalized(tap, sidecar):
+            self.archive(sidecar)
+
+    def finalized(self, sidecar: dict[str, Any]) -> None:
+        """A recording made of other ones (a call's file) is complete: as `tap_finalized`."""
+        if self.webhooks is not None:
+            self.webhooks.submit(sidecar)
+        self.archive(sidecar)
+
+    def archive(self, sidecar: dict[str, Any]) -> None:
+        if self.archiver is not None:
+            self.archiver.submit(sidecar)
+
     async def recover(self) -> None:
         """Finalize what an earlier process left recording, in the background (see recovery)."""
         loop = asyncio.get_running_loop()
@@ -327,6 +367,9 @@ class Server:
             log.exception("recovery of interrupted recordings failed")
             self.recovery = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
             return
+        finally:
+            if self.archiver is not None and self.config.archive.enabled:
+                self.archiver.scan()  # what earlier processes left unarchived
         self.recovery = {"state": "done", "recovered": len(done)}
         if done:
             log.info("recovery finished: %d interrupted recordings finalized", len(done))
@@ -443,6 +486,9 @@ class Server:
         # The writer keeps to the deadline itself (what is left stays valid on disk).
         await self.writer.stop(remaining)
         self.writer_stuck = self.writer.stuck
+        if self.archiver is not None:
+            await asyncio.sleep(0)  # the writer's last completions reach the archiver first
+            await self.archiver.stop(max(0.2, min(1.0, timeout - (time.monotonic() - started))))
         if self.webhooks is not None:  # the last finalized taps' notifications get what is left
             await asyncio.sleep(0)  # let the writer's last completions reach the loop
             remaining = max(0.2, timeout - (time.monotonic() - started))

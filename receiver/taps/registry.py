@@ -51,10 +51,9 @@ class TapRegistry:
             "finished": Counter(),
             "failed": Counter(),
         }
-        # Called on the event loop with each final sidecar, once its files are complete.
-        self.on_finalized: Callable[[dict[str, Any]], None] | None = None
-        # The same with the tap, for the calls it may be a leg of (receiver.calls).
-        self.on_tap_finalized: Callable[[Tap, dict[str, Any]], None] | None = None
+        # Called on the event loop with each tap and its final sidecar, once its files are
+        # complete.
+        self.on_finalized: Callable[[Tap, dict[str, Any]], None] | None = None
         # The transports' `gather`: they may hold audio outside the taps' buffers.
         self.audio_holders: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -239,9 +238,7 @@ class TapRegistry:
         if failed:
             self.counts["failed"][tap.transport] += 1
         if self.on_finalized is not None and sidecar:
-            self.on_finalized(sidecar)
-        if self.on_tap_finalized is not None and sidecar:
-            self.on_tap_finalized(tap, sidecar)
+            self.on_finalized(tap, sidecar)
 
     def gather(self) -> None:
         """Bring every tap's buffer up to date, before its length is read or it is taken."""
