@@ -24,16 +24,19 @@ Snapshot = Callable[[], dict[str, Any]]
 
 
 class _SnapshotCollector(Collector):
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, labels: dict[str, str]) -> None:
         self.snapshot = snapshot
+        self.names = list(labels)  # on every sample (`worker` under --workers)
+        self.values = list(labels.values())
 
     def collect(self) -> Iterator[Metric]:
         s = self.snapshot()
+        names, values = self.names, self.values
         active = GaugeMetricFamily(
-            "tap_receiver_active_taps", "Taps being recorded now.", labels=["transport"]
+            "tap_receiver_active_taps", "Taps being recorded now.", labels=[*names, "transport"]
         )
         for transport, n in sorted(s["active_taps"].items()):
-            active.add_metric([transport], n)
+            active.add_metric([*values, transport], n)
         yield active
         for name, label, key, text in (
             ("taps_started", "transport", "taps_started", "Taps started."),
@@ -43,37 +46,66 @@ class _SnapshotCollector(Collector):
             ("websocket_rejected", "reason", "ws_rejected", "WebSocket taps refused."),
             ("webhooks", "result", "webhooks", "Completion webhook deliveries."),
         ):
-            family = CounterMetricFamily(f"tap_receiver_{name}", text, labels=[label])
+            family = CounterMetricFamily(f"tap_receiver_{name}", text, labels=[*names, label])
             for value, n in sorted(s[key].items()):
-                family.add_metric([value], n)
+                family.add_metric([*values, value], n)
             yield family
-        for name, key, text in (
-            ("rtp_streams_refused", "rtp_streams_refused", "New RTP sources refused."),
-            ("websocket_messages", "ws_messages", "WebSocket messages received."),
-            ("bytes_written", "bytes_written", "PCM bytes written to WAV files."),
-            ("write_errors", "write_errors", "Disk errors (each fails one tap)."),
-        ):
-            yield CounterMetricFamily(f"tap_receiver_{name}", text, value=s[key])
+        counters = [
+            ("rtp_streams_refused", "New RTP sources refused."),
+            ("ws_messages", "WebSocket messages received."),
+            ("bytes_written", "PCM bytes written to WAV files."),
+            ("write_errors", "Disk errors (each fails one tap)."),
+        ]
+        gauges = []
+        if "fleet_connected" in s:  # with nats_url (receiver.fleet)
+            counters += [
+                ("fleet_outages", "Times the fleet's NATS became unreachable."),
+                ("fleet_answers_missed", "Answers of live peers that did not come in time."),
+            ]
+            gauges += [
+                ("fleet_connected", "1 while the fleet's NATS is reachable, else 0."),
+                ("fleet_peers", "Other instances of the fleet heard from."),
+            ]
+        for key, text in counters:
+            name = "websocket_messages" if key == "ws_messages" else key
+            family = CounterMetricFamily(f"tap_receiver_{name}", text, labels=names)
+            family.add_metric(values, s[key])
+            yield family
+        for key, text in gauges:
+            gauge = GaugeMetricFamily(f"tap_receiver_{key}", text, labels=names)
+            gauge.add_metric(values, s[key])
+            yield gauge
 
 
 class Metrics:
     """The registry of metrics and the `GET /metrics` route (token-protected like the rest)."""
 
-    def __init__(self, snapshot: Snapshot, auth: Auth) -> None:
+    def __init__(
+        self, snapshot: Snapshot, auth: Auth, labels: dict[str, str] | None = None
+    ) -> None:
         self.auth = auth
+        labels = labels or {}
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_SnapshotCollector(snapshot))
-        self.write_batch_seconds = Histogram(
-            "tap_receiver_write_batch_seconds",
-            "Time to render and write one batch of all taps' audio.",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-            registry=self.registry,
+        self.registry.register(_SnapshotCollector(snapshot, labels))
+        self.write_batch_seconds = _labelled(
+            Histogram(
+                "tap_receiver_write_batch_seconds",
+                "Time to render and write one batch of all taps' audio.",
+                labels,
+                buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+                registry=self.registry,
+            ),
+            labels,
         )
-        self.loop_lag_seconds = Histogram(
-            "tap_receiver_event_loop_lag_seconds",
-            "How late the event loop ran a timer (sampled every 0.25 s).",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-            registry=self.registry,
+        self.loop_lag_seconds = _labelled(
+            Histogram(
+                "tap_receiver_event_loop_lag_seconds",
+                "How late the event loop ran a timer (sampled every 0.25 s).",
+                labels,
+                buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+                registry=self.registry,
+            ),
+            labels,
         )
 
     def render(self) -> bytes:
@@ -91,3 +123,8 @@ class Metrics:
             before = time.perf_counter()
             await asyncio.sleep(interval)
             self.loop_lag_seconds.observe(max(0.0, time.perf_counter() - before - interval))
+
+
+def _labelled(histogram: Histogram, labels: dict[str, str]) -> Histogram:
+    """The histogram's child with these label values (itself when there are none)."""
+    return histogram.labels(**labels) if labels else histogram

@@ -59,11 +59,6 @@ class Recording:
             summary["problem"] = self.problem
         return summary
 
-    def matches(self, text: str) -> bool:
-        side = self.sidecar or {}
-        fields = (self.name, side.get("tap_id"), side.get("remote"), side.get("codec"))
-        return any(text in str(f).lower() for f in fields if f)
-
 
 MAX_CHANNEL_NAME = 32
 
