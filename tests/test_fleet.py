@@ -6,10 +6,11 @@ restarted in the middle of a recording costs the recording nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from receiver.fleet import Answers, listing
 from receiver.rtp.packet import RtpPacket
 from tests import reference
 from tests.helpers import (
@@ -182,16 +184,22 @@ def test_a_callback_to_one_receiver_renames_and_ends_a_tap_held_by_the_other(
     assert a.stop() == 0 and b.stop() == 0
 
 
-async def session_on_worker(server: ServerProcess, worker: int) -> aiohttp.ClientSession:
-    """A client session whose one kept-alive connection the kernel gave to `worker`."""
+@contextlib.asynccontextmanager
+async def on_worker(server: ServerProcess, worker: int) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session whose one connection the kernel gave to `worker` (asked again for every
+    step: a connection left idle may be closed, and its successor may land elsewhere)."""
     deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
+    while True:
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), headers=AUTH)
         async with session.get(f"{server.base_url}/healthz") as r:
             if (await r.json()).get("worker") == worker:
-                return session
+                break
         await session.close()
-    raise AssertionError(f"no connection reached worker {worker}")
+        assert time.monotonic() < deadline, f"no connection reached worker {worker}"
+    try:
+        yield session
+    finally:
+        await session.close()
 
 
 def test_workers_of_one_receiver_pass_callbacks_to_the_one_that_holds_the_tap(
@@ -205,80 +213,88 @@ def test_workers_of_one_receiver_pass_callbacks_to_the_one_that_holds_the_tap(
     )  # fmt: skip
     ws_audio, rtp_audio = noise(FRAME * 25, 4), noise(FRAME * 20, 5)
 
+    async def peers(worker: int) -> list[str]:
+        async with (
+            on_worker(server, worker) as session,
+            session.get(f"{server.base_url}/healthz") as r,
+        ):
+            return list((await r.json())["fleet"]["peers"])
+
+    async def post_to(worker: int, target: str, body: Any) -> tuple[int, Any]:
+        async with on_worker(server, worker) as session:
+            return await post(session, f"{server.base_url}{target}", body)
+
     async def scenario() -> None:
-        workers = [await session_on_worker(server, w) for w in (0, 1)]
-        try:
-            for index, session in enumerate(workers):
+        for worker in (0, 1):
+            deadline = time.monotonic() + DEADLINE
+            while await peers(worker) != [f"wk-w{1 - worker}"]:
+                assert time.monotonic() < deadline, "the workers never saw each other"
+                await asyncio.sleep(0.05)
 
-                async def peers(s: aiohttp.ClientSession = session) -> list[str]:
-                    async with s.get(f"{server.base_url}/healthz") as r:
-                        return list((await r.json())["fleet"]["peers"])
-
-                deadline = time.monotonic() + DEADLINE
-                while await peers() != [f"wk-w{1 - index}"]:
-                    assert time.monotonic() < deadline, "the workers never saw each other"
-                    await asyncio.sleep(0.05)
-
-            # A WebSocket tap lands on one worker; the other lists it, and a callback sent to
-            # the other reaches it.
-            ws = await workers[0].ws_connect(f"{server.ws_url}/t/{TOKEN}/tap/wtap")
+        # A WebSocket tap lands on one worker; the other lists it, and a callback sent to the
+        # other reaches it.
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(f"{server.ws_url}/t/{TOKEN}/tap/wtap")
             await ws.send_bytes(ws_audio)
             holder = await asyncio.to_thread(
                 wait_until,
                 lambda: listed(server, "wtap", "wk-w0") or listed(server, "wtap", "wk-w1"),
                 "wtap listed by a worker",
             )
-            other = workers[1 - int(holder["instance"][-1])]
-            async with other.get(f"{server.base_url}/api/taps") as r:
+            other = 1 - int(holder["instance"][-1])
+            async with (
+                on_worker(server, other) as pinned,
+                pinned.get(f"{server.base_url}/api/taps") as r,
+            ):
                 listing = {t["name"]: t for t in (await r.json())["taps"]}
             assert listing["wtap"]["instance"] == holder["instance"]
             assert listing["wtap"]["state"] == "recording"
             await asyncio.to_thread(wait_for_live_frames_anywhere, server, "wtap", len(ws_audio))
-            url = f"{server.base_url}/signalwire/tap-status"
             for state, result in (("tapping", "linked"), ("finished", "ended")):
-                _, answer = await post(other, url, status_event("wctl", state, ws_device("wtap")))
+                event = status_event("wctl", state, ws_device("wtap"))
+                _, answer = await post_to(other, "/signalwire/tap-status", event)
                 assert (answer["result"], answer["instance"]) == (result, holder["instance"])
             closing = await asyncio.wait_for(ws.receive(), DEADLINE)
             assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1000)
-            sidecar = await asyncio.to_thread(assert_exact, server.recordings, "wctl", ws_audio)
-            assert sidecar["provisional_id"] == "wtap"
+        sidecar = await asyncio.to_thread(assert_exact, server.recordings, "wctl", ws_audio)
+        assert sidecar["provisional_id"] == "wtap"
 
-            # The pool: ports registered through both workers never clash; a callback through
-            # worker 1 reaches the tap on a port worker 0 holds.
-            ports = []
-            for session in (workers[0], workers[1], workers[0], workers[1]):
-                status, registered = await post(
-                    session, f"{server.base_url}/api/taps", {"tap_id": f"pool-{len(ports)}"}
-                )
-                assert status == 201, registered
-                ports.append(registered["rtp"]["port"])
-            assert sorted(ports) == list(range(first, first + 4))
-            for session in workers:
-                status, _ = await post(session, f"{server.base_url}/api/taps", {"tap_id": "more"})
-                assert status == 503
-            await asyncio.to_thread(send_rtp, ports[0], rtp_audio)  # pool-0, on worker 0
-            device = {"type": "rtp", "params": {"addr": "127.0.0.1", "port": ports[0]}}
-            for state, result in (("tapping", "linked"), ("finished", "ended")):
-                _, answer = await post(workers[1], url, status_event("pctl", state, device))
-                assert (answer["result"], answer["instance"]) == (result, "wk-w0"), answer
-            await asyncio.to_thread(assert_exact, server.recordings, "pctl", rtp_audio)
+        # The pool: ports registered through both workers never clash; a callback through
+        # worker 1 reaches the tap on a port worker 0 holds.
+        ports = []
+        for worker in (0, 1, 0, 1):
+            status, registered = await post_to(worker, "/api/taps", {"tap_id": f"pool-{worker}"})
+            assert status == 201, registered
+            ports.append(registered["rtp"]["port"])
+        assert sorted(ports) == list(range(first, first + 4))
+        for worker in (0, 1):
+            status, _ = await post_to(worker, "/api/taps", {"tap_id": "more"})
+            assert status == 503
+        await asyncio.to_thread(send_rtp, ports[0], rtp_audio)  # pool-0, on worker 0
+        device = {"type": "rtp", "params": {"addr": "127.0.0.1", "port": ports[0]}}
+        for state, result in (("tapping", "linked"), ("finished", "ended")):
+            _, answer = await post_to(
+                1, "/signalwire/tap-status", status_event("pctl", state, device)
+            )
+            assert (answer["result"], answer["instance"]) == (result, "wk-w0"), answer
+        await asyncio.to_thread(assert_exact, server.recordings, "pctl", rtp_audio)
 
-            # /metrics stays per process, each sample labelled with its worker.
-            for index, session in enumerate(workers):
-                async with session.get(f"{server.base_url}/metrics") as r:
-                    text = await r.text()
-                samples = {
-                    (s.name, tuple(sorted(s.labels.items()))): s.value
-                    for family in text_string_to_metric_families(text)
-                    for s in family.samples
-                }
-                mine = (("worker", str(index)),)
-                assert samples[("tap_receiver_fleet_connected", mine)] == 1
-                assert samples[("tap_receiver_fleet_peers", mine)] == 1
-                assert all(("worker", str(index)) in labels for _, labels in samples)
-        finally:
-            for session in workers:
-                await session.close()
+        # /metrics stays per process, each sample labelled with its worker.
+        for worker in (0, 1):
+            async with (
+                on_worker(server, worker) as session,
+                session.get(f"{server.base_url}/metrics") as r,
+            ):
+                text = await r.text()
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            mine = (("worker", str(worker)),)
+            assert samples[("tap_receiver_fleet_connected", mine)] == 1
+            assert samples[("tap_receiver_fleet_peers", mine)] == 1
+            assert all(("worker", str(worker)) in labels for _, labels in samples)
 
     asyncio.run(scenario())
     assert server.stop() == 0
@@ -373,3 +389,29 @@ def metrics(server: ServerProcess) -> dict[str, float]:
         for s in family.samples
         if not s.labels
     }
+
+
+def test_the_listing_merges_live_taps_by_directory() -> None:
+    """A peer writing into our directory (another worker) updates our entry of its tap; a tap of
+    another machine with the same name is an entry of its own; newest first."""
+    local = [
+        {"name": "call-1", "state": "recording", "started_at": "2026-01-01T10:00:00Z",
+         "duration_seconds": 1.0, "loss_percent": None},
+        {"name": "old", "state": "finished", "started_at": "2026-01-01T09:00:00Z"},
+    ]  # fmt: skip
+    live = {"name": "call-1", "state": "recording", "started_at": "2026-01-01T10:00:00Z",
+            "duration_seconds": 7.5, "loss_percent": 0.0}  # fmt: skip
+    newer = {**live, "started_at": "2026-01-01T11:00:00Z", "duration_seconds": 2.0}
+    answers = Answers(
+        [
+            {"instance": "here-w1", "storage": "host:/rec", "taps": [dict(live), "junk"]},
+            {"instance": "there", "storage": "other:/rec", "taps": [newer, {"name": 5}]},
+        ]
+    )
+    merged = listing.merge(local, answers, "host:/rec")
+    assert [(t["name"], t.get("instance")) for t in merged] == [
+        ("call-1", "there"),
+        ("call-1", "here-w1"),
+        ("old", None),
+    ]
+    assert merged[1]["duration_seconds"] == 7.5 and merged[0]["duration_seconds"] == 2.0

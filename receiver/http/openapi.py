@@ -229,7 +229,10 @@ PATHS: dict[str, dict[str, Any]] = {
             "responses": {
                 "200": _json({"type": "object", "properties": {
                     "control_id": {"type": "string"}, "state": {"type": "string"},
-                    "result": {"type": "string"}}}, "what was done"),
+                    "result": {"type": "string"},
+                    "instance": {"type": ["string", "null"], "description": "with nats_url: "
+                                 "the instance that holds the tap (null: none does)"}}},
+                    "what was done"),
                 "400": _error("not a tap event with a valid control_id and state"),
                 "401": UNAUTHORIZED,
             },
@@ -323,11 +326,19 @@ SCHEMAS: dict[str, Any] = {
         "started_at": {"type": ["string", "null"]}, "ended_at": {"type": ["string", "null"]},
         "duration_seconds": {"type": ["number", "null"]},
         "size_bytes": {"type": ["integer", "null"]},
-        "loss_percent": {"type": ["number", "null"]}}},
+        "loss_percent": {"type": ["number", "null"]},
+        "instance": {"type": "string", "description": "with nats_url, on a live tap: the "
+                     "receiver (or worker) of the fleet that records it"}}},
     "TapList": {"type": "object", "properties": {
         "taps": {"type": "array", "items": _ref("TapSummary")}, "total": {"type": "integer"},
         "offset": {"type": "integer"}, "limit": {"type": "integer"},
-        "active": {"type": "integer"}, "auth": {"type": "boolean"}}},
+        "active": {"type": "integer"}, "auth": {"type": "boolean"},
+        "fleet": {"type": "object", "description": "with nats_url: which instances answered "
+                  "(the live taps of all of them are listed)", "properties": {
+                      "instance": {"type": "string"},
+                      "answered": {"type": "array", "items": {"type": "string"}},
+                      "missing": {"type": "array", "items": {"type": "string"}},
+                      "reachable": {"type": "boolean"}}}}},
     "TapDetail": {"allOf": [_ref("TapSummary"), {"type": "object", "properties": {
         "sidecar": {"type": ["object", "null"], "description": "the JSON sidecar (README)"},
         "live": {"type": ["object", "null"], "description": "while recording: frames, "
