@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import socket
 import time
@@ -20,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.fleet import Answers, listing
+from receiver.fleet.nats_fleet import fit
 from receiver.rtp.packet import RtpPacket
 from tests import reference
 from tests.helpers import (
@@ -415,3 +417,14 @@ def test_the_listing_merges_live_taps_by_directory() -> None:
         ("old", None),
     ]
     assert merged[1]["duration_seconds"] == 7.5 and merged[0]["duration_seconds"] == 2.0
+
+
+def test_an_answer_too_long_for_nats_is_cut_and_says_so() -> None:
+    taps = [{"name": f"tap-{n}", "remote": "x" * 200} for n in range(5000)]
+    payload = fit({"instance": "a", "taps": taps}, 1024 * 1024)
+    answer = json.loads(payload)
+    assert len(payload) <= 1024 * 1024
+    assert (
+        answer["truncated"] + len(answer["taps"]) == 5000 and answer["taps"][0]["name"] == "tap-0"
+    )
+    assert "truncated" not in json.loads(fit({"instance": "a", "taps": taps[:10]}, 1024 * 1024))

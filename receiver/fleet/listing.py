@@ -11,7 +11,7 @@ from typing import Any
 
 from receiver.fleet import Answers
 
-MAX_TAPS_PER_ANSWER = 5000  # live taps one instance lists for the others (its answer's size)
+MAX_TAPS_PER_ANSWER = 5000  # live taps one instance lists for the others (and NATS's max_payload)
 LIVE_FIELDS = ("state", "duration_seconds", "loss_percent", "instance")
 
 

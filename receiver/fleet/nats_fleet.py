@@ -40,6 +40,7 @@ HEARTBEAT = 1.0  # seconds between presence messages
 PEER_TIMEOUT = 3.5  # seconds without one after which a peer is gone
 ASK_TIMEOUT = 1.0  # seconds a question waits for the peers' answers
 RECONNECT_WAIT = 1.0  # seconds between connection attempts while NATS is down
+ERROR_LOG_INTERVAL = 10.0  # seconds between log lines about NATS errors while connected
 
 
 @dataclass
@@ -58,6 +59,19 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return parts._replace(netloc=f"<redacted>@{netloc}").geturl()
+
+
+def fit(answer: dict[str, Any], limit: int) -> bytes:
+    """The answer as JSON within NATS's max_payload (1 MiB by default): a list of live taps
+    too long for it is cut, and the answer says how many were left out (`truncated`)."""
+    payload = orjson.dumps(answer)
+    taps = answer.get("taps")
+    while len(payload) > limit and isinstance(taps, list) and taps:
+        keep = max(0, int(len(taps) * limit / len(payload) * 0.9))
+        answer["truncated"] = answer.get("truncated", 0) + len(taps) - keep
+        taps = answer["taps"] = taps[:keep]
+        payload = orjson.dumps(answer)
+    return payload
 
 
 class NatsFleet:
@@ -79,6 +93,8 @@ class NatsFleet:
         self.unanswered = 0  # answers of live peers that did not come in time
         self.questions = 0  # questions this instance answered
         self._outage_logged = False
+        self._twin_logged = False  # another process under this instance's name
+        self._error_logged = float("-inf")  # when a NATS error was last logged
         self._nc = Client()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -164,7 +180,8 @@ class NatsFleet:
             return
         if not self._nc.is_connected:
             self._down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-        else:
+        elif time.monotonic() - self._error_logged >= ERROR_LOG_INTERVAL:
+            self._error_logged = time.monotonic()
             log.warning("NATS error: %s: %s", type(exc).__name__, exc)
 
     async def _on_disconnected(self) -> None:
@@ -212,6 +229,12 @@ class NatsFleet:
         except (ValueError, KeyError, TypeError):
             return
         if name == self.instance:
+            twin = data.get("pid") != os.getpid() or data.get("storage") != self.storage
+            if twin and not self._twin_logged:
+                self._twin_logged = True
+                log.error("fleet: another process (pid %s, %s) is also called %s: give each "
+                          "receiver its own instance_name", data.get("pid"), data.get("storage"),
+                          name)  # fmt: skip
             return
         if data.get("bye"):
             if self.peers.pop(name, None) is not None:
@@ -240,8 +263,9 @@ class NatsFleet:
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         self.questions += 1
         answer.update(instance=self.instance, storage=self.storage)
+        payload = fit(answer, self._nc.max_payload)
         with contextlib.suppress(Exception):
-            await msg.respond(orjson.dumps(answer))
+            await msg.respond(payload)
 
     async def ask(self, kind: str, body: dict[str, Any]) -> Answers:
         if not self.connected:

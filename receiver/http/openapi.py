@@ -338,7 +338,9 @@ SCHEMAS: dict[str, Any] = {
                       "instance": {"type": "string"},
                       "answered": {"type": "array", "items": {"type": "string"}},
                       "missing": {"type": "array", "items": {"type": "string"}},
-                      "reachable": {"type": "boolean"}}}}},
+                      "reachable": {"type": "boolean"},
+                      "truncated": {"type": "integer", "description": "live taps left out: an "
+                                    "instance's answer must fit NATS's max_payload"}}}}},
     "TapDetail": {"allOf": [_ref("TapSummary"), {"type": "object", "properties": {
         "sidecar": {"type": ["object", "null"], "description": "the JSON sidecar (README)"},
         "live": {"type": ["object", "null"], "description": "while recording: frames, "

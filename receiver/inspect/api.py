@@ -204,6 +204,7 @@ class RecordingsApi:
                 "answered": sorted(str(a.get("instance")) for a in answers.answers),
                 "missing": answers.missing,
                 "reachable": answers.reachable,
+                "truncated": sum(int(a.get("truncated") or 0) for a in answers.answers),
             }
         selected = [
             summary
