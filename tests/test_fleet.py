@@ -428,3 +428,31 @@ def test_an_answer_too_long_for_nats_is_cut_and_says_so() -> None:
         answer["truncated"] + len(answer["taps"]) == 5000 and answer["taps"][0]["name"] == "tap-0"
     )
     assert "truncated" not in json.loads(fit({"instance": "a", "taps": taps[:10]}, 1024 * 1024))
+
+
+def test_a_receiver_that_dies_leaves_the_fleet_and_its_taps_the_listing(
+    make_server: Any, nats: NatsServer
+) -> None:
+    nats.start()
+    a = member(make_server, nats, "rx-a")
+    b = member(make_server, nats, "rx-b")
+    wait_for_peers(a, "rx-b")
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(f"{b.ws_url}/t/{TOKEN}/tap/doomed")
+            await ws.send_bytes(noise(FRAME * 5, 9))
+            await asyncio.to_thread(
+                wait_until, lambda: listed(a, "doomed", "rx-b"), "A lists B's tap"
+            )
+            b.kill9()  # no goodbye: only its silence tells
+            await asyncio.to_thread(
+                wait_for_health, a, lambda h: h["fleet"]["peers"] == [], "B forgotten"
+            )
+            status, body = await asyncio.to_thread(a.api_get, "/api/taps")
+            assert status == 200 and body["taps"] == [] and body["fleet"]["missing"] == []
+            assert body["fleet"]["reachable"] is True
+
+    asyncio.run(scenario())
+    assert "fleet: rx-b is gone" in a.log()
+    assert a.stop() == 0
