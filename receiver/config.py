@@ -121,6 +121,37 @@ def _workers_problem(value: str) -> str | None:
     return None
 
 
+def nats_servers(text: str) -> list[str]:
+    """'nats://a:4222, nats://b:4222' -> the server URLs; '' -> []. Raises ValueError."""
+    servers = [part.strip() for part in text.split(",") if part.strip()]
+    for server in servers:
+        parts = urlsplit(server)
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ValueError("must be nats://host:port or tls://host:port (comma-separated)")
+        try:
+            _ = parts.port  # a bad port raises
+        except ValueError:
+            raise ValueError("has a bad port") from None
+    return servers
+
+
+def _nats_url(value: str) -> str | None:
+    try:
+        nats_servers(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+_INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _instance_name(value: str) -> str | None:
+    if value == "" or _INSTANCE_RE.match(value):
+        return None
+    return "must be 1-64 letters, digits, - or _"
+
+
 PUBLIC_URL_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 
 
@@ -472,6 +503,23 @@ SETTINGS: tuple[Setting, ...] = (
         "Key of the HMAC-SHA256 signature in the X-Tap-Receiver-Signature header.",
     ),
     Setting(
+        "nats_url",
+        "str",
+        "",
+        "NATS server of the fleet's control plane (nats://host:4222; several, comma-separated, "
+        "for a NATS cluster): the receivers and workers that share it list each other's live "
+        "taps and pass on registrations and status callbacks; empty: this receiver is on its own.",
+        _nats_url,
+    ),
+    Setting(
+        "instance_name",
+        "str",
+        "",
+        "This receiver's name in the fleet (letters, digits, - and _); empty: the host name and "
+        "http_port. Under --workers each worker adds -w<N>.",
+        _instance_name,
+    ),
+    Setting(
         "log_format",
         "str",
         "text",
@@ -696,6 +744,14 @@ class ArchiveSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetSettings:
+    """The control plane shared by several receivers (receiver.fleet); off without nats_url."""
+
+    nats_servers: tuple[str, ...]
+    instance_name: str  # "" = the host name and http_port
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str
     format: str
@@ -714,6 +770,7 @@ class Config:
     ws: WsSettings
     rtp: RtpSettings
     webhooks: WebhookSettings
+    fleet: FleetSettings
     log: LogSettings
     archive: ArchiveSettings
     settings: Mapping[str, Any]  # every setting by its key, as merged (before grouping)
@@ -785,6 +842,10 @@ def build(values: Mapping[str, Any], config_file: Path | None = None) -> Config:
             payload_types=parse_payload_types(v["rtp_payload_types"]),
         ),
         webhooks=WebhookSettings(url=v["webhook_url"], secret=v["webhook_secret"]),
+        fleet=FleetSettings(
+            nats_servers=tuple(nats_servers(v["nats_url"])),
+            instance_name=v["instance_name"],
+        ),
         log=LogSettings(level=v["log_level"], format=v["log_format"]),
         archive=_archive_settings(v),
         settings=v,

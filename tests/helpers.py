@@ -300,6 +300,44 @@ class ServerProcess:
         self._log.close()
 
 
+class NatsServer:
+    """A real `nats-server` (Debian's package) on a free loopback port; `kill9` and `start` again
+    on the same port play an outage and a restart."""
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = require_tool("nats-server")
+        self.port = free_port()
+        self.log_path = directory / f"nats-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        with self.log_path.open("ab") as log:
+            args = [self.binary, "-a", "127.0.0.1", "-p", str(self.port)]
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {self.log_path.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    return sock.recv(4).startswith(b"INFO")
+            except OSError:
+                return False
+
+        wait_until(listening, "nats-server to listen")
+        return self
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 # -- clients --------------------------------------------------------------------------------------
 
 

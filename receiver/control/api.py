@@ -22,6 +22,7 @@ from aiohttp import web
 
 from receiver.codecs.encoding import Encoding, encoding_named
 from receiver.config import Config
+from receiver.fleet import Fleet
 from receiver.http.auth import Auth
 from receiver.http.errors import json_error
 from receiver.redaction import redact
@@ -103,6 +104,8 @@ class ControlApi:
         self.rtp = rtp  # for its pool of ports
         self.rtp_port = rtp_port
         self.counters: dict[str, int] = {}
+        # With nats_url: what no tap here matches is asked of the other instances.
+        self.fleet: Fleet | None = None
 
     def add_routes(self, app: web.Application) -> None:
         for prefix in ("", "/t/{token}"):
@@ -150,7 +153,15 @@ class ControlApi:
             source = _source(body["source"])
             if source is None:
                 return json_error(400, "source must be ip:port")
-            self._name_source(source, tap_id, codec)
+            held = self._name_source(source, tap_id, codec)
+            if not held and self.fleet is not None:
+                wire = {
+                    "tap_id": tap_id,
+                    "codec": codec.value,
+                    "host": source[0],
+                    "port": source[1],
+                }
+                await self.fleet.ask("source", wire)
             port = self.rtp_port
         else:
             try:
@@ -178,15 +189,30 @@ class ControlApi:
             answer["source"] = f"{source[0]}:{source[1]}"
         return web.json_response(answer, status=201)
 
-    def _name_source(self, source: tuple[str, int], tap_id: str, codec: Encoding) -> None:
+    def _name_source(self, source: tuple[str, int], tap_id: str, codec: Encoding) -> bool:
         """The stream from `source` on the shared port is `tap_id`: now, if it is streaming
-        already (its files are renamed), else when it comes."""
+        here already (its files are renamed: True), else when it comes."""
         key = rtp_source_key(*source)
         tap = self.registry.find(key)
         if tap is not None:
             self.registry.rename(tap, tap_id)
-        else:
-            self.naming.expect(key, Expected(tap_id, codec=codec), self.registration_timeout)
+            return True
+        self.naming.expect(key, Expected(tap_id, codec=codec), self.registration_timeout)
+        return False
+
+    def answer_source(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Another instance was told a source's name (see `register`): the stream is named here
+        too, when it comes here (the kernel, or the sender's address, decides where)."""
+        tap_id, codec = body.get("tap_id"), encoding_named(str(body.get("codec") or ""))
+        source = _source(f"{body.get('host')}:{body.get('port')}")
+        if (
+            not isinstance(tap_id, str)
+            or not is_valid_tap_id(tap_id)
+            or codec is None
+            or not source
+        ):
+            return {"error": "bad source registration"}
+        return {"held": self._name_source(source, tap_id, codec)}
 
     # -- status callbacks ---------------------------------------------------------------------
 
@@ -235,59 +261,123 @@ class ControlApi:
         }
         info = redact(info)
         kind = str(device.get("type", "")).lower()
-        if kind == "rtp":
-            result = self._rtp_status(control_id, state, _int(device_params.get("port")), info)
-        elif kind == "ws":
+        uri_id = None
+        if kind == "ws":
             try:
                 uri_id = tap_id_from_uri(str(device_params.get("uri", "")))
             except ValueError as exc:  # e.g. "ws://[::1": urlsplit refuses it
                 self._count("status_bad")
                 return json_error(400, f"params.device.params.uri is not a valid URI: {exc}")
-            result = self._ws_status(control_id, state, uri_id, info)
-        else:
-            result = "unknown device type"
+        event = {
+            "control_id": control_id,
+            "state": state,
+            "kind": kind,
+            "port": _int(device_params.get("port")),
+            "addr": _field(device_params.get("addr")),
+            "uri_id": uri_id,
+            "info": info,
+        }
+        held, result = self._status(event)
+        answer: dict[str, Any] = {"control_id": control_id, "state": state}
+        if self.fleet is not None:
+            holder = self.fleet.instance if held else None
+            if not held:
+                answers = await self.fleet.ask("status", event)
+                found = next((a for a in answers.answers if a.get("held")), None)
+                if found is not None:
+                    holder, result = found.get("instance"), str(found.get("result"))
+                elif not answers.reachable:
+                    answer["fleet"] = "unreachable: only this instance was asked"
+            answer["instance"] = holder
         self._count(f"status_{state}")
         log.info("SignalWire tap %s %s: %s", control_id, state, result)
-        return web.json_response({"control_id": control_id, "state": state, "result": result})
+        return web.json_response({**answer, "result": result})
+
+    def _status(self, event: dict[str, Any]) -> tuple[bool, str]:
+        """Apply a status callback to the tap it names, if it is here: (held here, result)."""
+        control_id, state, info = event["control_id"], event["state"], event["info"]
+        if event["kind"] == "rtp":
+            return self._rtp_status(control_id, state, event["port"], event["addr"], info)
+        if event["kind"] == "ws":
+            return self._ws_status(control_id, state, event["uri_id"], info)
+        return False, "unknown device type"
+
+    def answer_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Another instance got a status callback no tap of its own matched."""
+        control_id, state = body.get("control_id"), body.get("state")
+        info = body.get("info")
+        if (
+            not isinstance(control_id, str)
+            or not is_valid_tap_id(control_id)
+            or state not in ("tapping", "finished")
+            or not isinstance(info, dict)
+        ):
+            return {"error": "bad status event"}
+        port, uri_id = body.get("port"), body.get("uri_id")
+        event = {
+            "control_id": control_id,
+            "state": state,
+            "kind": str(body.get("kind")),
+            "port": port if isinstance(port, int) and not isinstance(port, bool) else None,
+            "addr": _field(body.get("addr")),
+            "uri_id": uri_id if isinstance(uri_id, str) else None,
+            "info": info,
+        }
+        held, result = self._status(event)
+        return {"held": held, "result": result}
 
     def _rtp_status(
-        self, control_id: str, state: str, port: int | None, info: dict[str, Any]
-    ) -> str:
+        self,
+        control_id: str,
+        state: str,
+        port: int | None,
+        addr: Any,
+        info: dict[str, Any],
+    ) -> tuple[bool, str]:
         if port is None:
-            return "no registered port matches"
+            return False, "no registered port matches"
+        if (
+            self.fleet is not None
+            and self.public_address
+            and isinstance(addr, str)
+            and addr
+            and addr != self.public_address
+        ):  # machines of a fleet may share rtp_port_range: the address picks the machine
+            return False, "no registered port matches"
         # Sockets are read every 5 ms: read what arrived before this event, so a stream that
         # has started is found (and named) now.
         self.rtp.receive()
         key = rtp_port_key(port)
         tap = self.registry.find(key)
         if tap is not None:
-            return self._apply(tap, control_id, state, info)
+            return True, self._apply(tap, control_id, state, info)
         expected = self.naming.get(key)
         if expected is None:
             if port == self.rtp_port:
-                return "shared port: register the tap's source_device to name its stream"
-            return "no registered port matches"
+                return False, "shared port: register the tap's source_device to name its stream"
+            return False, "no registered port matches"
         if state == "finished":
             self.naming.cancel(key)  # the port goes back to the pool
-            return "released: no packet had arrived"
+            return True, "released: no packet had arrived"
         expected.tap_id = control_id
         expected.extra.update(info)
-        return "linked; waiting for the first packet"
+        return True, "linked; waiting for the first packet"
 
     def _ws_status(
         self, control_id: str, state: str, uri_id: str | None, info: dict[str, Any]
-    ) -> str:
+    ) -> tuple[bool, str]:
         if uri_id is None:
-            return "the device uri names no tap"
+            return False, "the device uri names no tap"
         tap = self.registry.find(websocket_key(uri_id)) or self.registry.find_by_id(
             control_id, "websocket"
         )
         if tap is not None:
-            return self._apply(tap, control_id, state, info)
+            return True, self._apply(tap, control_id, state, info)
         if state == "tapping":
+            # With a fleet, every instance keeps the name: the tap may connect to any of them.
             self.naming.expect(websocket_key(uri_id), Expected(control_id, info))
-            return "linked; waiting for the connection"
-        return "no active tap matches"
+            return False, "linked; waiting for the connection"
+        return False, "no active tap matches"
 
     def _apply(self, tap: Tap, control_id: str, state: str, info: dict[str, Any]) -> str:
         """A status callback for a tap that is recording: name it, and end it if finished."""

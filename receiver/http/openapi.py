@@ -269,7 +269,10 @@ PATHS: dict[str, dict[str, Any]] = {
             "responses": {
                 "200": _json({"type": "object", "properties": {
                     "control_id": {"type": "string"}, "state": {"type": "string"},
-                    "result": {"type": "string"}}}, "what was done"),
+                    "result": {"type": "string"},
+                    "instance": {"type": ["string", "null"], "description": "with nats_url: "
+                                 "the instance that holds the tap (null: none does)"}}},
+                    "what was done"),
                 "400": _error("not a tap event with a valid control_id and state"),
                 "401": UNAUTHORIZED,
             },
@@ -381,11 +384,21 @@ SCHEMAS: dict[str, Any] = {
         "size_bytes": {"type": ["integer", "null"]},
         "loss_percent": {"type": ["number", "null"]},
         "archive_url": {"type": ["string", "null"],
-                        "description": "s3://… of the archived audio (archive_url)"}}},
+                        "description": "s3://… of the archived audio (archive_url)"},
+        "instance": {"type": "string", "description": "with nats_url, on a live tap: the "
+                     "receiver (or worker) of the fleet that records it"}}},
     "TapList": {"type": "object", "properties": {
         "taps": {"type": "array", "items": _ref("TapSummary")}, "total": {"type": "integer"},
         "offset": {"type": "integer"}, "limit": {"type": "integer"},
-        "active": {"type": "integer"}, "auth": {"type": "boolean"}}},
+        "active": {"type": "integer"}, "auth": {"type": "boolean"},
+        "fleet": {"type": "object", "description": "with nats_url: which instances answered "
+                  "(the live taps of all of them are listed)", "properties": {
+                      "instance": {"type": "string"},
+                      "answered": {"type": "array", "items": {"type": "string"}},
+                      "missing": {"type": "array", "items": {"type": "string"}},
+                      "reachable": {"type": "boolean"},
+                      "truncated": {"type": "integer", "description": "live taps left out: an "
+                                    "instance's answer must fit NATS's max_payload"}}}}},
     "TapDetail": {"allOf": [_ref("TapSummary"), {"type": "object", "properties": {
         "sidecar": {"type": ["object", "null"], "description": "the JSON sidecar (README)"},
         "live": {"type": ["object", "null"], "description": "while recording: frames, "

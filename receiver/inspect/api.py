@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from receiver.archive.reader import ArchiveReader
+from receiver.fleet import Fleet, listing
 from receiver.http.auth import Auth
 from receiver.http.errors import json_error
 from receiver.inspect import analysis
@@ -108,6 +109,7 @@ class RecordingsApi:
         self.cache = ResultCache(CACHE_ENTRIES)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect")
         self.archive: ArchiveReader | None = None  # archived audio whose local WAV is gone
+        self.fleet: Fleet | None = None  # with nats_url: the listing shows the whole fleet
 
     def add_routes(self, app: web.Application) -> None:
         for prefix in ("", "/t/{token}"):
@@ -183,10 +185,13 @@ class RecordingsApi:
             summary["state"] = TapState.RECORDING
             summary["duration_seconds"] = live["duration_seconds"]
             summary["loss_percent"] = loss_percent(live["rtp"])
+            if self.fleet is not None:
+                summary["instance"] = self.fleet.instance
         return summary
 
     async def list_taps(self, request: web.Request) -> web.StreamResponse:
-        """`?state=&transport=&q=&limit=&offset=`: newest first."""
+        """`?state=&transport=&q=&limit=&offset=`: newest first. With a fleet (nats_url), the
+        live taps of every instance too, each with the `instance` that holds it."""
         try:
             limit = int_param(request, "limit", 100, 1, MAX_PAGE)
             offset = int_param(request, "offset", 0, 0, 10**9)
@@ -197,26 +202,49 @@ class RecordingsApi:
         text = request.query.get("q", "").strip().lower()
         recordings = await self._run(self.catalog.scan)
         active = self._active()
-        selected = []
-        for recording in recordings:
-            summary = self._summary(recording, active.get(recording.name))
-            if states and summary["state"] not in states:
-                continue
-            if transports and summary["transport"] not in transports:
-                continue
-            if text and not recording.matches(text):
-                continue
-            selected.append(summary)
-        return web.json_response(
-            {
-                "taps": selected[offset : offset + limit],
-                "total": len(selected),
-                "offset": offset,
-                "limit": limit,
-                "active": len(active),
-                "auth": self.auth.enabled,
+        summaries = [self._summary(r, active.get(r.name)) for r in recordings]
+        live = len(active)
+        fleet_view: dict[str, Any] | None = None
+        if self.fleet is not None:
+            answers = await self.fleet.ask("taps", {})
+            summaries = listing.merge(summaries, answers, self.fleet.storage)
+            live += sum(len(a.get("taps") or []) for a in answers.answers)
+            fleet_view = {
+                "instance": self.fleet.instance,
+                "answered": sorted(str(a.get("instance")) for a in answers.answers),
+                "missing": answers.missing,
+                "reachable": answers.reachable,
+                "truncated": sum(int(a.get("truncated") or 0) for a in answers.answers),
             }
-        )
+        selected = [
+            summary
+            for summary in summaries
+            if (not states or summary["state"] in states)
+            and (not transports or summary["transport"] in transports)
+            and (not text or _matches(summary, text))
+        ]
+        body: dict[str, Any] = {
+            "taps": selected[offset : offset + limit],
+            "total": len(selected),
+            "offset": offset,
+            "limit": limit,
+            "active": live,
+            "auth": self.auth.enabled,
+        }
+        if fleet_view is not None:
+            body["fleet"] = fleet_view
+        return web.json_response(body)
+
+    def live_summaries(self) -> list[dict[str, Any]]:
+        """This instance's live taps as listing entries, for the fleet's listing."""
+        summaries = []
+        for tap in list(self.registry.active)[: listing.MAX_TAPS_PER_ANSWER]:
+            name = tap.name or tap.tap_id
+            recording = Recording(
+                name, tap.describe(), TapState.RECORDING, None, None, tap.started_at
+            )
+            summaries.append(self._summary(recording, tap))
+        return summaries
 
     async def get_tap(self, request: web.Request) -> web.StreamResponse:
         name, action = _split(request.match_info["rest"])
@@ -413,6 +441,17 @@ def _split(rest: str) -> tuple[str, str | None]:
     if head and tail in ACTIONS:
         return head, tail
     return rest, None
+
+
+def _matches(summary: dict[str, Any], text: str) -> bool:
+    """`?q=`: in the name, tap id, remote address or codec (any case)."""
+    fields = (
+        summary.get("name"),
+        summary.get("tap_id"),
+        summary.get("remote"),
+        summary.get("codec"),
+    )
+    return any(text in str(f).lower() for f in fields if f)
 
 
 def _list_param(request: web.Request, name: str, allowed: tuple[str, ...] | None) -> set[str]:

@@ -60,11 +60,6 @@ class Recording:
             summary["problem"] = self.problem
         return summary
 
-    def matches(self, text: str) -> bool:
-        side = self.sidecar or {}
-        fields = (self.name, side.get("tap_id"), side.get("remote"), side.get("codec"))
-        return any(text in str(f).lower() for f in fields if f)
-
 
 def _archive_url(sidecar: dict[str, Any]) -> str | None:
     """Where the object store has the audio (receiver.archive), once it confirmed the upload."""

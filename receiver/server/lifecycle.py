@@ -22,6 +22,7 @@ from receiver.calls.assembler import CallAssembler
 from receiver.config import Config
 from receiver.control.api import ControlApi
 from receiver.control.webhooks import WebhookSender
+from receiver.fleet import Fleet, instance_id, storage_id
 from receiver.http.app import build_app
 from receiver.http.auth import Auth
 from receiver.http.metrics import Metrics
@@ -150,7 +151,11 @@ class Server:
                 log_format=config.log.format,
                 worker=worker,
             )
-        self.metrics = Metrics(self.metrics_snapshot, self.auth)
+        self.control: ControlApi | None = None  # built once the RTP port is known
+        self.fleet: Fleet | None = None  # with nats_url, once it listens (receiver.fleet)
+        # Several processes answer /metrics on one port under --workers: each says which.
+        labels = {"worker": str(worker)} if worker is not None else {}
+        self.metrics = Metrics(self.metrics_snapshot, self.auth, labels)
         self.writer.observe_batch = self.metrics.write_batch_seconds.observe
         self.http_port = config.server.http_port
         self.rtp_port = config.server.rtp_port
@@ -189,6 +194,8 @@ class Server:
         }
         for transport in self.transports.values():
             snapshot.update(transport.metrics())
+        if self.fleet is not None:
+            snapshot.update(self.fleet.metrics())
         return snapshot
 
     def health(self) -> dict[str, Any]:
@@ -218,6 +225,7 @@ class Server:
                 if self.archiver
                 else None
             ),
+            "fleet": self.fleet.health() if self.fleet is not None else None,
             "writer": {
                 "batches": self.writer.batches,
                 "bytes_written": self.writer.bytes_written,
@@ -280,7 +288,7 @@ class Server:
         if self.archiver is not None:
             await self.archiver.start()
         self.registry.on_finalized = self.tap_finalized
-        control = ControlApi(
+        control = self.control = ControlApi(
             cfg, self.auth, self.naming, self.registry, self.transports, self.rtp, self.rtp_port
         )
         urls = PublicUrls.from_settings(cfg.server, self.token, cfg.server.http_port, self.rtp_port)
@@ -314,6 +322,8 @@ class Server:
         except OSError as exc:
             raise StartupError.listening(host, cfg.server.http_port, "tcp", exc) from None
         self.http_port = _bound_port(self._runner, self.http_port)
+        if cfg.fleet.nats_servers:
+            await self.join_fleet()
         self._tasks = [
             asyncio.create_task(self.registry.run_flusher(), name="flusher"),
             asyncio.create_task(self.live.run(), name="live"),
@@ -356,6 +366,31 @@ class Server:
     def archive(self, sidecar: dict[str, Any]) -> None:
         if self.archiver is not None:
             self.archiver.submit(sidecar)
+
+    async def join_fleet(self) -> None:
+        """With nats_url: list the fleet's taps and pass on what no tap here matches. It
+        connects in the background; recording never waits for NATS."""
+        from receiver.fleet.nats_fleet import NatsFleet  # only a fleet imports the client
+
+        name = instance_id(self.config.fleet.instance_name, self.http_port, self.worker)
+        storage = storage_id(self.config.storage.recordings)
+        fleet = NatsFleet(list(self.config.fleet.nats_servers), name, storage, self.answer_fleet)
+        self.fleet = self.recordings_api.fleet = fleet
+        assert self.control is not None
+        self.control.fleet = fleet
+        await fleet.start()
+
+    def answer_fleet(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Another instance's question (receiver.fleet.nats_fleet): our live taps, or a status
+        callback or source registration for a tap that may be ours."""
+        assert self.control is not None
+        if kind == "taps":
+            return {"taps": self.recordings_api.live_summaries()}
+        if kind == "status":
+            return self.control.answer_status(body)
+        if kind == "source":
+            return self.control.answer_source(body)
+        return {"error": f"unknown question {kind!r}"}
 
     async def recover(self) -> None:
         """Finalize what an earlier process left recording, in the background (see recovery)."""
@@ -466,6 +501,8 @@ class Server:
         started = time.monotonic()
         timeout = self.config.server.shutdown_timeout
         log.info("shutting down: finalizing %d open taps", len(self.registry))
+        if self.fleet is not None:  # the others forget this one now, not at its next silence
+            await self.fleet.stop(min(1.0, timeout / 4))
         for transport in self.transports.values():
             transport.stop_receiving()
         # Each transport ends its own taps (WebSocket handlers flush their sessions).

@@ -179,7 +179,8 @@ async function loadList() {
   const body = $("tap-table").tBodies[0];
   const rows = data.taps.map((t) => {
     const href = "#/tap/" + encodeURIComponent(t.name);
-    const sub = [t.remote, t.tap_id !== t.name ? "tap id " + t.tap_id : null].filter(Boolean).join(" · ");
+    const sub = [t.remote, t.tap_id !== t.name ? "tap id " + t.tap_id : null,
+      t.instance ? "on " + t.instance : null].filter(Boolean).join(" · ");
     const channels = t.channel_names && t.channels > 1 ? " · " + t.channel_names.join(" + ")
       : t.channels > 1 ? " ×" + t.channels : "";
     const rate = t.sample_rate ? (t.sample_rate / 1000) + " kHz" + channels : "";
