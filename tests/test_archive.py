@@ -388,6 +388,51 @@ def test_delete_local_after_a_confirmed_upload(
     assert listing["taps"][0]["duration_seconds"] == 2.0
 
 
+def test_a_calls_legs_stay_until_the_call_is_built_then_all_three_are_archived(
+    make_server: Any, moto: Moto, tmp_path: Path
+) -> None:
+    """With archive_delete_local, the speak leg ends (and could be uploaded and deleted) long
+    before the listen leg begins: the call still gets both legs' audio, and the call's own
+    stereo file is archived as well."""
+    server = make_server(
+        *archiving(moto.endpoint, "--archive-delete-local", "--archive-concurrency", "1"),
+        env=AWS_ENV,
+    )
+    call_id = new_id("call")
+    speak, listen = noise(16000, 21), noise(8000, 22)
+    base = f"{server.ws_url}/t/{TOKEN}/call/{call_id}"
+    asyncio.run(send_tap(f"{base}/speak", [speak[i : i + 800] for i in range(0, 16000, 800)]))
+    wait_for_sidecar(server.recordings, f"{call_id}.speak")
+    # A tap that ends later is uploaded and deleted (one upload at a time, in order), while
+    # the speak leg's WAV stays for its call.
+    other, _ = record(server, 1.0, seed=23)
+    wait_until(
+        lambda: wait_archived(server, other)["archive"].get("local_deleted_at"),
+        "a later tap archived and deleted here",
+    )
+    assert (server.recordings / f"{call_id}.speak.wav").exists()
+    asyncio.run(send_tap(f"{base}/listen", [listen[i : i + 800] for i in range(0, 8000, 800)]))
+    for name in (call_id, f"{call_id}.speak", f"{call_id}.listen"):
+        sidecar = wait_until(
+            lambda name=name: (
+                (data := wait_archived(server, name))["archive"].get("local_deleted_at") and data
+            ),
+            f"{name} archived and deleted here",
+        )
+        assert sidecar["archive"]["url"] == f"s3://{BUCKET}/calls/{name}.wav"
+    call = json.loads(moto.get(f"calls/{call_id}.json"))
+    offset = call["call"]["legs"]["listen"]["offset_frames"]
+    stereo = soundfile.read(io.BytesIO(moto.get(f"calls/{call_id}.wav")), dtype="int16")[0]
+    speak_wav = decoded_samples(moto.get(f"calls/{call_id}.speak.wav"), tmp_path)
+    listen_wav = decoded_samples(moto.get(f"calls/{call_id}.listen.wav"), tmp_path)
+    assert np.array_equal(speak_wav, reference.decode("PCMU", speak))
+    assert np.array_equal(listen_wav, reference.decode("PCMU", listen))
+    assert len(stereo) == max(len(speak_wav), offset + len(listen_wav))
+    assert np.array_equal(stereo[: len(speak_wav), 0], speak_wav)
+    assert np.array_equal(stereo[offset : offset + len(listen_wav), 1], listen_wav)
+    assert server.health()["calls"]["built"] == 1
+
+
 def get_audio(server: ServerProcess, name: str, byte_range: str = "") -> tuple[int, Any, bytes]:
     headers = {"Authorization": f"Bearer {TOKEN}"}
     if byte_range:
