@@ -111,13 +111,15 @@ def pinned(cores: str | None, args: list[str]) -> list[str]:
 
 
 def family(pid: int) -> list[int]:
-    """The process and its children (the workers)."""
+    """The process and all its descendants (workers, and each one's disk-writer process)."""
     pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
-    return pids + [int(c) for c in children]
+    for parent in pids:  # grows as it goes: breadth first
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        pids += [int(c) for c in children]
+    return pids
 
 
 def cpu_seconds(pids: list[int]) -> float:

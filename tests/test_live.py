@@ -23,6 +23,8 @@ from tests.helpers import (
     new_id,
     noise,
     read_wav,
+    require_module,
+    require_tool,
     wait_for_live_frames,
     wait_for_sidecar,
     wait_until,
@@ -398,3 +400,42 @@ def test_shutdown_with_listeners_that_do_not_read(make_server: Any) -> None:
     assert np.array_equal(wav, pcm) and sidecar["end_reason"] is not None
     for sock in stalled:
         sock.close()
+
+
+def test_an_opus_tap_is_decoded_for_its_listener(srv: ServerProcess) -> None:
+    """The live feed decodes Opus with a decoder of its own, started at the listener's position:
+    what it hears is libopus's decode of the packets from there on, to the last sample, and it
+    ends where the WAV ends."""
+    require_tool("ffmpeg")
+    opus = require_module("opuslib_next")
+    packets = reference.ogg_packets(reference.ffmpeg_encode_ogg_opus(2.0))[2:]
+    tap_id = new_id("live-opus")
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            tap = await session.ws_connect(f"{srv.ws_url}/t/{TOKEN}/tap/{tap_id}?codec=opus")
+            for packet in packets[:20]:
+                await tap.send_bytes(packet)
+            await placed(srv, tap_id, 20 * 960)
+            listener = await session.ws_connect(live_url(srv, tap_id))
+            start = await listener.receive_json(timeout=DEADLINE)
+            heard = asyncio.create_task(collect(listener))
+            for packet in packets[20:]:
+                await tap.send_bytes(packet)
+            await tap.close()
+            return start, await asyncio.wait_for(heard, DEADLINE)
+
+    start, result = asyncio.run(scenario())
+    wait_for_sidecar(srv.recordings, tap_id)
+    wav, rate = read_wav(srv.recordings / f"{tap_id}.wav")
+    assert rate == 48000 and len(wav) == len(packets) * 960
+    assert (start["sample_rate"], start["channels"]) == (48000, 1)
+    first, rest = divmod(start["position"], 960)
+    assert first >= 20 and rest == 0, start
+    decoder = opus.Decoder(48000, 1)
+    expected = b"".join(decoder.decode(packet, 960) for packet in packets[first:])
+    heard = np.frombuffer(result["audio"], "<i2")
+    assert np.array_equal(heard, np.frombuffer(expected, "<i2"))
+    assert len(heard) == len(wav) - start["position"]
+    assert result["events"][-1]["type"] == "end"
+    assert result["events"][-1]["position"] == len(wav)

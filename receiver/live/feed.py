@@ -8,9 +8,10 @@ split by max_tap_duration, counted from the first segment's start). Channels tha
 listener that joins mid-tap starts every channel at the same frame index.
 
 The feed decodes with decoders of its own (the writer child's are in another process): for
-G.711 and L16 that is the WAV's audio from any position; for Opus and G.722, whose decoders
-carry state, it is exact from the tap's start, and a listener that joins mid-tap hears the
-first packets through a decoder that has not yet settled.
+G.711 and L16 that is the WAV's audio from any position. Opus and G.722 decoders carry state
+from packet to packet, and a listener's decoder starts at its position: it hears what libopus
+(or libg722) makes of the packets from there, which is the WAV's audio in length and position
+but not sample for sample (the WAV's decoder had the earlier packets).
 """
 
 from __future__ import annotations
