@@ -409,8 +409,8 @@ def rtp_step(
     }
     row.per_worker = _per_worker(sidecars)
     checked, exact = check_spread(
-        receiver.recordings, by_stream, streams, packets, recorded_only=series == "overload",
-        codec=codec.upper(),
+        receiver.recordings, by_stream, streams, packets,
+        recorded_only=series == "overload" or len(by_stream) < streams, codec=codec.upper(),
     )  # fmt: skip
     row.samples_compared = checked
     row.wavs_exact = len(complete) == streams == row.taps and exact == checked
