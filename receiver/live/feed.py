@@ -22,8 +22,8 @@ import numpy as np
 
 from receiver.codecs.decoders import StreamDecoders
 from receiver.live.subscriber import Subscriber
+from receiver.storage.channel_aligner import ChannelAligner
 from receiver.taps.audio_buffer import AudioBuffer, ChannelBuffer, Mark, render
-from receiver.taps.channel_aligner import ChannelAligner
 from receiver.taps.tap import Tap
 
 

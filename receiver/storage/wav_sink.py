@@ -22,7 +22,7 @@ import soundfile
 
 from receiver.codecs.decoders import StreamDecoders
 from receiver.codecs.law_check import LawCheck
-from receiver.taps.channel_aligner import ChannelAligner
+from receiver.storage.channel_aligner import ChannelAligner
 
 SFC_UPDATE_HEADER_NOW = 0x1060
 SFC_RF64_AUTO_DOWNGRADE = 0x1210
