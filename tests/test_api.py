@@ -101,6 +101,7 @@ def test_list_shows_finished_taps_newest_first_with_filters(server: ServerProces
         "size_bytes": (server.recordings / f"{second}.wav").stat().st_size,
         "loss_percent": None,
         "archive_url": None,
+        "where": "local",
     }
     assert listing["taps"][1]["duration_seconds"] == 0.1
 
@@ -112,7 +113,15 @@ def test_list_shows_finished_taps_newest_first_with_filters(server: ServerProces
     assert get_json(server, f"/api/taps?q={marker}&state=recording")["total"] == 0
     assert get_json(server, f"/api/taps?q={marker}&transport=rtp")["total"] == 0
     assert get_json(server, f"/api/taps?q={marker}&transport=websocket")["total"] == 2
-    for bad in ("state=done", "limit=0", "limit=1001", "offset=-1", "limit=x", "transport=a/b"):
+    for bad in (
+        "state=done",
+        "limit=0",
+        "limit=1001",
+        "offset=-1",
+        "limit=x",
+        "transport=a/b",
+        "where=far",
+    ):
         body = get_json(server, f"/api/taps?{bad}", status=400)
         assert body["status"] == 400 and body["error"]
 

@@ -60,12 +60,12 @@ AWS_ENV = {
 
 
 class Moto:
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, key_id: str = "testing", secret: str = "testing") -> None:
         self.endpoint = endpoint
         boto3 = require_module("boto3")
         self.client = boto3.client(
             "s3", endpoint_url=endpoint, region_name="us-east-1",
-            aws_access_key_id="testing", aws_secret_access_key="testing",
+            aws_access_key_id=key_id, aws_secret_access_key=secret,
         )  # fmt: skip
 
     def get(self, key: str) -> bytes:
@@ -80,13 +80,22 @@ class Moto:
 @pytest.fixture
 def moto(tmp_path: Path) -> Iterator[Moto]:
     """moto's S3 server in its own process, on a free loopback port, with one bucket."""
+    with moto_server(tmp_path) as endpoint:
+        store = Moto(endpoint)
+        store.client.create_bucket(Bucket=BUCKET)
+        yield store
+
+
+@contextlib.contextmanager
+def moto_server(tmp_path: Path, **env: str) -> Iterator[str]:
+    """moto's server (all its services) on a free loopback port; its endpoint."""
     require_module("moto.server")
     port = free_port()
     log = (tmp_path / "moto.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "S3_UPLOAD_PART_MIN_SIZE": str(256 << 10)},  # small parts in tests
+        env={**os.environ, "S3_UPLOAD_PART_MIN_SIZE": str(256 << 10), **env},  # small parts
     )  # fmt: skip
     endpoint = f"http://127.0.0.1:{port}"
 
@@ -100,9 +109,7 @@ def moto(tmp_path: Path) -> Iterator[Moto]:
 
     try:
         wait_until(up, "moto's S3 server to answer")
-        store = Moto(endpoint)
-        store.client.create_bucket(Bucket=BUCKET)
-        yield store
+        yield endpoint
     finally:
         proc.terminate()
         proc.wait(10)
@@ -354,6 +361,9 @@ def test_encrypted_archive_only_is_not_served_in_clear(
     assert status == 409 and b"age-encrypted" in body
     listing = server.api_get("/api/taps")[1]
     assert listing["taps"][0]["archive_url"] == f"s3://{BUCKET}/calls/{name}.wav.age"
+    # Its encrypted sidecar cannot be read here: counted, not listed a second time.
+    assert [t["where"] for t in listing["taps"]] == ["local"]
+    assert listing["archive"]["encrypted"] == 1
 
 
 def test_delete_local_after_a_confirmed_upload(
@@ -485,10 +495,71 @@ def test_unreachable_store_then_back(make_server: Any, moto: Moto, proxy: Proxy)
     wait_until(lambda: server.health()["archive"].get("failures", 0) >= 1, "a failed upload")
     assert server.health()["archive"]["state"] == "failing"
     assert (server.recordings / f"{name}.wav").exists()
+    # The listing cannot read the archive: it lists what is here, and says why.
+    listing = wait_until(
+        lambda: (b := server.api_get("/api/taps")[1])["archive"]["state"] == "unreachable" and b,
+        "the listing to report the unreachable archive",
+    )
+    assert [(t["name"], t["where"]) for t in listing["taps"]] == [(name, "local")]
+    assert listing["archive"]["problem"]
+    assert server.log().count("cannot list") == 1
     proxy.release()
     wait_archived(server, name, timeout=2 * DEADLINE)
     assert moto.get(f"calls/{name}.wav") == (server.recordings / f"{name}.wav").read_bytes()
     assert moto.keys() == [f"calls/{name}.json", f"calls/{name}.wav"]
+
+
+def test_wrong_credentials_are_one_outage_then_uploads_resume_with_the_right_ones(
+    make_server: Any, tmp_path: Path
+) -> None:
+    """moto with its IAM enforced (INITIAL_NO_AUTH_ACTION_COUNT: the first 4 requests are not
+    checked, every later one must be signed with a key its IAM knows). Keys with the wrong
+    secret: recording goes on, exact; one outage in /healthz, /metrics and the log. Restarted
+    with the right keys, the receiver uploads what waited, byte for byte."""
+    boto3 = require_module("boto3")
+    client_error = require_module("botocore.exceptions").ClientError
+    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="4") as endpoint:
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="x", aws_secret_access_key="x")  # fmt: skip
+        iam.create_user(UserName="archiver")  # 1
+        key = iam.create_access_key(UserName="archiver")["AccessKey"]  # 2
+        allow = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+        policy = json.dumps({"Version": "2012-10-17", "Statement": [allow]})
+        iam.put_user_policy(UserName="archiver", PolicyName="s3", PolicyDocument=policy)  # 3
+        store = Moto(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+        store.client.create_bucket(Bucket=BUCKET)  # 4: from here on, every request is checked
+        with pytest.raises(client_error, match="SignatureDoesNotMatch"):
+            Moto(endpoint, key["AccessKeyId"], "not-the-secret").keys()
+
+        keys = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"]}
+        wrong = {**AWS_ENV, **keys, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+        recordings = tmp_path / "rec"
+        server = make_server(*archiving(endpoint), recordings=recordings, env=wrong)
+        taps = [record(server, 1.0, seed=seed) for seed in (60, 61)]
+        health = wait_until(
+            lambda: (h := server.health()) and h["archive"].get("failures", 0) >= 2 and h,
+            "two failed uploads",
+        )
+        assert health["archive"]["state"] == "failing"
+        assert health["archive"]["outages"] == 1
+        assert "SignatureDoesNotMatch" in health["archive"]["problem"]
+        assert metric(metrics(server), "tap_receiver_archive_up") == 0
+        for name, sent in taps:
+            wav = (recordings / f"{name}.wav").read_bytes()
+            assert np.array_equal(decoded_samples(wav, tmp_path), reference.decode("PCMU", sent))
+        assert server.log().count("cannot be used") == 1
+        assert store.keys() == []
+        assert server.stop() == 0
+
+        right = {**AWS_ENV, **keys, "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        again = make_server(*archiving(endpoint), recordings=recordings, env=right)
+        for name, _ in taps:
+            wait_archived(again, name)
+            assert store.get(f"calls/{name}.wav") == (recordings / f"{name}.wav").read_bytes()
+        assert store.keys() == sorted(f"calls/{n}.{x}" for n, _ in taps for x in ("json", "wav"))
+        wait_until(lambda: (h := again.health()) and h["archive"]["state"] == "ok", "state ok")
+        assert metric(metrics(again), "tap_receiver_archive_up") == 1
+        assert "cannot be used" not in again.log()
 
 
 def test_credentials_from_a_shared_file_and_none_at_all(
@@ -523,6 +594,60 @@ def test_credentials_from_a_shared_file_and_none_at_all(
     name, _ = record(server, 0.5, seed=31)
     wait_archived(server, name)
     assert moto.get(f"calls/{name}.wav") == (server.recordings / f"{name}.wav").read_bytes()
+
+
+# -- the archive in the inspection API ----------------------------------------------------------
+
+
+def test_receivers_sharing_an_archive_list_and_serve_each_others_recordings(
+    make_server: Any, moto: Moto
+) -> None:
+    """Two receivers, two recordings directories, one bucket and prefix: what A recorded and
+    archived, B lists (`where: archive`), describes and streams (Range too) from the store; A
+    lists its own once, as local."""
+    a = make_server(*archiving(moto.endpoint), env=AWS_ENV)
+    b = make_server(*archiving(moto.endpoint), env=AWS_ENV)
+    name, _ = record(a, 1.0, seed=70)
+    sidecar = wait_archived(a, name)
+    wav = (a.recordings / f"{name}.wav").read_bytes()
+    assert moto.get(f"calls/{name}.wav") == wav
+
+    def listed(server: ServerProcess, query: str = "") -> list[dict[str, Any]]:
+        status, body = server.api_get(f"/api/taps?q={name}{query}")
+        assert status == 200, body
+        taps: list[dict[str, Any]] = body["taps"]
+        return taps
+
+    entry = wait_until(lambda: (found := listed(b)) and found[0], f"{name} listed by B")
+    mine = listed(a)
+    assert len(mine) == 1 and mine[0]["where"] == "local"
+    assert set(entry) == set(mine[0])
+    assert entry["where"] == "archive"
+    assert entry["archive_url"] == f"s3://{BUCKET}/calls/{name}.wav"
+    assert entry["size_bytes"] == len(wav)
+    assert (entry["state"], entry["codec"], entry["transport"]) == ("finished", "PCMU", "websocket")
+    assert entry["started_at"] == sidecar["started_at"]
+    assert entry["duration_seconds"] == mine[0]["duration_seconds"] == 1.0
+    assert not (b.recordings / f"{name}.json").exists()
+    # The listing's filters apply to the archived entries too.
+    assert [t["name"] for t in listed(b, "&where=archive&state=finished")] == [name]
+    assert listed(b, "&where=local") == listed(b, "&state=failed") == []
+    assert listed(b, "&transport=rtp") == []
+    assert b.api_get("/api/taps?where=elsewhere")[0] == 400
+    body = b.api_get("/api/taps")[1]
+    assert body["archive"]["state"] == "ok" and body["archive"]["listed"] == 1
+
+    status, detail = b.api_get(f"/api/taps/{name}")
+    assert status == 200 and detail["where"] == "archive"
+    assert detail["sidecar"]["tap_id"] == name and detail["sidecar"]["archive"]["uploaded_at"]
+    assert detail["wav"] is None and detail["live"] is None
+    status, headers, body_bytes = get_audio(b, name)
+    assert status == 200 and body_bytes == wav and headers["Content-Type"] == "audio/wav"
+    status, headers, body_bytes = get_audio(b, name, "bytes=40-1039")
+    assert status == 206 and body_bytes == wav[40:1040]
+    assert headers["Content-Range"] == f"bytes 40-1039/{len(wav)}"
+    assert b.api_get("/api/taps/no-such-tap")[0] == 404
+    assert get_audio(b, "no-such-tap")[0] == 404
 
 
 # -- retention without archiving ------------------------------------------------------------------

@@ -27,7 +27,7 @@ class ArchiveReader:
         self._store: ObjectStore | None = None
         self._opening = asyncio.Lock()
 
-    async def _open(self) -> ObjectStore:
+    async def store(self) -> ObjectStore:
         async with self._opening:  # one client, made on first use
             if self._store is None:
                 s = self.settings
@@ -58,7 +58,7 @@ class ArchiveReader:
         match = _RANGE.fullmatch(byte_range)
         if byte_range and (match is None or match.groups() == ("", "")):
             return json_error(416, f"unsupported range {byte_range!r} (one bytes=A-B range)")
-        store = await self._open()
+        store = await self.store()
         try:
             head, body = await store.open_body(url[len(prefix) :], byte_range or None)
         except StoreError as exc:

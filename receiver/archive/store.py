@@ -212,3 +212,33 @@ class ObjectStore:
         except Exception as exc:
             raise StoreError(describe_error(exc)) from exc
         return answer, answer["Body"]
+
+    async def list_keys(self, suffix: str, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """The objects right under the prefix whose key ends with `suffix` (Key, ETag, Size,
+        LastModified), at most `limit` of them; and whether more were left out."""
+        found: list[dict[str, Any]] = []
+        args = {"Bucket": self.bucket, "Prefix": self.key(""), "Delimiter": "/"}
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(**args):
+                for item in page.get("Contents", []):
+                    if str(item.get("Key", "")).endswith(suffix):
+                        if len(found) >= limit:
+                            return found, True
+                        found.append(item)
+        except Exception as exc:
+            raise StoreError(describe_error(exc)) from exc
+        return found, False
+
+    async def get_bytes(self, key: str, limit: int) -> tuple[bytes, str]:
+        """A small object's bytes (at most `limit`: StoreError beyond) and its ETag."""
+        head, body = await self.open_body(key)
+        if int(head.get("ContentLength") or 0) > limit:
+            body.close()
+            raise StoreError(f"{key}: {head.get('ContentLength')} bytes, more than {limit}")
+        try:
+            async with body:
+                data: bytes = await body.read()
+        except Exception as exc:
+            raise StoreError(describe_error(exc)) from exc
+        return data, str(head.get("ETag", "")).strip('"')

@@ -113,12 +113,15 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/taps": {
         "get": {
             "operationId": "listTaps",
-            "summary": "Recordings, newest first",
+            "summary": "Recordings, newest first: this disk's, and with archive_url the "
+                       "archive's (read from its sidecars) that this disk does not have",
             "security": TOKEN_SECURITY,
             "parameters": [
                 _query("state", {"type": "string"}, "comma-separated: recording, finished, "
                        "failed, interrupted, unknown"),
                 _query("transport", {"type": "string"}, "comma-separated: websocket, rtp"),
+                _query("where", {"type": "string"}, "comma-separated: local, archive "
+                       "(with archive_url: recordings only the object store holds)"),
                 _query("q", {"type": "string"}, "text in the name, tap id, remote or codec"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000,
                                  "default": 100}, "page size"),
@@ -150,8 +153,10 @@ PATHS: dict[str, dict[str, Any]] = {
             "markers, WAV header check",
             "security": TOKEN_SECURITY,
             "parameters": [NAME],
-            "responses": {"200": _json(_ref("TapDetail"), "the recording"), "400": BAD_NAME,
-                          "401": UNAUTHORIZED, "404": NOT_FOUND},
+            "responses": {"200": _json(_ref("TapDetail"), "the recording (one only the "
+                                       "archive holds: its archived sidecar, no `wav`)"),
+                          "400": BAD_NAME, "401": UNAUTHORIZED, "404": NOT_FOUND,
+                          "502": _error("the object store failed")},
         },
         "delete": {
             "operationId": "deleteTap",
@@ -385,6 +390,10 @@ SCHEMAS: dict[str, Any] = {
         "loss_percent": {"type": ["number", "null"]},
         "archive_url": {"type": ["string", "null"],
                         "description": "s3://… of the archived audio (archive_url)"},
+        "where": {"type": "string", "enum": ["local", "archive"], "description": "local: "
+                  "on the disk of this receiver (or of the fleet's `instance`); archive: "
+                  "only in the object store (another receiver's, or deleted here), listed "
+                  "from its archived sidecar, its audio streamed from the store"},
         "instance": {"type": "string", "description": "with nats_url, on a live tap: the "
                      "receiver (or worker) of the fleet that records it"}}},
     "TapList": {"type": "object", "properties": {
@@ -398,7 +407,20 @@ SCHEMAS: dict[str, Any] = {
                       "missing": {"type": "array", "items": {"type": "string"}},
                       "reachable": {"type": "boolean"},
                       "truncated": {"type": "integer", "description": "live taps left out: an "
-                                    "instance's answer must fit NATS's max_payload"}}}}},
+                                    "instance's answer must fit NATS's max_payload"}}},
+        "archive": {"type": "object", "description": "with archive_url: the archive's "
+                    "listing (refreshed at most every 15 s); while `unreachable`, only local "
+                    "recordings are listed", "properties": {
+                        "state": {"type": "string", "enum": ["listing", "ok", "unreachable"]},
+                        "problem": {"type": ["string", "null"]},
+                        "listed": {"type": "integer"},
+                        "listed_at": {"type": ["string", "null"]},
+                        "encrypted": {"type": "integer", "description": "age-encrypted "
+                                      "sidecars: not readable here, not listed"},
+                        "unreadable": {"type": "integer"},
+                        "pending": {"type": "integer", "description": "sidecars not fetched "
+                                    "yet (listed by a later refresh)"},
+                        "truncated": {"type": "boolean"}}}}},
     "TapDetail": {"allOf": [_ref("TapSummary"), {"type": "object", "properties": {
         "sidecar": {"type": ["object", "null"], "description": "the JSON sidecar (README)"},
         "live": {"type": ["object", "null"], "description": "while recording: frames, "

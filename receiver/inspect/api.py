@@ -24,7 +24,9 @@ from typing import Any, BinaryIO, TypeVar
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from receiver.archive.listing import Archived, ArchiveListing
 from receiver.archive.reader import ArchiveReader
+from receiver.archive.store import StoreError
 from receiver.fleet import Fleet, listing
 from receiver.http.auth import Auth
 from receiver.http.errors import json_error
@@ -44,6 +46,7 @@ STATIC_FILES = {"app.js", "style.css", "favicon.svg"}
 ACTIONS = ("audio", "waveform", "spectrogram", "levels", "live")
 CACHE_ENTRIES = 64
 MAX_PAGE = 1000
+WHERES = ("local", "archive")  # on this disk; only in the object store (archive_url)
 _EMPTY_SUFFIX_RANGE = re.compile(r"bytes=-0+")
 
 T = TypeVar("T")
@@ -109,6 +112,7 @@ class RecordingsApi:
         self.cache = ResultCache(CACHE_ENTRIES)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspect")
         self.archive: ArchiveReader | None = None  # archived audio whose local WAV is gone
+        self.archived: ArchiveListing | None = None  # the archive's recordings, listed too
         self.fleet: Fleet | None = None  # with nats_url: the listing shows the whole fleet
 
     def add_routes(self, app: web.Application) -> None:
@@ -127,6 +131,8 @@ class RecordingsApi:
 
     async def _close(self, _: web.Application) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.archived is not None:
+            await self.archived.close()
         if self.archive is not None:
             await self.archive.close()
 
@@ -190,13 +196,16 @@ class RecordingsApi:
         return summary
 
     async def list_taps(self, request: web.Request) -> web.StreamResponse:
-        """`?state=&transport=&q=&limit=&offset=`: newest first. With a fleet (nats_url), the
-        live taps of every instance too, each with the `instance` that holds it."""
+        """`?state=&transport=&where=&q=&limit=&offset=`: newest first. With a fleet
+        (nats_url), the live taps of every instance too, each with the `instance` that holds
+        it; with archive_url, the archived recordings this disk does not have (`where:
+        "archive"`)."""
         try:
             limit = int_param(request, "limit", 100, 1, MAX_PAGE)
             offset = int_param(request, "offset", 0, 0, 10**9)
             states = _list_param(request, "state", STATES)
             transports = _list_param(request, "transport", None)
+            wheres = _list_param(request, "where", WHERES)
         except BadRequest as exc:
             return json_error(400, str(exc))
         text = request.query.get("q", "").strip().lower()
@@ -216,11 +225,17 @@ class RecordingsApi:
                 "reachable": answers.reachable,
                 "truncated": sum(int(a.get("truncated") or 0) for a in answers.answers),
             }
+        archive_view: dict[str, Any] | None = None
+        if self.archived is not None:
+            archived = await self.archived.recordings()
+            summaries = _with_archived(summaries, archived)
+            archive_view = self.archived.status()
         selected = [
             summary
             for summary in summaries
             if (not states or summary["state"] in states)
             and (not transports or summary["transport"] in transports)
+            and (not wheres or summary.get("where") in wheres)
             and (not text or _matches(summary, text))
         ]
         body: dict[str, Any] = {
@@ -233,6 +248,8 @@ class RecordingsApi:
         }
         if fleet_view is not None:
             body["fleet"] = fleet_view
+        if archive_view is not None:
+            body["archive"] = archive_view
         return web.json_response(body)
 
     def live_summaries(self) -> list[dict[str, Any]]:
@@ -273,7 +290,7 @@ class RecordingsApi:
         recording = await self._run(self.catalog.load, name)
         tap = self._active().get(name)
         if recording is None and tap is None:
-            return json_error(404, f"no recording {name!r}")
+            return await self._archived_detail(name)
         if recording is None:  # an active tap whose files are being created right now
             recording = Recording(
                 name, None, TapState.RECORDING, 0.0, None, tap.started_at if tap else None
@@ -291,6 +308,26 @@ class RecordingsApi:
         body["markers"] = markers(sidecar)
         body["wav"] = await self._run(_wav_info, self.catalog.wav_path(name))
         return web.json_response(body)
+
+    async def _archived_detail(self, name: str) -> web.StreamResponse:
+        """A recording only the archive holds: its archived sidecar, no live figures, no WAV
+        here (its audio is streamed from the store)."""
+        try:
+            sidecar = await self._archived_sidecar(name)
+        except StoreError as exc:
+            return json_error(502, f"{name}: the archive answered {exc}")
+        if sidecar is None:
+            return json_error(404, f"no recording {name!r}")
+        body = Recording.from_archive(name, sidecar).summary()
+        body.update(sidecar=sidecar, live=None, markers=markers(sidecar), wav=None)
+        return web.json_response(body)
+
+    async def _archived_sidecar(self, name: str) -> dict[str, Any] | None:
+        """The archived sidecar of a recording this disk has no files of (None: none either).
+        Raises StoreError."""
+        if self.archived is None:
+            return None
+        return await self.archived.sidecar(name)
 
     async def _listen(self, request: web.Request, name: str) -> web.StreamResponse:
         """The live audio of a tap being recorded (receiver.live.endpoint); a per-track file's
@@ -321,6 +358,11 @@ class RecordingsApi:
         except OSError:
             if self.archive is not None and not os.path.lexists(path):
                 sidecar = await self._run(read_sidecar, self.catalog.sidecar_path(name))
+                if sidecar is None:  # none here: recorded elsewhere, or deleted here
+                    try:
+                        sidecar = await self._archived_sidecar(name)
+                    except StoreError as exc:
+                        return json_error(502, f"{name}: the archive answered {exc}")
                 return await self.archive.audio(request, name, sidecar)
             return json_error(404, f"no recording {name!r}")
         if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get("Range", "")):
@@ -433,6 +475,22 @@ def _wav_info(path: Path) -> dict[str, Any] | None:
         "header_matches_data": plan.problem is None and not plan.needed,
         "problem": plan.problem,
     }
+
+
+def _with_archived(
+    summaries: list[dict[str, Any]], archived: list[Archived]
+) -> list[dict[str, Any]]:
+    """The listing with the archive's recordings that it does not have by name (a recording
+    this disk still has is listed once, as local), newest first."""
+    names = {summary["name"] for summary in summaries}
+    added = [
+        Recording.from_archive(a.name, a.sidecar).summary() for a in archived if a.name not in names
+    ]
+    if not added:
+        return summaries
+    merged = summaries + added
+    merged.sort(key=lambda s: (str(s.get("started_at") or ""), str(s.get("name"))), reverse=True)
+    return merged
 
 
 def _split(rest: str) -> tuple[str, str | None]:

@@ -32,6 +32,23 @@ class Recording:
     size_bytes: int | None  # of the WAV; None when it is gone
     started_at: str | None
     problem: str | None = None  # why its sidecar (or the entry) could not be read
+    where: str = "local"  # "archive": only in the object store (receiver.archive.listing)
+
+    @classmethod
+    def from_archive(cls, name: str, sidecar: dict[str, Any]) -> Recording:
+        """A recording the archive holds and this machine's disk does not: all from its
+        archived sidecar (its size is the archived WAV's)."""
+        archive = sidecar.get("archive")
+        size = _number(archive.get("bytes")) if isinstance(archive, dict) else None
+        return cls(
+            name=name,
+            sidecar=sidecar,
+            state=_text(sidecar.get("state")) or TapState.UNKNOWN,
+            duration_seconds=_number(sidecar.get("duration_seconds")),
+            size_bytes=int(size) if size is not None else None,
+            started_at=_text(sidecar.get("started_at")),
+            where="archive",
+        )
 
     @property
     def loss_percent(self) -> float | None:
@@ -55,6 +72,7 @@ class Recording:
             "size_bytes": self.size_bytes,
             "loss_percent": self.loss_percent,
             "archive_url": _archive_url(side),
+            "where": self.where,
         }
         if self.problem is not None:
             summary["problem"] = self.problem

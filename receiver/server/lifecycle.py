@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from receiver.archive.listing import ArchiveListing
 from receiver.archive.process import ArchiverProcess
 from receiver.archive.reader import ArchiveReader
 from receiver.calls.assembler import CallAssembler
@@ -140,7 +141,9 @@ class Server:
         self.webhooks: WebhookSender | None = None
         archive = config.archive
         if archive.enabled:
-            self.recordings_api.archive = ArchiveReader(archive)
+            reader = ArchiveReader(archive)
+            self.recordings_api.archive = reader
+            self.recordings_api.archived = ArchiveListing(reader)
         self.archiver: ArchiverProcess | None = None
         if archive.enabled or archive.retention_max_age or archive.retention_max_bytes:
             self.archiver = ArchiverProcess(

@@ -123,19 +123,24 @@ def load_sidecar(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, None
     except OSError as exc:
         return None, f"cannot read {path.name}: {exc.strerror or exc}"
+    return parse_sidecar(raw, path.name)
+
+
+def parse_sidecar(raw: bytes, label: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A sidecar's bytes (a file's, an archived object's) as a dict, or None and why not."""
     if len(raw) > MAX_SIDECAR_BYTES:
-        return None, f"{path.name} is larger than {MAX_SIDECAR_BYTES} bytes"
+        return None, f"{label} is larger than {MAX_SIDECAR_BYTES} bytes"
     try:
         data = orjson.loads(raw)  # no recursion; refuses nesting past 1024 levels
     except orjson.JSONDecodeError as exc:
         try:  # what json.dumps may write and orjson refuses: NaN, integers past 64 bits
             data = json.loads(raw)
         except (ValueError, RecursionError):
-            return None, f"{path.name} is not valid JSON: {exc}"
+            return None, f"{label} is not valid JSON: {exc}"
     if not isinstance(data, dict):
-        return None, f"{path.name} is not a JSON object"
+        return None, f"{label} is not a JSON object"
     if too_deep(data, MAX_SIDECAR_DEPTH):
-        return None, f"{path.name} nests JSON deeper than {MAX_SIDECAR_DEPTH} levels"
+        return None, f"{label} nests JSON deeper than {MAX_SIDECAR_DEPTH} levels"
     return data, None
 
 
