@@ -599,6 +599,47 @@ def test_credentials_from_a_shared_file_and_none_at_all(
 # -- the archive in the inspection API ----------------------------------------------------------
 
 
+def test_the_same_name_on_two_receivers_is_archived_twice_never_overwritten(
+    make_server: Any, moto: Moto
+) -> None:
+    """A and B share a prefix and each record a tap of the same id: the second upload finds
+    the first recording under the name's keys and takes the recording's start into its own;
+    both stored WAVs equal their receiver's, and each is listed once where it was recorded."""
+    a = make_server(*archiving(moto.endpoint), env=AWS_ENV)
+    b = make_server(*archiving(moto.endpoint), env=AWS_ENV)
+    tap_id = new_id("same")
+    sent = {server: noise(8000, seed) for server, seed in ((a, 81), (b, 82))}
+    for server in (a, b):
+        asyncio.run(send_tap(tap_url(server, tap_id), [sent[server]]))
+        wait_archived(server, tap_id)
+    first = json.loads((a.recordings / f"{tap_id}.json").read_text())["archive"]
+    second = json.loads((b.recordings / f"{tap_id}.json").read_text())
+    start = "".join(c for c in second["started_at"] if c.isalnum())
+    assert first["url"] == f"s3://{BUCKET}/calls/{tap_id}.wav"
+    assert second["archive"]["url"] == f"s3://{BUCKET}/calls/{tap_id}.{start}.wav"
+    assert second["archive"]["sidecar_url"] == f"s3://{BUCKET}/calls/{tap_id}.{start}.json"
+    for server, key in ((a, tap_id), (b, f"{tap_id}.{start}")):
+        assert moto.get(f"calls/{key}.wav") == (server.recordings / f"{tap_id}.wav").read_bytes()
+        stored = json.loads(moto.get(f"calls/{key}.json"))
+        assert (
+            stored["started_at"]
+            == json.loads((server.recordings / f"{tap_id}.json").read_text())["started_at"]
+        )
+    assert "another recording of that name" in b.log()
+
+    def names(server: ServerProcess) -> list[tuple[str, str]]:
+        taps = server.api_get(f"/api/taps?q={tap_id}")[1]["taps"]
+        return sorted((t["name"], t["where"]) for t in taps)
+
+    wait_until(
+        lambda: (
+            names(b) == [(tap_id, "local")]
+            and names(a) == sorted([(tap_id, "local"), (f"{tap_id}.{start}", "archive")])
+        ),
+        "each receiver to list its own recording once and the other's from the archive",
+    )
+
+
 def test_receivers_sharing_an_archive_list_and_serve_each_others_recordings(
     make_server: Any, moto: Moto
 ) -> None:

@@ -12,8 +12,12 @@ One recording, in order: its WAV is locked (flock: a second worker never uploads
 time, and the lock dies with the process), the WAV and per-track WAVs are uploaded (encrypted
 first when there are recipients), then its sidecar with the `archive` field, and only then is
 the local sidecar rewritten (durably) to say where and when. Object keys follow from the file
-name alone, so a retry or a resumed upload writes the same objects, never a second copy under
-another name. Only after that may the local audio go (`archive_delete_local`, retention).
+name and the recording alone, so a retry or a resumed upload writes the same objects, never a
+second copy under another name: each object carries its recording (`tap id @ started_at`) in
+its metadata, and where the name's keys already hold another recording (another receiver of a
+fleet sharing the prefix, or a name used again after a local delete), the keys take the
+recording's start as well (`<name>.<start>.wav`): nothing archived is ever overwritten. Only
+after that may the local audio go (`archive_delete_local`, retention).
 
 A store that fails (unreachable, refusing the credentials, no such bucket) is an outage: logged
 once when it starts and once when it ends, shown in /healthz and /metrics; each recording
@@ -46,6 +50,11 @@ FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 300.0
 RETENTION_INTERVAL = 60.0  # seconds between retention sweeps
 WORK_DIR = ".archive"  # in the recordings directory: encrypted copies waiting to be uploaded
+
+
+def recording_of(sidecar: dict[str, Any]) -> str:
+    """What tells this recording from another of the same name: its tap id and its start."""
+    return f"{sidecar.get('tap_id')}@{sidecar.get('started_at')}"
 
 
 def is_archived(sidecar: dict[str, Any]) -> bool:
@@ -261,11 +270,14 @@ class Archiver:
             return
         encrypted = bool(self.recipients)
         suffix = ".age" if encrypted else ""
+        recording = recording_of(sidecar)
+        stem = await self._stem(store, name, recording, suffix)
         record: dict[str, Any] = {"encrypted": encrypted}
         resumed = 0
         tracks: dict[str, str] = {}
         for path in retention.audio_files(self.directory, sidecar, name):
-            done = await self._upload_audio(store, path, suffix)
+            key = store.key(stem + path.name[len(name) :] + suffix)
+            done = await self._upload_audio(store, key, path, suffix, recording)
             resumed += done.resumed_bytes
             self.counters["uploaded_bytes"] += done.size - done.resumed_bytes
             if path.name == f"{name}.wav":
@@ -279,14 +291,14 @@ class Archiver:
         if resumed:
             record["resumed_bytes"] = resumed
             self.counters["resumed_bytes"] += resumed
-        record["sidecar_url"] = store.url(store.key(f"{name}.json{suffix}"))
+        record["sidecar_url"] = store.url(store.key(f"{stem}.json{suffix}"))
         record["uploaded_at"] = retention.utc_iso(time.time())
         sidecar["archive"] = record
         body = await asyncio.to_thread(_json_bytes, sidecar)
         if encrypted:
             body = await asyncio.to_thread(encrypt_bytes, body, self.recipients)
         content_type = "application/age-encryption" if encrypted else "application/json"
-        await store.put_bytes(store.key(f"{name}.json{suffix}"), body, content_type)
+        await store.put_bytes(store.key(f"{stem}.json{suffix}"), body, content_type, recording)
         # The store has it all: say so locally, durably, before anything local is deleted
         # (unless the recording was deleted meanwhile: its sidecar is not brought back).
         if not await asyncio.to_thread(sidecar_path.exists):
@@ -309,10 +321,27 @@ class Archiver:
                 self.counters["local_deleted"] += 1
                 log.info("archive: %s: local audio deleted (%d bytes)", name, freed)
 
-    async def _upload_audio(self, store: ObjectStore, path: Path, suffix: str) -> Any:
-        key = store.key(path.name + suffix)
+    async def _stem(self, store: ObjectStore, name: str, recording: str, suffix: str) -> str:
+        """The base of this recording's keys: its name, unless the store holds another
+        recording's WAV or sidecar there; then its name and its start."""
+        start = "".join(c for c in recording.rpartition("@")[2] if c.isalnum())
+        for stem in (name, f"{name}.{start or 'x'}"):
+            owners = [
+                await store.owner(store.key(f"{stem}.json{suffix}")),
+                await store.owner(store.key(f"{stem}.wav{suffix}")),
+            ]
+            if all(owner in (None, recording) for owner in owners):
+                if stem != name:
+                    log.warning("archive: %s: the store holds another recording of that name; "
+                                "archived as %s", name, stem)  # fmt: skip
+                return stem
+        raise StoreError(f"{name}: the store holds other recordings under its keys")
+
+    async def _upload_audio(
+        self, store: ObjectStore, key: str, path: Path, suffix: str, recording: str
+    ) -> Any:
         if not suffix:
-            return await store.upload_file(key, path, "audio/wav")
+            return await store.upload_file(key, path, "audio/wav", recording)
         work = self.directory / WORK_DIR
         work.mkdir(exist_ok=True)
         copy = work / (path.name + suffix)
@@ -320,7 +349,7 @@ class Archiver:
         # sent again as it is, so the parts the store holds still match.
         if not copy.exists():
             await asyncio.to_thread(encrypt_to, path, copy, self.recipients)
-        done = await store.upload_file(key, copy, "application/age-encryption")
+        done = await store.upload_file(key, copy, "application/age-encryption", recording)
         with contextlib.suppress(FileNotFoundError):
             copy.unlink()
         return done

@@ -45,6 +45,9 @@ class Uploaded:
     resumed_bytes: int  # bytes a previous, interrupted upload had already stored
 
 
+RECORDING = "recording"  # object metadata: which recording (tap id @ start) it holds
+
+
 def describe_error(exc: BaseException) -> str:
     """One line: what the store said (its error code) or why it could not be reached."""
     response = getattr(exc, "response", None)
@@ -110,25 +113,43 @@ class ObjectStore:
         except Exception as exc:
             raise StoreError(describe_error(exc)) from exc
 
-    async def put_bytes(self, key: str, data: bytes, content_type: str) -> Uploaded:
+    async def owner(self, key: str) -> str | None:
+        """Whose recording an object holds: None when there is no object under `key`, else its
+        `recording` metadata ("" when it has none). Raises StoreError."""
+        try:
+            head = await self._client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                return None
+            raise StoreError(describe_error(exc)) from exc
+        return str((head.get("Metadata") or {}).get(RECORDING, ""))
+
+    async def put_bytes(
+        self, key: str, data: bytes, content_type: str, recording: str = ""
+    ) -> Uploaded:
         _, md5 = _md5(data)
         try:
             answer = await self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=data, ContentMD5=md5, ContentType=content_type
-            )
+                Bucket=self.bucket, Key=key, Body=data, ContentMD5=md5, ContentType=content_type,
+                Metadata={RECORDING: recording} if recording else {},
+            )  # fmt: skip
         except Exception as exc:
             raise StoreError(describe_error(exc)) from exc
         return Uploaded(key, len(data), answer.get("ETag", "").strip('"'), 0, 0)
 
-    async def upload_file(self, key: str, path: Path, content_type: str) -> Uploaded:
-        """Upload a file (in parts when larger than part_size) and check its stored size.
-        Raises StoreError (the store) or OSError (the local file)."""
+    async def upload_file(
+        self, key: str, path: Path, content_type: str, recording: str = ""
+    ) -> Uploaded:
+        """Upload a file (in parts when larger than part_size) and check its stored size;
+        `recording` goes into the object's metadata. Raises StoreError (the store) or OSError
+        (the local file)."""
         size = path.stat().st_size
         if size <= self.part_size:
             data = await asyncio.to_thread(path.read_bytes)
-            done = await self.put_bytes(key, data, content_type)
+            done = await self.put_bytes(key, data, content_type, recording)
         else:
-            done = await self._multipart(key, path, size, content_type)
+            done = await self._multipart(key, path, size, content_type, recording)
         try:
             head = await self._client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
@@ -137,14 +158,17 @@ class ObjectStore:
             raise StoreError(f"{key}: the store holds {head.get('ContentLength')} bytes of {size}")
         return done
 
-    async def _multipart(self, key: str, path: Path, size: int, content_type: str) -> Uploaded:
+    async def _multipart(
+        self, key: str, path: Path, size: int, content_type: str, recording: str
+    ) -> Uploaded:
         c = self._client
         try:
             upload_id, stored = await self._interrupted_upload(key)
             if upload_id is None:
                 answer = await c.create_multipart_upload(
-                    Bucket=self.bucket, Key=key, ContentType=content_type
-                )
+                    Bucket=self.bucket, Key=key, ContentType=content_type,
+                    Metadata={RECORDING: recording} if recording else {},
+                )  # fmt: skip
                 upload_id = answer["UploadId"]
             parts = []
             resumed = 0

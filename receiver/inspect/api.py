@@ -480,11 +480,14 @@ def _wav_info(path: Path) -> dict[str, Any] | None:
 def _with_archived(
     summaries: list[dict[str, Any]], archived: list[Archived]
 ) -> list[dict[str, Any]]:
-    """The listing with the archive's recordings that it does not have by name (a recording
-    this disk still has is listed once, as local), newest first."""
+    """The listing with the archive's recordings that it does not have (by name, or by where it
+    archived them: a recording this disk still has is listed once, as local), newest first."""
     names = {summary["name"] for summary in summaries}
+    urls = {summary.get("archive_url") for summary in summaries} - {None}
     added = [
-        Recording.from_archive(a.name, a.sidecar).summary() for a in archived if a.name not in names
+        Recording.from_archive(a.name, a.sidecar).summary()
+        for a in archived
+        if a.name not in names and (a.sidecar.get("archive") or {}).get("url") not in urls
     ]
     if not added:
         return summaries
