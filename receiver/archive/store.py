@@ -116,14 +116,16 @@ class ObjectStore:
     async def owner(self, key: str) -> str | None:
         """Whose recording an object holds: None when there is no object under `key`, else its
         `recording` metadata ("" when it has none). Raises StoreError."""
+        # A one-byte GET, not a HEAD: an error answer to a GET says why (a HEAD's is bare).
         try:
-            head = await self._client.head_object(Bucket=self.bucket, Key=key)
+            answer = await self._client.get_object(Bucket=self.bucket, Key=key, Range="bytes=0-0")
         except Exception as exc:
             status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 404:
                 return None
             raise StoreError(describe_error(exc)) from exc
-        return str((head.get("Metadata") or {}).get(RECORDING, ""))
+        answer["Body"].close()
+        return str((answer.get("Metadata") or {}).get(RECORDING, ""))
 
     async def put_bytes(
         self, key: str, data: bytes, content_type: str, recording: str = ""
