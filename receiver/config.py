@@ -287,8 +287,9 @@ SETTINGS: tuple[Setting, ...] = (
         "live_interval",
         "float",
         0.1,
-        "Seconds between updates of live listeners (GET /api/taps/{name}/live): how far their "
-        "audio trails what the timeline has placed.",
+        "Seconds between updates of live listeners (GET /api/taps/{name}/live) and of live audio "
+        "on NATS (live_nats): how far their audio trails what the timeline has placed, and the "
+        "length of a NATS message's audio.",
         _between(0.02, 1.0),
     ),
     Setting(
@@ -305,6 +306,15 @@ SETTINGS: tuple[Setting, ...] = (
         10000,
         "Live listeners at once, all taps together; more are refused (503).",
         _between(0, 1_000_000),
+    ),
+    Setting(
+        "live_nats",
+        "bool",
+        False,
+        "With nats_url: publish every recording tap's decoded audio on NATS "
+        "(tap-receiver.live.<instance>.<tap id>, one message per live_interval). Costs CPU "
+        "whether anyone subscribes or not: every tap's audio is decoded a second time, on the "
+        "event loop (Opus and G.722 above all), and sent to NATS.",
     ),
     Setting(
         "new_tap_rate_limit",
@@ -682,6 +692,7 @@ class LiveSettings:
     interval: float
     queue_seconds: float
     max_subscribers: int
+    nats: bool  # `live_nats`: every recording tap's audio on NATS too (needs nats_url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -823,6 +834,7 @@ def build(values: Mapping[str, Any], config_file: Path | None = None) -> Config:
             interval=v["live_interval"],
             queue_seconds=v["live_queue_seconds"],
             max_subscribers=v["live_max_subscribers"],
+            nats=v["live_nats"],
         ),
         ws=WsSettings(
             max_message_size=v["ws_max_message_size"],
@@ -988,6 +1000,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Config, 
         raise ConfigError(
             "archive_delete_local, archive_recipients: need archive_url (where the recordings go)"
         )
+    if values["live_nats"] and not values["nats_url"]:
+        raise ConfigError("live_nats: needs nats_url (the NATS server the audio goes to)")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("tls_cert, tls_key: give both (certificate and private key) or neither")
     return build(values, Path(config_path) if config_path else None), warnings

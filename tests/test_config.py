@@ -135,6 +135,7 @@ def test_sizes(text: str, size: int) -> None:
             "no_auth (from RECEIVER_NO_AUTH): must be true or false",
         ),
         (["--tls-cert", "x.pem"], {}, "tls_cert, tls_key: give both"),
+        (["--live-nats"], {}, "live_nats: needs nats_url"),
         (["--rtp-payload-types", "111=amr"], {}, "rtp_payload_types (from --rtp-payload-types)"),
         (["--rtp-payload-types", "8=opus"], {}, "PT must be 96-127"),
         ([], {"RECEIVER_RTP_PAYLOAD_TYPES": "opus"}, "'opus' is not PT=CODEC"),
@@ -289,3 +290,9 @@ def test_rtp_payload_types() -> None:
     assert cfg.rtp.payload_types == {111: "opus", 112: "g722"}
     assert config.from_argv([], {}).rtp.payload_types == {111: "opus"}
     assert config.from_argv(["--rtp-payload-types", ""], {}).rtp.payload_types == {}
+
+
+def test_live_nats_with_nats_url() -> None:
+    cfg = config.from_argv(["--nats-url", "nats://127.0.0.1:4222"], {"RECEIVER_LIVE_NATS": "1"})
+    assert cfg.live.nats is True
+    assert config.from_argv([], {}).live.nats is False

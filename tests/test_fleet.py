@@ -456,3 +456,194 @@ def test_a_receiver_that_dies_leaves_the_fleet_and_its_taps_the_listing(
     asyncio.run(scenario())
     assert "fleet: rx-b is gone" in a.log()
     assert a.stop() == 0
+
+
+# -- live audio on NATS (live_nats) ---------------------------------------------------------------
+
+JAMBONZ = ("audio.jambonz.org",)
+
+
+class LiveAudio:
+    """A consumer of `tap-receiver.live.>` elsewhere: every message, in order of arrival."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, dict[str, str], bytes]] = []
+        self.client: Any = None
+        self.reconnected = asyncio.Event()
+
+    async def connect(self, url: str) -> None:
+        import nats
+
+        async def on_reconnected() -> None:
+            self.reconnected.set()
+
+        async def on_message(msg: Any) -> None:
+            self.messages.append((msg.subject, dict(msg.headers or {}), msg.data))
+
+        self.client = await nats.connect(
+            url, reconnect_time_wait=0.2, max_reconnect_attempts=-1,
+            reconnected_cb=on_reconnected,
+        )  # fmt: skip
+        await self.client.subscribe("tap-receiver.live.>", cb=on_message)
+        await self.client.flush()
+
+    async def wait(self, predicate: Any, what: str) -> None:
+        async def until() -> None:
+            while not predicate():
+                await asyncio.sleep(0.02)  # poll: the callbacks run on this loop
+
+        try:
+            await asyncio.wait_for(until(), DEADLINE)
+        except TimeoutError:
+            raise AssertionError(f"waited {DEADLINE} s for {what}") from None
+
+    def ended(self) -> bool:
+        return any("end" in headers for _, headers, _ in self.messages)
+
+
+def check_published(
+    messages: list[tuple[str, dict[str, str], bytes]], wav: np.ndarray, channels: int
+) -> list[int]:
+    """Each audio message is the WAV's audio at its announced position, sample for sample;
+    returns the position jumps (frames not received) between messages."""
+    jumps = []
+    expected = None
+    for _, headers, body in messages:
+        position, frames = int(headers["position"]), int(headers["frames"])
+        if expected is not None and position != expected:
+            jumps.append(position - expected)
+        if "end" in headers:
+            assert body == b"" and frames == 0 and position == len(wav), headers
+            continue
+        audio = np.frombuffer(body, "<i2").reshape(-1, channels)
+        assert len(audio) == frames > 0, headers
+        expected_audio = wav[position : position + frames].reshape(-1, channels)
+        assert np.array_equal(audio, expected_audio), f"message at {position}"
+        expected = position + frames
+    return jumps
+
+
+def test_live_audio_on_nats_is_the_wav_from_its_announced_position(
+    make_server: Any, nats: NatsServer
+) -> None:
+    """A stereo L16 tap's audio, published on NATS while it records, is the WAV sample for
+    sample: positions contiguous from the first message's, every header right, then the end."""
+    nats.start()
+    server = member(make_server, nats, "rx-live", "--live-nats")
+    wait_for_health(server, lambda h: h["fleet"]["connected"], "fleet connected")
+    tap_id = "live.nats-1"  # a '.' is a '_' in the subject
+    rate = 16000
+    rng = np.random.default_rng(7)
+    pcm = rng.integers(-32768, 32767, (rate * 2, 2), dtype=np.int16)
+    raw = pcm.astype("<i2").tobytes()
+    pieces = [raw[i : i + 1283] for i in range(0, len(raw), 1283)]  # split mid-sample
+    consumer = LiveAudio()
+
+    async def scenario() -> None:
+        await consumer.connect(nats.url)
+        async with aiohttp.ClientSession() as session:
+            tap = await session.ws_connect(
+                f"{server.ws_url}/t/{TOKEN}/stream/{tap_id}", protocols=JAMBONZ
+            )
+            await tap.send_str(json.dumps({"sampleRate": rate, "mixType": "stereo"}))
+            for n, piece in enumerate(pieces):
+                await tap.send_bytes(piece)
+                if n % 10 == 0:
+                    await asyncio.sleep(0.02)  # pacing: spread over several live updates
+            await tap.close()
+        await consumer.wait(consumer.ended, "the end message")
+        await consumer.client.close()
+
+    asyncio.run(scenario())
+    wait_for_sidecar(server.recordings, tap_id)
+    wav, wav_rate = read_wav(server.recordings / f"{tap_id}.wav")
+    assert wav_rate == rate and np.array_equal(wav, pcm)  # the recording itself is exact
+    messages = consumer.messages
+    assert len(messages) > 2
+    assert check_published(messages, wav, 2) == []  # contiguous: nothing dropped
+    first = int(messages[0][1]["position"])
+    assert first == 0  # subscribed before the tap began: from its first frame
+    heard = np.frombuffer(b"".join(body for _, _, body in messages), "<i2").reshape(-1, 2)
+    assert np.array_equal(heard, wav[first:])  # from its position to the last frame
+    for subject, headers, _ in messages:
+        assert subject == "tap-receiver.live.rx-live.live_nats-1"
+        assert headers.items() >= {
+            "sample_rate": str(rate), "channels": "2", "format": "s16le", "tap_id": tap_id,
+            "name": tap_id,
+        }.items()  # fmt: skip
+    assert [h.get("end") for _, h, _ in messages].count("closed") == 1
+    assert "end" in messages[-1][1]
+    live = wait_for_health(server, lambda h: h["live"]["nats"]["taps"] == 0, "publisher done")
+    assert live["live"]["nats"]["messages"] == len(messages)
+    assert live["live"]["nats"]["dropped_frames"] == 0
+    assert live["live"]["taps"] == 0 and live["live"]["subscribers"] == 0  # no listeners
+    scraped = metrics(server)
+    assert scraped["tap_receiver_live_nats_messages_total"] == len(messages)
+    assert scraped["tap_receiver_live_nats_dropped_frames_total"] == 0
+    assert server.stop() == 0
+
+
+def test_live_audio_on_nats_through_an_outage(make_server: Any, nats: NatsServer) -> None:
+    """NATS killed while a tap records: the recording stays exact, the audio of the outage is
+    dropped and counted, what arrives is the WAV at its position (the drop a jump), and after
+    NATS is back the audio and the end come again."""
+    nats.start()
+    server = member(make_server, nats, "rx-live", "--live-nats")
+    wait_for_health(server, lambda h: h["fleet"]["connected"], "fleet connected")
+    tap_id = "live-outage"
+    consumer = LiveAudio()
+    sent: list[bytes] = []
+
+    def dropped(h: dict[str, Any]) -> bool:
+        return h["live"]["nats"]["dropped_frames"] > 0
+
+    async def scenario() -> None:
+        await consumer.connect(nats.url)
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(f"{server.ws_url}/t/{TOKEN}/tap/{tap_id}")
+
+            async def sender() -> None:
+                n = 0
+                while not stop.is_set():
+                    frame = noise(FRAME, 500 + n)
+                    await ws.send_bytes(frame)
+                    sent.append(frame)
+                    n += 1
+                    await asyncio.sleep(0.02)  # pacing: a real-time sender
+
+            sending = asyncio.create_task(sender())
+            await consumer.wait(lambda: len(consumer.messages) >= 3, "live audio on NATS")
+            nats.kill9()
+            await asyncio.to_thread(
+                wait_for_health, server, lambda h: not h["fleet"]["connected"], "NATS down"
+            )
+            await asyncio.to_thread(wait_for_health, server, dropped, "audio dropped")
+            before = len(consumer.messages)
+            await asyncio.to_thread(nats.start)
+            await asyncio.to_thread(
+                wait_for_health, server, lambda h: h["fleet"]["connected"], "NATS back"
+            )
+            await consumer.wait(consumer.reconnected.is_set, "the consumer reconnected")
+            await consumer.wait(lambda: len(consumer.messages) > before + 2, "audio again")
+            stop.set()
+            await sending
+            await ws.close()
+        await consumer.wait(consumer.ended, "the end message")
+        await consumer.client.close()
+
+    asyncio.run(scenario())
+    assert_exact(server.recordings, tap_id, b"".join(sent))
+    wav, _ = read_wav(server.recordings / f"{tap_id}.wav")
+    jumps = check_published(consumer.messages, wav, 1)
+    assert jumps and all(jump > 0 for jump in jumps)  # the outage: a jump forward
+    assert consumer.messages[-1][1]["end"] == "closed"
+    health = wait_for_health(server, lambda h: h["live"]["nats"]["taps"] == 0, "publisher done")
+    nats_stats = health["live"]["nats"]
+    received = sum(int(h["frames"]) for _, h, _ in consumer.messages)
+    # What was not received was dropped here, or lost with the killed server's socket.
+    assert 0 < nats_stats["dropped_frames"] <= len(wav) - received
+    assert nats_stats["messages"] >= len(consumer.messages)
+    scraped = metrics(server)
+    assert scraped["tap_receiver_live_nats_dropped_frames_total"] == nats_stats["dropped_frames"]
+    assert server.stop() == 0

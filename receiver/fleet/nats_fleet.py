@@ -11,6 +11,9 @@ Subjects, under `tap-receiver.`:
   SignalWire status callback; `source`: a registration by source address). Each answers on the
   asker's inbox; the asker waits until every live peer has answered, at most ASK_TIMEOUT.
 
+With `live_nats`, every recording tap's audio goes out under `live.` on this connection too
+(receiver.live.nats_publisher).
+
 NATS down: `nats-py` reconnects for ever; meanwhile this instance records as before, answers
 for itself only, and says so in `/healthz`, `/metrics` and one log line per outage.
 """
@@ -41,6 +44,7 @@ PEER_TIMEOUT = 3.5  # seconds without one after which a peer is gone
 ASK_TIMEOUT = 1.0  # seconds a question waits for the peers' answers
 RECONNECT_WAIT = 1.0  # seconds between connection attempts while NATS is down
 ERROR_LOG_INTERVAL = 10.0  # seconds between log lines about NATS errors while connected
+PENDING_SIZE = 16 * 1024 * 1024  # bytes the client may hold for the socket (live audio: half)
 
 
 @dataclass
@@ -128,6 +132,7 @@ class NatsFleet:
                 max_reconnect_attempts=-1,  # for ever, also the first connection
                 ping_interval=5,
                 max_outstanding_pings=2,
+                pending_size=PENDING_SIZE,
                 error_cb=self._on_error,
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
@@ -303,6 +308,18 @@ class NatsFleet:
         missing = sorted(expected - got.keys())
         self.unanswered += len(missing)
         return Answers(list(got.values()), missing)
+
+    # -- live audio (receiver.live.nats_publisher) ---------------------------------------------
+
+    def can_publish(self, size: int, limit: int) -> bool:
+        """Connected, and fewer than `limit` bytes (these `size` too) wait for the socket: a
+        publish then only appends to the client's buffer (nats-py waits for the socket only
+        past its pending_size)."""
+        nc = self._nc
+        return self.connected and nc.is_connected and nc.pending_data_size + size <= limit
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        await self._nc.publish(subject, payload, headers=headers)
 
     # -- what it shows ------------------------------------------------------------------------
 

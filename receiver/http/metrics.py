@@ -77,6 +77,16 @@ class _SnapshotCollector(Collector):
              "behind.", live["dropped_frames"]),
             ("live_gaps", "Gap markers sent to live listeners.", live["gaps"]),
         ]  # fmt: skip
+        nats = live.get("nats")
+        if nats is not None:  # live_nats
+            counters += [
+                ("live_nats_messages", "Live audio messages published on NATS (end messages "
+                 "too).", nats["messages"]),
+                ("live_nats_dropped_frames", "Frames of live audio not published on NATS (it was "
+                 "unreachable or behind).", nats["dropped_frames"]),
+            ]  # fmt: skip
+            gauges.append(("live_nats_taps", "Taps whose audio is published on NATS now.",
+                           nats["taps"]))  # fmt: skip
         archive = s.get("archive")
         if archive:
             counters += _archive_counters(archive)

@@ -367,7 +367,8 @@ SCHEMAS: dict[str, Any] = {
         "limits": {"type": "object"}, "recovery": {"type": "object"},
         "live": {"type": "object", "description": "live listeners: subscribers (now), taps "
                  "(listened to now), subscriptions, dropped_frames, gaps (in all), refused "
-                 "(by reason)"}},
+                 "(by reason); with live_nats, nats: subject, taps (published now), messages, "
+                 "bytes, dropped_frames, dropped_ends (in all)"}},
         "additionalProperties": True},
     "Connect": {"type": "object", "properties": {
         "tap_uri": {"type": "string", "description": "ws(s)://…/tap/{tap_id}"},

@@ -1,8 +1,10 @@
 """The taps being listened to live, brought up to date every `live_interval`, and the counters.
 
 A tap has a feed only while someone listens (`tap.live`); with nobody listening the hub's tick
-does nothing. The registry makes each feed catch up before it takes a tap's buffer for the disk
-and ends it with the tap (receiver.taps.registry).
+does nothing. With `live_nats` every recording tap has one from its start, with a NatsPublisher
+(nats_publisher.py) among its subscribers: then every tap is decoded for live audio. The
+registry makes each feed catch up before it takes a tap's buffer for the disk and ends it with
+the tap (receiver.taps.registry).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from receiver.config import LiveSettings
 from receiver.live.feed import LiveFeed
+from receiver.live.nats_publisher import NatsLive, NatsPublisher
 from receiver.live.subscriber import Subscriber
 from receiver.taps.tap import Tap
 
@@ -32,6 +35,7 @@ class LiveHub:
         self.refused: Counter[str] = Counter()  # by reason
         self._dropped_ended = 0  # frames dropped for subscribers of feeds that ended
         self._gaps_ended = 0
+        self.nats: NatsLive | None = None  # with live_nats, once the fleet's NATS is set up
 
     @property
     def full(self) -> bool:
@@ -39,11 +43,7 @@ class LiveHub:
 
     def subscribe(self, tap: Tap, name: str, channel: int | None) -> Subscriber:
         """A new listener of an active tap; its first message says the format and position."""
-        feed = self.feeds.get(tap.serial)
-        if feed is None:
-            feed = LiveFeed(tap, self._feed_ended)
-            self.feeds[tap.serial] = feed
-            tap.live = feed
+        feed = self._feed(tap)
         start = {
             "type": "start",
             "name": name,
@@ -59,6 +59,22 @@ class LiveHub:
         self.subscribers += 1
         self.subscriptions += 1
         return subscriber
+
+    def _feed(self, tap: Tap) -> LiveFeed:
+        feed = self.feeds.get(tap.serial)
+        if feed is None:
+            feed = LiveFeed(tap, self._feed_ended)
+            self.feeds[tap.serial] = feed
+            tap.live = feed
+        return feed
+
+    def tap_started(self, tap: Tap) -> None:
+        """A tap begins recording (TapRegistry.on_started): with live_nats, its audio goes to
+        NATS from its first frame."""
+        if self.nats is None:
+            return
+        feed = self._feed(tap)
+        feed.subscribers.append(self.nats.publisher(tap, feed.position))
 
     def unsubscribe(self, tap: Tap, subscriber: Subscriber) -> None:
         self.subscribers -= 1
@@ -77,7 +93,7 @@ class LiveHub:
         self.feeds.pop(feed.tap.serial, None)
         feed.tap.live = None
         self._dropped_ended += feed.dropped_frames
-        self._gaps_ended += sum(s.gaps for s in feed.subscribers)
+        self._gaps_ended += sum(s.gaps for s in _listeners(feed))
         feed.subscribers.clear()
 
     def catch_up(self) -> None:
@@ -97,11 +113,19 @@ class LiveHub:
 
     def stats(self) -> dict[str, Any]:
         active = list(self.feeds.values())
-        return {
+        stats: dict[str, Any] = {
             "subscribers": self.subscribers,
-            "taps": len(active),
+            "taps": sum(1 for f in active if _listeners(f)),  # listened to
             "subscriptions": self.subscriptions,
             "dropped_frames": self._dropped_ended + sum(f.dropped_frames for f in active),
-            "gaps": self._gaps_ended + sum(s.gaps for f in active for s in f.subscribers),
+            "gaps": self._gaps_ended + sum(s.gaps for f in active for s in _listeners(f)),
             "refused": dict(self.refused),
         }
+        if self.nats is not None:
+            stats["nats"] = self.nats.health()
+        return stats
+
+
+def _listeners(feed: LiveFeed) -> list[Subscriber]:
+    """A feed's WebSocket listeners (not its NATS publisher)."""
+    return [s for s in feed.subscribers if not isinstance(s, NatsPublisher)]

@@ -30,6 +30,7 @@ from receiver.http.metrics import Metrics
 from receiver.http.public_urls import ConnectInfo, PublicUrls
 from receiver.inspect.api import RecordingsApi
 from receiver.live.hub import LiveHub
+from receiver.live.nats_publisher import NatsLive
 from receiver.rtp.receiver import RtpReceiver
 from receiver.server.load import LoadMeter
 from receiver.server.loop import loop_name
@@ -379,6 +380,9 @@ class Server:
         storage = storage_id(self.config.storage.recordings)
         fleet = NatsFleet(list(self.config.fleet.nats_servers), name, storage, self.answer_fleet)
         self.fleet = self.recordings_api.fleet = fleet
+        if self.config.live.nats:  # every recording tap's audio on NATS too
+            self.live.nats = NatsLive(fleet, self.config.live.queue_seconds)
+            self.registry.on_started = self.live.tap_started
         assert self.control is not None
         self.control.fleet = fleet
         await fleet.start()
@@ -506,6 +510,9 @@ class Server:
         log.info("shutting down: finalizing %d open taps", len(self.registry))
         if self.fleet is not None:  # the others forget this one now, not at its next silence
             await self.fleet.stop(min(1.0, timeout / 4))
+        if self.live.nats is not None:  # its connection is closed: the taps' ends do not go out
+            self.registry.on_started = None
+            await self.live.nats.stop()
         for transport in self.transports.values():
             transport.stop_receiving()
         # Each transport ends its own taps (WebSocket handlers flush their sessions).

@@ -54,6 +54,8 @@ class TapRegistry:
         # Called on the event loop with each tap and its final sidecar, once its files are
         # complete.
         self.on_finalized: Callable[[Tap, dict[str, Any]], None] | None = None
+        # Called with each tap once it records (live audio on NATS, receiver.live.hub).
+        self.on_started: Callable[[Tap], None] | None = None
         # The transports' `gather`: they may hold audio outside the taps' buffers.
         self.audio_holders: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -120,6 +122,8 @@ class TapRegistry:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self.writer.open(tap.sink, tap.describe())
+        if self.on_started is not None:
+            self.on_started(tap)
         log.info(
             "tap %s started: %s from %s, %s %d Hz x%d",
             tap.tap_id,
