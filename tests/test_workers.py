@@ -121,7 +121,9 @@ def test_sigterm_to_the_parent_finalizes_every_workers_taps(make_server: Any) ->
         sender.wait()
     assert code == 0, server.log()
     rtp = _finished_sidecars(server, "rtp-*.json", 20)
-    assert len(rtp) == 20 and all(s["end_reason"] == "shutdown" for s in rtp)
+    assert len(rtp) == 20 and all(s["end_reason"] == "shutdown" for s in rtp), sorted(
+        (s["file"], s["end_reason"], s.get("worker"), s.get("started_at")) for s in rtp
+    )
     ws = [wait_for_sidecar(server.recordings, f"ws-worker-{i}") for i in range(8)]
     assert all(s["frames_written"] == 160 for s in ws)
     assert {s["worker"] for s in rtp + ws} == {0, 1}

@@ -499,17 +499,28 @@ class RtpReceiver:
             self._end_stream(stream, reason)
 
     def stop_receiving(self) -> None:
-        """Read what arrived before (sockets are read every 5 ms), then close every socket."""
+        """Read what arrived before (sockets are read every 5 ms), then close every socket but
+        the shared one: that one stays open, unread, until the process exits. Under --workers
+        the kernel spreads sources over the workers' sockets of one port (SO_REUSEPORT), and
+        closing it would move this worker's streams to the others, which record the rest of
+        them as new taps if they have not yet heard of the shutdown themselves. `release`
+        closes it at the very end."""
         self.receive()
         if self._pump is not None:
             self._pump.cancel()
             self._pump = None
         if self.shared is not None:
-            self._detach(self.shared)
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self.shared.sock)
         for sock in list(self.pool_sockets.values()):
             self._detach(sock)
         self._selector.close()
         self._closed = True
+
+    def release(self) -> None:
+        """The end of shutdown: close the shared socket too (see `stop_receiving`)."""
+        if self.shared is not None:
+            self.shared.sock.close()
 
     def live_stats(self, tap: Tap) -> dict[str, Any] | None:
         stream = self.stream_of(tap)

@@ -533,6 +533,7 @@ class Server:
         # The writer keeps to the deadline itself (what is left stays valid on disk).
         await self.writer.stop(remaining)
         self.writer_stuck = self.writer.stuck
+        self.rtp.release()
         if self.archiver is not None:
             await asyncio.sleep(0)  # the writer's last completions reach the archiver first
             await self.archiver.stop(max(0.2, min(1.0, timeout - (time.monotonic() - started))))
