@@ -30,6 +30,7 @@ from tests.helpers import (
     NatsServer,
     ServerProcess,
     free_port,
+    new_id,
     noise,
     read_wav,
     wait_for_health,
@@ -312,6 +313,17 @@ def wait_for_live_frames_anywhere(server: ServerProcess, name: str, frames: int)
     wait_until(placed, f"{name}: {frames} frames")
 
 
+async def real_time_sender(ws: Any, stop: asyncio.Event, sent: list[bytes], seed: int) -> None:
+    """A 20 ms G.711 frame of noise every 20 ms until `stop`; what it sent goes to `sent`."""
+    n = 0
+    while not stop.is_set():
+        frame = noise(FRAME, seed + n)
+        await ws.send_bytes(frame)
+        sent.append(frame)
+        n += 1
+        await asyncio.sleep(0.02)  # pacing: a real-time sender
+
+
 def test_nats_down_and_restarted_mid_recording(make_server: Any, nats: NatsServer) -> None:
     # The receivers start while NATS is down: they record, and say so.
     a = member(make_server, nats, "rx-a")
@@ -331,16 +343,7 @@ def test_nats_down_and_restarted_mid_recording(make_server: Any, nats: NatsServe
         async with aiohttp.ClientSession() as session:
             ws = await session.ws_connect(f"{a.ws_url}/t/{TOKEN}/tap/through-outage")
 
-            async def sender() -> None:
-                n = 0
-                while not stop.is_set():
-                    frame = noise(FRAME, 100 + n)
-                    await ws.send_bytes(frame)
-                    sent.append(frame)
-                    n += 1
-                    await asyncio.sleep(0.02)  # pacing: a real-time sender
-
-            sending = asyncio.create_task(sender())
+            sending = asyncio.create_task(real_time_sender(ws, stop, sent, 100))
             await asyncio.to_thread(
                 wait_until, lambda: listed(b, "through-outage", "rx-a"), "B lists A's tap"
             )
@@ -603,16 +606,7 @@ def test_live_audio_on_nats_through_an_outage(make_server: Any, nats: NatsServer
         async with aiohttp.ClientSession() as session:
             ws = await session.ws_connect(f"{server.ws_url}/t/{TOKEN}/tap/{tap_id}")
 
-            async def sender() -> None:
-                n = 0
-                while not stop.is_set():
-                    frame = noise(FRAME, 500 + n)
-                    await ws.send_bytes(frame)
-                    sent.append(frame)
-                    n += 1
-                    await asyncio.sleep(0.02)  # pacing: a real-time sender
-
-            sending = asyncio.create_task(sender())
+            sending = asyncio.create_task(real_time_sender(ws, stop, sent, 500))
             await consumer.wait(lambda: len(consumer.messages) >= 3, "live audio on NATS")
             nats.kill9()
             await asyncio.to_thread(
@@ -647,3 +641,36 @@ def test_live_audio_on_nats_through_an_outage(make_server: Any, nats: NatsServer
     scraped = metrics(server)
     assert scraped["tap_receiver_live_nats_dropped_frames_total"] == nats_stats["dropped_frames"]
     assert server.stop() == 0
+
+
+def test_live_audio_on_nats_ends_with_the_shutdown(make_server: Any, nats: NatsServer) -> None:
+    """SIGTERM while a tap records: its last audio and an `end: shutdown` message reach the
+    consumer before the receiver leaves NATS, and all of it is the WAV."""
+    nats.start()
+    server = member(make_server, nats, "rx-live", "--live-nats")
+    wait_for_health(server, lambda h: h["fleet"]["connected"], "fleet connected")
+    tap_id = new_id("nats-end")
+    sent = noise(8000, 31)
+    consumer = LiveAudio()
+
+    async def scenario() -> int:
+        await consumer.connect(nats.url)
+        async with aiohttp.ClientSession() as session:
+            tap = await session.ws_connect(f"{server.ws_url}/t/{TOKEN}/tap/{tap_id}")
+            for n in range(0, len(sent), 800):
+                await tap.send_bytes(sent[n : n + 800])
+            await consumer.wait(lambda: len(consumer.messages) > 0, "the first audio")
+            code = await asyncio.get_running_loop().run_in_executor(None, server.stop)
+            await consumer.wait(consumer.ended, "the end message")
+            await consumer.client.close()
+            return code
+
+    assert asyncio.run(scenario()) == 0
+    wait_for_sidecar(server.recordings, tap_id)
+    wav, _ = read_wav(server.recordings / f"{tap_id}.wav")
+    assert np.array_equal(wav.reshape(-1), reference.decode("PCMU", sent))
+    messages = consumer.messages
+    assert check_published(messages, wav, 1) == []
+    assert messages[-1][1]["end"] == "shutdown"
+    heard = np.frombuffer(b"".join(body for _, _, body in messages), "<i2")
+    assert np.array_equal(heard, wav.reshape(-1)[int(messages[0][1]["position"]) :])

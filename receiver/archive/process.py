@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from receiver.child_process import die_with_parent
 from receiver.config import ArchiveSettings
 
 log = logging.getLogger("receiver.archive")
@@ -131,15 +131,6 @@ class ArchiverProcess:
 # -- the child ------------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Linux: be killed when the server dies (kill -9 included)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 async def _child(args: dict[str, Any]) -> None:
     from receiver.archive.archiver import Archiver
 
@@ -186,7 +177,7 @@ async def _child(args: dict[str, Any]) -> None:
 def main(argv: list[str]) -> int:
     from receiver.logs import WorkerLogFilter, setup_logging
 
-    _die_with_parent()
+    die_with_parent()
     os.nice(NICENESS)  # below the server and its disk writer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when to stop
     args = json.loads(argv[0])

@@ -168,6 +168,10 @@ class NatsLive:
             self.stats.taps -= 1
 
     async def stop(self) -> None:
+        """Shutdown, once the taps have ended: their last messages go out (at most
+        STOP_TIMEOUT), then whatever still waits is given up."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=STOP_TIMEOUT)
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(Exception):

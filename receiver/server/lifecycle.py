@@ -508,11 +508,6 @@ class Server:
         started = time.monotonic()
         timeout = self.config.server.shutdown_timeout
         log.info("shutting down: finalizing %d open taps", len(self.registry))
-        if self.fleet is not None:  # the others forget this one now, not at its next silence
-            await self.fleet.stop(min(1.0, timeout / 4))
-        if self.live.nats is not None:  # its connection is closed: the taps' ends do not go out
-            self.registry.on_started = None
-            await self.live.nats.stop()
         for transport in self.transports.values():
             transport.stop_receiving()
         # Each transport ends its own taps (WebSocket handlers flush their sessions).
@@ -523,6 +518,11 @@ class Server:
                     for t in self.transports.values()
                 )
             )
+        if self.live.nats is not None:  # the taps' last audio and end messages go out first
+            self.registry.on_started = None
+            await self.live.nats.stop()
+        if self.fleet is not None:  # the others forget this one now, not at its next silence
+            await self.fleet.stop(min(1.0, timeout / 4))
         for task in self._tasks:
             task.cancel()
         if self._runner is not None:

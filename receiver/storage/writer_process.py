@@ -18,7 +18,6 @@ and starts another; the taps whose files the dead one held end `failed`.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import pickle
@@ -33,6 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from receiver.child_process import die_with_parent
 from receiver.storage.wav_sink import SinkInfo, WavSink
 from receiver.storage.writer import DiskWriter, Finished, Pending
 
@@ -357,15 +357,6 @@ def _done() -> Future[None]:
 # -- the child -----------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Linux: be killed when the server dies (kill -9 included)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class _Child:
     def __init__(self, writer: DiskWriter, out: BinaryIO) -> None:
         self.writer = writer
@@ -473,7 +464,7 @@ class _Child:
 def main(argv: list[str]) -> int:
     from receiver.logs import WorkerLogFilter, setup_logging
 
-    _die_with_parent()
+    die_with_parent()
     # Below the event loop: where they compete for a core, receiving packets (which are lost if
     # not read in time) goes before writing them (which may lag, within max_unwritten_*) and
     # before creating new taps' files (admission refuses new taps while those lag).
