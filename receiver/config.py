@@ -286,7 +286,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "live_interval",
         "float",
-        0.1,
+        0.2,
         "Seconds between updates of live listeners (GET /api/taps/{name}/live) and of live audio "
         "on NATS (live_nats): how far their audio trails what the timeline has placed, and the "
         "length of a NATS message's audio.",

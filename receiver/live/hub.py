@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from receiver.config import LiveSettings
@@ -26,9 +26,11 @@ SAMPLE_FORMAT = "s16le"  # signed 16-bit little-endian, channels interleaved
 
 
 class LiveHub:
-    def __init__(self, settings: LiveSettings, gather: Callable[[], None]) -> None:
+    def __init__(
+        self, settings: LiveSettings, gather: Callable[[Collection[Tap] | None], None]
+    ) -> None:
         self.settings = settings
-        self.gather = gather  # brings every tap's buffer up to date (the transports' audio)
+        self.gather = gather  # brings taps' buffers up to date (the transports' audio)
         self.feeds: dict[int, LiveFeed] = {}  # by tap serial
         self.subscribers = 0  # connected now
         self.subscriptions = 0  # in all
@@ -99,7 +101,7 @@ class LiveHub:
     def catch_up(self) -> None:
         if not self.feeds:
             return
-        self.gather()
+        self.gather([feed.tap for feed in self.feeds.values()])  # only the taps listened to
         for feed in list(self.feeds.values()):
             feed.catch_up()
 

@@ -14,7 +14,7 @@ messages and publishes them:
   `frames`, `sample_rate`, `channels`, `format: s16le`, `tap_id`, `name` (the WAV's base name,
   the tap id until the writer has reserved it).
 - body: the audio, 16-bit little-endian PCM, channels interleaved: one message per
-  `live_interval` (0.1 s by default) with what the tap's timeline placed in that time.
+  `live_interval` (0.2 s by default) with what the tap's timeline placed in that time.
 - at the tap's end: a message with an empty body and the header `end: <reason>` (`position`:
   the frame after the last one).
 

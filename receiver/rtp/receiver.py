@@ -23,7 +23,7 @@ import logging
 import selectors
 import socket
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Collection, Hashable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -114,6 +114,7 @@ class RtpReceiver:
         self.naming = naming
         self.registry = registry
         self.shared: RtpSocket | None = None
+        self._by_tap: dict[int, RtpStream] = {}  # by tap serial: each tap's stream
         self.pool_sockets: dict[int, RtpSocket] = {}  # port -> socket, reserved ports only
         self.stream_count = 0
         # Streams holding packets behind a gap, by when the oldest is due: (due, tiebreak, stream)
@@ -347,6 +348,7 @@ class RtpReceiver:
         if owns_port:
             sock.owner = stream
         sock.streams[key] = stream
+        self._by_tap[tap.serial] = stream
         self.stream_count += 1
         self.registry.start(tap)
         return stream
@@ -385,6 +387,7 @@ class RtpReceiver:
         sock = stream.socket
         if sock.streams.pop(stream.key, None) is None:
             return
+        self._by_tap.pop(stream.tap.serial, None)
         self.stream_count -= 1
         if stream.muted:
             stream.leave_lane()
@@ -421,10 +424,7 @@ class RtpReceiver:
                 yield from list(sock.streams.values())
 
     def stream_of(self, tap: Tap) -> RtpStream | None:
-        for stream in self.streams():
-            if stream.tap is tap:
-                return stream
-        return None
+        return self._by_tap.get(tap.serial)
 
     def poll(self, now: float) -> None:
         """Release packets whose gap has waited out the jitter window: only the streams that
@@ -469,9 +469,15 @@ class RtpReceiver:
 
     # -- the transport interface (receiver.taps.transport) ------------------------------------
 
-    def gather(self) -> None:
-        """The fast lane's stored audio, to every tap's buffer."""
-        self.lane.drain_all()
+    def gather(self, taps: Collection[Tap] | None = None) -> None:
+        """The fast lane's stored audio, to every tap's buffer (or only to `taps`')."""
+        if taps is None:
+            self.lane.drain_all()
+            return
+        for tap in taps:
+            stream = self._by_tap.get(tap.serial)
+            if stream is not None and stream.slot >= 0:
+                self.lane.drain(stream.slot)
 
     def stop_tap(
         self, tap: Tap, reason: str, *, drop_rest: bool = False, close_code: int = 1000

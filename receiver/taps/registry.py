@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ class TapRegistry:
         # Called with each tap once it records (live audio on NATS, receiver.live.hub).
         self.on_started: Callable[[Tap], None] | None = None
         # The transports' `gather`: they may hold audio outside the taps' buffers.
-        self.audio_holders: list[Callable[[], None]] = []
+        self.audio_holders: list[Callable[[Collection[Tap] | None], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called on the event loop with a tap whose files could not be created, and why: the
         # server has its transport refuse it. Counted here, by transport.
@@ -244,10 +244,11 @@ class TapRegistry:
         if self.on_finalized is not None and sidecar:
             self.on_finalized(tap, sidecar)
 
-    def gather(self) -> None:
-        """Bring every tap's buffer up to date, before its length is read or it is taken."""
+    def gather(self, taps: Collection[Tap] | None = None) -> None:
+        """Bring every tap's buffer (or only `taps`') up to date, before its length is read or
+        it is taken."""
         for hand_over in self.audio_holders:
-            hand_over()
+            hand_over(taps)
 
     def dropped_frames(self) -> Counter[str]:
         """Frames dropped by the buffers' guards, ended and active taps together."""

@@ -8,6 +8,7 @@ shut itself down instead of reaching into it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Protocol
 
 from receiver.taps.tap import Tap
@@ -17,9 +18,9 @@ class Transport(Protocol):
     #: The `transport` of its taps and its section in /healthz: "websocket" or "rtp".
     name: str
 
-    def gather(self) -> None:
-        """Hand every tap the audio the transport still holds for it (before buffers are
-        measured or taken)."""
+    def gather(self, taps: Collection[Tap] | None = None) -> None:
+        """Hand every tap (or only `taps`) the audio the transport still holds for it (before
+        buffers are measured or taken)."""
 
     def stop_tap(
         self, tap: Tap, reason: str, *, drop_rest: bool = False, close_code: int = 1000

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -246,7 +247,7 @@ class WsTapEndpoint:
 
     # -- the transport interface (receiver.taps.transport) ------------------------------------
 
-    def gather(self) -> None:
+    def gather(self, taps: Collection[Tap] | None = None) -> None:
         """Sessions hand their audio to the tap as it comes: nothing is held here."""
 
     def stop_tap(
