@@ -411,15 +411,23 @@ def test_the_listing_merges_live_taps_by_directory() -> None:
         [
             {"instance": "here-w1", "storage": "host:/rec", "taps": [dict(live), "junk"]},
             {"instance": "there", "storage": "other:/rec", "taps": [newer, {"name": 5}]},
+            # What a broken or hostile peer may answer: it loses its entries, not the listing.
+            {"instance": "evil", "taps": 5, "truncated": "lots"},
+            {"instance": "evil-2", "taps": [{"name": "ghost"}], "truncated": 3},
+            "not even a dict",
         ]
     )
-    merged = listing.merge(local, answers, "host:/rec")
+    cleaned = listing.clean(answers)
+    merged = listing.merge(local, cleaned, "host:/rec")
     assert [(t["name"], t.get("instance")) for t in merged] == [
         ("call-1", "there"),
         ("call-1", "here-w1"),
         ("old", None),
+        ("ghost", "evil-2"),
     ]
     assert merged[1]["duration_seconds"] == 7.5 and merged[0]["duration_seconds"] == 2.0
+    assert (merged[3]["state"], merged[3]["transport"]) == ("recording", "unknown")
+    assert [a["truncated"] for a in cleaned.answers] == [0, 0, 0, 3]
 
 
 def test_an_answer_too_long_for_nats_is_cut_and_says_so() -> None:

@@ -15,17 +15,39 @@ MAX_TAPS_PER_ANSWER = 5000  # live taps one instance lists for the others (and N
 LIVE_FIELDS = ("state", "duration_seconds", "loss_percent", "instance")
 
 
+# What a listed tap must have for the listing's filters and sorting (a peer may answer anything).
+TAP_DEFAULTS = {"state": "recording", "transport": "unknown", "started_at": None}
+
+
+def clean(answers: Answers) -> Answers:
+    """The peers' answers to `taps` as the listing can use them: `taps` a list of entries with
+    a string `name` (others dropped) and the fields it filters on, `truncated` a count. A peer
+    that answers something else loses its entries, never the listing."""
+    cleaned = []
+    for answer in answers.answers:
+        if not isinstance(answer, dict):
+            continue
+        taps = answer.get("taps")
+        kept = []
+        for tap in taps[:MAX_TAPS_PER_ANSWER] if isinstance(taps, list) else []:
+            if isinstance(tap, dict) and isinstance(tap.get("name"), str):
+                kept.append({**TAP_DEFAULTS, **tap})
+                for key in ("state", "transport"):
+                    kept[-1][key] = str(kept[-1][key])
+        truncated = answer.get("truncated")
+        cleaned.append({**answer, "taps": kept, "instance": str(answer.get("instance")),
+                        "truncated": truncated if isinstance(truncated, int) else 0})  # fmt: skip
+    return Answers(cleaned, answers.missing, answers.reachable)
+
+
 def merge(local: list[dict[str, Any]], answers: Answers, storage: str) -> list[dict[str, Any]]:
-    """`local` (newest first) with the peers' live taps, newest first."""
+    """`local` (newest first) with the peers' live taps (`clean`ed), newest first."""
     by_name = {summary["name"]: summary for summary in local}
     merged = list(local)
     for answer in answers.answers:
         same_directory = answer.get("storage") == storage
-        taps = answer.get("taps")
-        for tap in taps[:MAX_TAPS_PER_ANSWER] if isinstance(taps, list) else []:
-            if not isinstance(tap, dict) or not isinstance(tap.get("name"), str):
-                continue
-            tap["instance"] = answer.get("instance")
+        for tap in answer["taps"]:
+            tap["instance"] = answer["instance"]
             mine = by_name.get(tap["name"]) if same_directory else None
             if mine is not None:
                 mine.update({key: tap.get(key) for key in LIVE_FIELDS})

@@ -98,6 +98,7 @@ class NatsFleet:
         self.questions = 0  # questions this instance answered
         self._outage_logged = False
         self._twin_logged = False  # another process under this instance's name
+        self._question_error_logged = float("-inf")  # questions it could not answer
         self._error_logged = float("-inf")  # when a NATS error was last logged
         self._nc = Client()
         self._tasks: list[asyncio.Task[None]] = []
@@ -231,8 +232,9 @@ class NatsFleet:
         try:
             data = orjson.loads(msg.data)
             name = str(data["instance"])
-        except (ValueError, KeyError, TypeError):
-            return
+            pid = int(data.get("pid") or 0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return  # not a receiver's presence message
         if name == self.instance:
             twin = data.get("pid") != os.getpid() or data.get("storage") != self.storage
             if twin and not self._twin_logged:
@@ -246,8 +248,7 @@ class NatsFleet:
                 log.info("fleet: %s left", name)
             return
         known = name in self.peers
-        self.peers[name] = Peer(name, str(data.get("storage")), int(data.get("pid") or 0),
-                                time.monotonic())  # fmt: skip
+        self.peers[name] = Peer(name, str(data.get("storage")), pid, time.monotonic())
         if not known:
             log.info("fleet: %s is here", name)
         if data.get("hello") and self.connected:
@@ -263,8 +264,12 @@ class NatsFleet:
                 return
             body = question.get("body")
             answer = self.responder(kind, body if isinstance(body, dict) else {})
-        except Exception as exc:
-            log.exception("fleet: cannot answer a %s question", kind)
+        except Exception as exc:  # a malformed question (or a bug): logged at most every 10 s
+            now = time.monotonic()
+            if now - self._question_error_logged >= ERROR_LOG_INTERVAL:
+                self._question_error_logged = now
+                log.warning("fleet: cannot answer a %s question: %s: %s", kind,
+                            type(exc).__name__, exc)  # fmt: skip
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         self.questions += 1
         answer.update(instance=self.instance, storage=self.storage)

@@ -215,15 +215,15 @@ class RecordingsApi:
         live = len(active)
         fleet_view: dict[str, Any] | None = None
         if self.fleet is not None:
-            answers = await self.fleet.ask("taps", {})
+            answers = listing.clean(await self.fleet.ask("taps", {}))
             summaries = listing.merge(summaries, answers, self.fleet.storage)
-            live += sum(len(a.get("taps") or []) for a in answers.answers)
+            live += sum(len(a["taps"]) for a in answers.answers)
             fleet_view = {
                 "instance": self.fleet.instance,
-                "answered": sorted(str(a.get("instance")) for a in answers.answers),
+                "answered": sorted(a["instance"] for a in answers.answers),
                 "missing": answers.missing,
                 "reachable": answers.reachable,
-                "truncated": sum(int(a.get("truncated") or 0) for a in answers.answers),
+                "truncated": sum(a["truncated"] for a in answers.answers),
             }
         archive_view: dict[str, Any] | None = None
         if self.archived is not None:
