@@ -318,3 +318,39 @@ async def post_json(server: ServerProcess, path: str, body: Any) -> tuple[int, A
         session.post(server.base_url + path, json=body, headers=headers) as answer,
     ):
         return answer.status, await answer.json()
+
+
+def test_a_leg_begins_on_the_call_where_its_audio_began_not_its_format_frame(
+    srv: ServerProcess,
+) -> None:
+    """The speak leg declares its format at once but sends audio only once the listen leg has
+    placed a second: on the call's timeline it begins there (about 8 000 frames in), not at
+    its format frame (which would put it at 0 and misalign the parties by a second)."""
+    call_id = new_id("call")
+    speak, listen = noise(CHUNK * 100, 5), noise(CHUNK * 150, 6)
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as session:
+            a = await session.ws_connect(leg_url(srv, call_id, "speak"))
+            await a.send_str("content-type:audio/mulaw;rate=8000")
+            await until_placed(srv, f"{call_id}.speak", 0)  # its tap began: no audio yet
+            b = await session.ws_connect(leg_url(srv, call_id, "listen"))
+            for n in range(150):
+                await b.send_bytes(listen[n * CHUNK : (n + 1) * CHUNK])
+                if n == 50:
+                    await until_placed(srv, f"{call_id}.listen", 8000)
+                    for m in range(100):
+                        await a.send_bytes(speak[m * CHUNK : (m + 1) * CHUNK])
+                    await a.close()
+                await asyncio.sleep(0.02)  # a real-time sender
+            await b.close()
+
+    asyncio.run(scenario())
+    call = wait_for_sidecar(srv.recordings, call_id)
+    legs = call["call"]["legs"]
+    assert legs["listen"]["offset_frames"] == 0
+    assert abs(legs["speak"]["offset_frames"] - 8160) <= 800, legs  # 51 chunks in, give or take
+    stereo, _ = read_wav(srv.recordings / f"{call_id}.wav")
+    offset = legs["speak"]["offset_frames"]
+    expected = reference.decode("PCMU", speak)
+    assert np.array_equal(stereo[offset : offset + len(expected), 0], expected)

@@ -4,6 +4,7 @@ logging bad input (once per tap and kind), and ending cleanly."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ class Session:
         self.ended = False  # set by the endpoint once the tap is finished
         self._partial = b""  # the start of a frame split across binary messages
         self._packet_frames = 0  # the last good packet's frames (a corrupt one conceals as many)
+        self._first_audio: float | None = None  # when its first audio arrived (monotonic)
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -89,13 +91,26 @@ class Session:
             tap.add_event(event)
         self._early_counters.clear()
         self._early_events.clear()
+        if self._first_audio is not None:
+            tap.first_audio_monotonic = self._first_audio
         self.tap = tap
         self.ctx.start(tap)
         return tap
 
+    def heard(self) -> None:
+        """Audio arrived (the first time counts): where the tap begins on a call's timeline
+        (receiver.calls), not when it began, which a format frame or a start event may precede
+        by any time."""
+        if self._first_audio is None:
+            self._first_audio = time.monotonic()
+            if self.tap is not None:
+                self.tap.first_audio_monotonic = self._first_audio
+
     def append_frames(self, fmt: AudioFormat, data: bytes) -> None:
         """Binary audio in arrival order, whole frames only: a frame (an L16 sample, or one per
         channel) split across messages waits for the rest in `_partial`."""
+        if data:
+            self.heard()
         tap = self.tap or self.start_tap(fmt)
         tap.count("frames_received")
         tap.count("bytes_received", len(data))
@@ -109,6 +124,7 @@ class Session:
     def append_packet(self, fmt: AudioFormat, packet: bytes) -> None:
         """One Opus packet (a binary message). One that is not an Opus packet is counted and
         concealed for as long as the packet before it played (20 ms if none)."""
+        self.heard()
         tap = self.tap or self.start_tap(fmt)
         tap.count("frames_received")
         tap.count("bytes_received", len(packet))

@@ -214,6 +214,7 @@ class MediaStreamsSession(Session):
         track = _track(media.get("track"))
         chunk = _number(media.get("chunk"))
         timestamp = _number(media.get("timestamp"))
+        self.heard()
         if self.tap is None:
             if track not in self._seen_tracks:  # bounded: only until the tap begins
                 self._seen_tracks.append(track)
