@@ -268,8 +268,12 @@ class ServerProcess:
 
     def api_get(self, target: str) -> tuple[int, Any]:
         """GET an API path with this server's token; the status and the JSON body."""
+        return self.api("GET", target)
+
+    def api(self, method: str, target: str) -> tuple[int, Any]:
+        """`method` on an API path with this server's token; the status and the JSON body."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        request = urllib.request.Request(self.base_url + target, headers=headers)
+        request = urllib.request.Request(self.base_url + target, headers=headers, method=method)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             with opener.open(request, timeout=DEADLINE) as response:

@@ -599,6 +599,29 @@ def test_credentials_from_a_shared_file_and_none_at_all(
 # -- the archive in the inspection API ----------------------------------------------------------
 
 
+def test_a_recording_being_uploaded_is_not_deleted_under_the_archiver(
+    make_server: Any, moto: Moto, proxy: Proxy
+) -> None:
+    """While its upload is under way, DELETE answers 409 (a name freed mid-upload could be taken
+    by a new tap, whose files the archiver would then finish and delete by name); once it is
+    archived, DELETE works."""
+    args = archiving(proxy.endpoint, "--archive-part-size", "256K", "--archive-delete-local")
+    server = make_server(*args, env=AWS_ENV)
+    proxy.stall_after = 100 << 10  # the upload stops in its first part
+    name, _ = record_l16(server, 3.0, seed=91)
+    assert proxy.stalled.wait(DEADLINE), "the upload never started"
+    status, body = server.api("DELETE", f"/api/taps/{name}")
+    assert status == 409 and "being uploaded" in body["error"], body
+    assert (server.recordings / f"{name}.json").exists()
+    proxy.release()
+    wait_until(
+        lambda: wait_archived(server, name)["archive"].get("local_deleted_at"),
+        "the upload and the local delete",
+    )
+    status, body = server.api("DELETE", f"/api/taps/{name}")
+    assert status == 200 and body["deleted"] == name
+
+
 def test_the_same_name_on_two_receivers_is_archived_twice_never_overwritten(
     make_server: Any, moto: Moto
 ) -> None:

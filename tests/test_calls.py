@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from tests.helpers import (
     new_id,
     noise,
     read_wav,
+    send_tap,
     wait_for_live,
     wait_for_sidecar,
     wait_until,
@@ -354,3 +356,64 @@ def test_a_leg_begins_on_the_call_where_its_audio_began_not_its_format_frame(
     offset = legs["speak"]["offset_frames"]
     expected = reference.decode("PCMU", speak)
     assert np.array_equal(stereo[offset : offset + len(expected), 0], expected)
+
+
+def test_a_waiting_leg_is_kept_and_a_replaced_one_is_not_put_into_the_call(
+    srv: ServerProcess,
+) -> None:
+    """A finished leg whose call waits for its partner cannot be deleted (409); once the call is
+    built it can. A leg's WAV replaced on disk meanwhile (here by hand) is not taken into the
+    call: the call fails, counted and logged, and the stranger's audio is in no call."""
+    call_id, other = new_id("call"), new_id("call")
+    for cid in (call_id, other):
+        asyncio.run(send_tap(leg_url(srv, cid, "speak"), [noise(CHUNK * 20, 7)]))
+        wait_for_sidecar(srv.recordings, f"{cid}.speak")
+    status, body = srv.api("DELETE", f"/api/taps/{call_id}.speak")
+    assert status == 409 and "leg of call" in body["error"], body
+    asyncio.run(send_tap(leg_url(srv, call_id, "listen"), [noise(CHUNK * 20, 8)]))
+    wait_for_sidecar(srv.recordings, call_id)
+    assert srv.api("DELETE", f"/api/taps/{call_id}.speak")[0] == 200  # the call is built
+
+    failed = srv.health()["calls"].get("failed", 0)
+    wav = srv.recordings / f"{other}.speak.wav"
+    stranger = wav.with_name("stranger.wav")
+    stranger.write_bytes(wav.read_bytes())
+    os.replace(stranger, wav)  # another file under the leg's name
+    asyncio.run(send_tap(leg_url(srv, other, "listen"), [noise(CHUNK * 20, 9)]))
+    wait_until(lambda: srv.health()["calls"].get("failed", 0) == failed + 1, "the call to fail")
+    assert not (srv.recordings / f"{other}.wav").exists()
+    assert "deleted or replaced since it ended" in srv.log()
+
+
+def test_calls_in_progress_at_shutdown_get_their_stereo_file(make_server: Any) -> None:
+    """SIGTERM while two calls have both legs connected: every leg is finalized, and each call's
+    stereo WAV is built from them before the server exits."""
+    server = make_server("--token", TOKEN)
+    calls = [new_id("call"), new_id("call")]
+
+    async def scenario() -> int:
+        async with aiohttp.ClientSession() as session:
+            sockets = []
+            for call_id in calls:
+                for n, leg in enumerate(("speak", "listen")):
+                    ws = await session.ws_connect(leg_url(server, call_id, leg))
+                    await ws.send_bytes(noise(CHUNK * 10, n))
+                    sockets.append(ws)
+            for call_id in calls:
+                for leg in ("speak", "listen"):
+                    await until_placed(server, f"{call_id}.{leg}", CHUNK * 10)
+            code = await asyncio.get_running_loop().run_in_executor(None, server.stop)
+            for ws in sockets:
+                await ws.receive()
+            return code
+
+    assert asyncio.run(scenario()) == 0
+    for call_id in calls:
+        call = json.loads((server.recordings / f"{call_id}.json").read_text())
+        stereo, _ = read_wav(server.recordings / f"{call_id}.wav")
+        for channel, leg in enumerate(("speak", "listen")):
+            sidecar = json.loads((server.recordings / f"{call_id}.{leg}.json").read_text())
+            assert sidecar["end_reason"] == "shutdown"
+            wav, _ = read_wav(server.recordings / f"{call_id}.{leg}.wav")
+            offset = call["call"]["legs"][leg]["offset_frames"]
+            assert np.array_equal(stereo[offset : offset + len(wav), channel], wav)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from receiver.calls.legs import LEGS, Leg, leg_of, offsets
+from receiver.storage.call_file import file_identity
 from receiver.storage.writer import Writer
 from receiver.taps.tap import Tap
 
@@ -49,6 +50,7 @@ class FinishedLeg:
     rtp: dict[str, Any] | None
     finished: float  # monotonic, when it was finalized here
     sidecar: dict[str, Any]
+    identity: tuple[int, int]  # its WAV's (st_dev, st_ino)
 
 
 class CallAssembler:
@@ -65,6 +67,8 @@ class CallAssembler:
         self.built = built
         self._waiting: OrderedDict[str, dict[str, FinishedLeg]] = OrderedDict()
         self._done: OrderedDict[str, None] = OrderedDict()
+        self._held: dict[str, str] = {}  # file base name of each leg kept here -> its call
+        self._building: set[asyncio.Future[str | None]] = set()
         self.counters: Counter[str] = Counter()
 
     def leg_finalized(self, tap: Tap, sidecar: dict[str, Any]) -> bool:
@@ -86,6 +90,11 @@ class CallAssembler:
             self._apart(leg.call_id, "third_leg", f"a further {leg.leg} leg ({sidecar['file']}) "
                         "is recorded apart")  # fmt: skip
             return False
+        try:
+            identity = file_identity(self.recordings / str(sidecar["file"]))
+        except OSError:
+            self._apart(leg.call_id, "leg_without_one_file", f"the {leg.leg} leg's WAV is gone")
+            return False
         now = time.monotonic()
         first_at = datetime.now(UTC).timestamp() - (now - tap.first_audio_monotonic)
         finished = FinishedLeg(
@@ -93,9 +102,11 @@ class CallAssembler:
             tap.sample_rate, tap.channels, int(sidecar.get("frames_written", 0)),
             tap.first_audio_monotonic, _iso(first_at), sidecar.get("ended_at"),
             sidecar.get("rtp") if isinstance(sidecar.get("rtp"), dict) else None, now, sidecar,
+            identity,
         )  # fmt: skip
         legs = self._waiting.setdefault(leg.call_id, {})
         legs[leg.leg] = finished
+        self._held[finished.file.removesuffix(".wav")] = leg.call_id
         self.counters["legs"] += 1
         if len(legs) < len(LEGS):
             while len(self._waiting) > MAX_PENDING:
@@ -134,10 +145,12 @@ class CallAssembler:
                 "relative_drift_ms": _relative_drift(legs, starts),
             },
         }
-        files = [(self.recordings / x.file, starts[x.leg.leg]) for x in legs]
+        files = [(self.recordings / x.file, starts[x.leg.leg], x.identity) for x in legs]
         future = asyncio.wrap_future(
             self.writer.build_call(self.recordings, call_id, rate, files, sidecar)
         )
+        self._building.add(future)
+        future.add_done_callback(self._building.discard)
         self.counters["building"] += 1
         future.add_done_callback(lambda done: self._built(call_id, done.result(), legs, sidecar))
 
@@ -153,7 +166,20 @@ class CallAssembler:
 
     def _release(self, legs: Any) -> None:
         for leg in legs:
+            self._held.pop(leg.file.removesuffix(".wav"), None)
             self.release(leg.sidecar)
+
+    async def wait_built(self, timeout: float) -> None:
+        """Shutdown: until the calls being built are written, at most `timeout` seconds."""
+        if self._building and timeout > 0:
+            await asyncio.wait(list(self._building), timeout=timeout)
+
+    def holds(self, name: str) -> str | None:
+        """Why the recording `name` may not be deleted now: it is a leg its call still needs."""
+        call_id = self._held.get(name)
+        if call_id is None:
+            return None
+        return f"{name!r} is a leg of call {call_id!r}, whose stereo file is not built yet"
 
     def _apart(self, call_id: Any, reason: str, why: str) -> None:
         self.counters[f"apart_{reason}"] += 1

@@ -168,7 +168,8 @@ PATHS: dict[str, dict[str, Any]] = {
                     "deleted": {"type": "string"},
                     "files": {"type": "array", "items": {"type": "string"}}}}, "removed"),
                 "400": BAD_NAME, "401": UNAUTHORIZED, "404": NOT_FOUND,
-                "409": _error("the tap is still recording or being finalized"),
+                "409": _error("the tap is still recording or being finalized, is a call's leg "
+                              "waiting for its call, or is being uploaded to the archive"),
             },
         },
     },

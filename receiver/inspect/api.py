@@ -31,7 +31,7 @@ from receiver.fleet import Fleet, listing
 from receiver.http.auth import Auth
 from receiver.http.errors import json_error
 from receiver.inspect import analysis
-from receiver.inspect.catalog import STATES, Catalog, Recording, loss_percent, markers
+from receiver.inspect.catalog import STATES, Busy, Catalog, Recording, loss_percent, markers
 from receiver.live.endpoint import serve_live
 from receiver.live.hub import LiveHub
 from receiver.storage.files import open_regular, regular_stat
@@ -114,6 +114,8 @@ class RecordingsApi:
         self.archive: ArchiveReader | None = None  # archived audio whose local WAV is gone
         self.archived: ArchiveListing | None = None  # the archive's recordings, listed too
         self.fleet: Fleet | None = None  # with nats_url: the listing shows the whole fleet
+        # Why a recording may not be deleted now (a call's leg waiting for its call), or None.
+        self.held: Callable[[str], str | None] | None = None
 
     def add_routes(self, app: web.Application) -> None:
         for prefix in ("", "/t/{token}"):
@@ -415,7 +417,13 @@ class RecordingsApi:
             recording.state == TapState.RECORDING
         ):  # finished a moment ago; its sidecar is on its way
             return json_error(409, f"{name!r} is being finalized; try again in a moment")
-        removed = await self._run(self.catalog.delete, name)
+        held = self.held(name) if self.held is not None else None
+        if held is not None:
+            return json_error(409, held)
+        try:
+            removed = await self._run(self.catalog.delete, name)
+        except Busy as exc:
+            return json_error(409, str(exc))
         return web.json_response({"deleted": name, "files": removed})
 
 

@@ -6,9 +6,12 @@ Synchronous file reads: on the event loop, call `Catalog.scan` and friends in an
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -317,12 +320,39 @@ class Catalog:
             ]
         paths.append(self.sidecar_path(name))
         removed = []
-        for path in paths:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                continue
-            removed.append(path.name)
+        with _unless_locked(self.wav_path(name)):
+            for path in paths:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                removed.append(path.name)
         with self._lock:
             self._cache.pop(name, None)
         return removed
+
+
+class Busy(Exception):
+    """The recording's WAV is locked by the archiver (an upload in progress)."""
+
+
+@contextlib.contextmanager
+def _unless_locked(wav: Path) -> Iterator[None]:
+    """Hold the WAV's lock (flock, as the archiver takes it for an upload) while its files are
+    deleted: an upload is never cut short, and never finishes by name into a newer recording
+    that took the name meanwhile. Raises Busy when the archiver has it."""
+    try:
+        fd = os.open(wav, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        yield  # no WAV (already gone, or never written): nothing to upload either
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(
+                f"{wav.stem!r} is being uploaded to the archive; try again in a moment"
+            ) from None
+        yield
+    finally:
+        os.close(fd)

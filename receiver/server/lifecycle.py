@@ -139,6 +139,7 @@ class Server:
             self.live,
             config.ws.heartbeat,
         )
+        self.recordings_api.held = self.calls.holds
         self.webhooks: WebhookSender | None = None
         archive = config.archive
         if archive.enabled:
@@ -529,6 +530,11 @@ class Server:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._runner.cleanup(), timeout=1.0)
         self.registry.finish_all("shutdown")
+        # Calls whose legs ended just now are built before the writer stops (half of what is
+        # left of shutdown_timeout at most: the writer's own deadline comes first).
+        until = time.monotonic() + max(0.0, timeout - (time.monotonic() - started)) / 2
+        await self.registry.wait_finalized(until - time.monotonic())
+        await self.calls.wait_built(until - time.monotonic())
         remaining = max(0.5, timeout - (time.monotonic() - started))
         # The writer keeps to the deadline itself (what is left stays valid on disk).
         await self.writer.stop(remaining)

@@ -38,7 +38,7 @@ import numpy as np
 from receiver.codecs.decoders import StreamDecoders
 from receiver.codecs.encoding import Encoding
 from receiver.codecs.law_check import LawCheck
-from receiver.storage.call_file import write_call
+from receiver.storage.call_file import CallLeg, write_call
 from receiver.storage.disk_space import free_bytes
 from receiver.storage.sidecar import TapState, write_json_atomic, write_json_new
 from receiver.storage.wav_sink import SinkInfo, WavSink
@@ -112,7 +112,7 @@ class Writer(Protocol):
         directory: Path,
         call_id: str,
         rate: int,
-        legs: list[tuple[Path, int]],
+        legs: list[CallLeg],
         sidecar: dict[str, Any],
     ) -> Future[str | None]: ...
 
@@ -196,7 +196,7 @@ class DiskWriter:
         directory: Path,
         call_id: str,
         rate: int,
-        legs: list[tuple[Path, int]],
+        legs: list[CallLeg],
         sidecar: dict[str, Any],
     ) -> Future[str | None]:
         """A call's stereo WAV from its legs' finished WAVs (receiver.storage.call_file); the
@@ -477,7 +477,7 @@ class DiskWriter:
         directory: Path,
         call_id: str,
         rate: int,
-        legs: list[tuple[Path, int]],
+        legs: list[CallLeg],
         sidecar: dict[str, Any],
     ) -> str | None:
         try:

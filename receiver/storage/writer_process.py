@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from receiver.child_process import die_with_parent
+from receiver.storage.call_file import CallLeg
 from receiver.storage.wav_sink import SinkInfo, WavSink
 from receiver.storage.writer import DiskWriter, Finished, Pending
 
@@ -204,13 +205,13 @@ class WriterProcess:
         directory: Path,
         call_id: str,
         rate: int,
-        legs: list[tuple[Path, int]],
+        legs: list[CallLeg],
         sidecar: dict[str, Any],
     ) -> Future[str | None]:
         self._next_id += 1
         future: Future[str | None] = Future()
         self._calls[self._next_id] = future
-        legs_sent = [(str(path), offset) for path, offset in legs]
+        legs_sent = [(str(path), offset, identity) for path, offset, identity in legs]
         self._send(("call", self._next_id, str(directory), call_id, rate, legs_sent, sidecar))
         return future
 
@@ -440,7 +441,7 @@ class _Child:
             self.writer.rename(self.sinks[message[1]], message[2], message[3])
         elif kind == "call":
             _, job_id, directory, call_id, rate, legs, sidecar = message
-            legs = [(Path(path), offset) for path, offset in legs]
+            legs = [(Path(path), offset, tuple(identity)) for path, offset, identity in legs]
             built = self.writer.build_call(Path(directory), call_id, rate, legs, sidecar)
             built.add_done_callback(partial(self.call_built, job_id))
         elif kind == "retry_sidecars":

@@ -57,6 +57,7 @@ class TapRegistry:
         # Called with each tap once it records (live audio on NATS, receiver.live.hub).
         self.on_started: Callable[[Tap], None] | None = None
         # The transports' `gather`: they may hold audio outside the taps' buffers.
+        self._finishing: set[Future[Finished]] = set()  # ended taps the writer is finalizing
         self.audio_holders: list[Callable[[Collection[Tap] | None], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called on the event loop with a tap whose files could not be created, and why: the
@@ -159,6 +160,8 @@ class TapRegistry:
         if live is not None:
             live.catch_up()
         future = self.writer.finish(tap.sink, tap.buffer.take(), tap.describe())
+        self._finishing.add(future)
+        future.add_done_callback(self._finishing.discard)
         future.add_done_callback(lambda done: self._finalized(tap, done.result(), reason))
         if live is not None:
             live.end(reason)
@@ -290,6 +293,12 @@ class TapRegistry:
     def finish_all(self, reason: str) -> list[Future[Finished]]:
         futures = [self.finish(tap, reason) for tap in list(self._active.values())]
         return [f for f in futures if f is not None]
+
+    async def wait_finalized(self, timeout: float) -> None:
+        """Shutdown: until every ended tap's files are complete (and `on_finalized` has run for
+        it), at most `timeout` seconds."""
+        if self._finishing and timeout > 0:
+            await asyncio.wait([asyncio.wrap_future(f) for f in self._finishing], timeout=timeout)
 
 
 def _warn_drop(tap: Tap, kind: str) -> None:
