@@ -417,3 +417,20 @@ def test_calls_in_progress_at_shutdown_get_their_stereo_file(make_server: Any) -
             wav, _ = read_wav(server.recordings / f"{call_id}.{leg}.wav")
             offset = call["call"]["legs"][leg]["offset_frames"]
             assert np.array_equal(stereo[offset : offset + len(wav), channel], wav)
+
+
+def test_a_split_leg_releases_its_waiting_partner_at_once(make_server: Any) -> None:
+    """The listen leg is split by max_tap_duration, so the call can never be built: the speak
+    leg that waits for it is let go at once (not after the ten minutes a partner may take)."""
+    server = make_server("--token", TOKEN, "--max-tap-duration", "1")
+    call_id = new_id("call")
+    asyncio.run(send_tap(leg_url(server, call_id, "speak"), [noise(CHUNK * 25, 1)]))
+    wait_until(lambda: server.health()["calls"]["waiting"] == 1, "the speak leg to wait")
+    frames = [noise(CHUNK, n) for n in range(75)]  # 1.5 s: two segments
+    asyncio.run(send_tap(leg_url(server, call_id, "listen"), frames))
+    health = wait_until(
+        lambda: (h := server.health())["calls"]["waiting"] == 0 and h, "the speak leg let go"
+    )
+    assert health["calls"]["apart_leg_without_one_file"] >= 1
+    assert server.api("DELETE", f"/api/taps/{call_id}.speak")[0] == 200  # no longer held
+    assert not (server.recordings / f"{call_id}.wav").exists()

@@ -84,8 +84,9 @@ class CallAssembler:
         if sidecar.get("segment") is not None or not sidecar.get("file"):
             self._apart(leg.call_id, "leg_without_one_file", "a leg split by max_tap_duration, "
                         "or one without a file, is not put into a call")  # fmt: skip
+            self._give_up(leg.call_id)  # its partner waits in vain
             return False
-        self._expire()
+        self.expire()
         if leg.call_id in self._done or leg.leg in self._waiting.get(leg.call_id, {}):
             self._apart(leg.call_id, "third_leg", f"a further {leg.leg} leg ({sidecar['file']}) "
                         "is recorded apart")  # fmt: skip
@@ -164,6 +165,12 @@ class CallAssembler:
             log.info("call %s: %s.wav (speak, listen)", call_id, name)
             self.built({**sidecar, "file": f"{name}.wav"})
 
+    def _give_up(self, call_id: str) -> None:
+        """The call can never be built: its waiting leg goes its own way now."""
+        waiting = self._waiting.pop(call_id, None)
+        if waiting:
+            self._release(waiting.values())
+
     def _release(self, legs: Any) -> None:
         for leg in legs:
             self._held.pop(leg.file.removesuffix(".wav"), None)
@@ -190,7 +197,7 @@ class CallAssembler:
         while len(self._done) > MAX_DONE:
             self._done.popitem(last=False)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         deadline = time.monotonic() - PARTNER_WAIT
         while self._waiting:
             call_id, legs = next(iter(self._waiting.items()))

@@ -419,7 +419,7 @@ class Server:
 
     async def run_guards(self) -> None:
         """The longest allowed recording, every flush_interval (that is its precision); the
-        free-space floor and names that waited in vain, once a second."""
+        free-space floor, names and call legs that waited in vain, once a second."""
         interval = min(GUARD_INTERVAL, self.config.storage.flush_interval)
         next_check = 0.0
         while True:
@@ -429,6 +429,7 @@ class Server:
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + GUARD_INTERVAL
                     self.expire_names()
+                    self.calls.expire()  # legs whose partner never came
                     await self.check_disk()
                     await self.check_writable()
             except Exception:
