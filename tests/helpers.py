@@ -529,3 +529,17 @@ def banner_rows(log: str) -> dict[str, str]:
         if sep and not label.startswith("("):
             rows[label] = value.strip()
     return rows
+
+
+def upgrade_by_hand(sock: socket.socket, path: str) -> socket.socket:
+    """Ask for a WebSocket on `path` over a connected socket, without a client library (so that
+    the test controls every byte and buffer); asserts the 101 and returns the socket."""
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock

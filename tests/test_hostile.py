@@ -38,6 +38,7 @@ from tests.helpers import (
     read_wav,
     require_tool,
     talk,
+    upgrade_by_hand,
     wait_for_health,
     wait_for_sidecar,
     wait_until,
@@ -137,15 +138,7 @@ def test_malformed_control_bodies_get_400_json(make_server: Any) -> None:
 def raw_websocket(server: ServerProcess, path: str) -> socket.socket:
     """A WebSocket upgraded by hand, so that frames no client library would send can be sent."""
     sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=DEADLINE)
-    sock.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
+    return upgrade_by_hand(sock, path)
 
 
 def masked(opcode_byte: int, payload: bytes) -> bytes:

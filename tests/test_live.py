@@ -25,6 +25,7 @@ from tests.helpers import (
     read_wav,
     require_module,
     require_tool,
+    upgrade_by_hand,
     wait_for_live_frames,
     wait_for_sidecar,
     wait_until,
@@ -195,16 +196,7 @@ def raw_listener(server: ServerProcess, name: str) -> socket.socket:
     # few MB of kernel buffer would hold the whole tap).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
     sock.connect(("127.0.0.1", server.http_port))
-    sock.sendall(
-        f"GET /t/{TOKEN}/api/taps/{name}/live HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
+    return upgrade_by_hand(sock, f"/t/{TOKEN}/api/taps/{name}/live")
 
 
 def read_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
