@@ -288,10 +288,6 @@ class Archiver:
                 tracks[path.name] = store.url(done.key)
         if tracks:
             record["tracks"] = tracks
-        wav_key = store.key(f"{stem}.wav{suffix}")
-        if await store.owner(wav_key) != recording:  # another receiver's upload of the name won
-            raise StoreError(f"{name}: {wav_key} was taken by another recording during the "
-                             "upload; it is tried again under its start")  # fmt: skip
         if resumed:
             record["resumed_bytes"] = resumed
             self.counters["resumed_bytes"] += resumed

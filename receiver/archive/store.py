@@ -143,9 +143,9 @@ class ObjectStore:
     async def upload_file(
         self, key: str, path: Path, content_type: str, recording: str = ""
     ) -> Uploaded:
-        """Upload a file (in parts when larger than part_size) and check its stored size;
-        `recording` goes into the object's metadata. Raises StoreError (the store) or OSError
-        (the local file)."""
+        """Upload a file (in parts when larger than part_size) and check its stored size and,
+        given `recording` (which goes into the object's metadata), that it is still that one.
+        Raises StoreError (the store) or OSError (the local file)."""
         size = path.stat().st_size
         if size <= self.part_size:
             data = await asyncio.to_thread(path.read_bytes)
@@ -156,6 +156,9 @@ class ObjectStore:
             head = await self._client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
             raise StoreError(describe_error(exc)) from exc
+        if recording and (head.get("Metadata") or {}).get(RECORDING) != recording:
+            # Another receiver's upload of the same name won (receiver.archive.archiver._stem).
+            raise StoreError(f"{key} was taken by another recording during the upload")
         if head.get("ContentLength") != size:
             raise StoreError(f"{key}: the store holds {head.get('ContentLength')} bytes of {size}")
         return done

@@ -152,13 +152,11 @@ class CallAssembler:
         )
         self._building.add(future)
         future.add_done_callback(self._building.discard)
-        self.counters["building"] += 1
         future.add_done_callback(lambda done: self._built(call_id, done.result(), legs, sidecar))
 
     def _built(
         self, call_id: str, name: str | None, legs: list[FinishedLeg], sidecar: dict[str, Any]
     ) -> None:
-        self.counters["building"] -= 1
         self.counters["built" if name else "failed"] += 1
         self._release(legs)
         if name:
@@ -208,7 +206,7 @@ class CallAssembler:
             self._release(legs.values())
 
     def stats(self) -> dict[str, Any]:
-        return {"waiting": len(self._waiting), **self.counters}
+        return {"waiting": len(self._waiting), "building": len(self._building), **self.counters}
 
 
 def _describe(leg: FinishedLeg, offset: int) -> dict[str, Any]:
