@@ -45,6 +45,8 @@ _LAWS = (Encoding.PCMU, Encoding.PCMA)
 _VALUES = {law: law.decode(bytes(range(256))).astype(np.float64) for law in _LAWS}
 _QUIET = {law: (np.abs(values) <= QUIET).astype(np.int64) for law, values in _VALUES.items()}
 _OTHER = {Encoding.PCMU: Encoding.PCMA, Encoding.PCMA: Encoding.PCMU}
+# Per declared law, a byte's (quiet as declared, quiet as the other law): one product counts both
+_QUIET_BOTH = {law: np.stack([_QUIET[law], _QUIET[_OTHER[law]]], axis=1) for law in _LAWS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +135,7 @@ class LawCheck:
         whole batches, not packets."""
         if self.done or not data:
             return
-        if not encoding.is_g711:  # L16: nothing to check, now or later
+        if encoding not in _OTHER:  # L16: nothing to check, now or later
             self.done = True
             return
         self.fed += len(data)
@@ -143,8 +145,9 @@ class LawCheck:
         self.counted += len(codes)
         self._declared[encoding] = self._declared.get(encoding, 0) + len(codes)
         counts = np.bincount(codes, minlength=256)  # how often each byte: one pass
-        self._quiet_declared += int(counts @ _QUIET[encoding])
-        self._quiet_other += int(counts @ _QUIET[_OTHER[encoding]])
+        quiet_declared, quiet_other = (counts @ _QUIET_BOTH[encoding]).tolist()
+        self._quiet_declared += quiet_declared
+        self._quiet_other += quiet_other
         whole = np.frombuffer(data, dtype=np.uint8, count=min(len(data), CORRELATION_SAMPLE))
         self._samples.append((encoding, whole.copy()))  # consecutive bytes: for the correlation
 

@@ -38,8 +38,8 @@ STORE_BYTES = 8192  # per slot: ~1 s of 8 kHz G.711, drained when full (or at ea
 
 def store_bytes_for(flush_interval: float) -> int:
     """A slot's store that holds one flush of 8 kHz G.711 (a packet's worth at least, 64 KiB at
-    most): the tap's buffer then gets about one chunk per flush."""
-    return min(65536, max(1024, round(8000 * flush_interval * 1.024)))
+    most, a multiple of 16 bytes): the tap's buffer then gets about one chunk per flush."""
+    return min(65536, max(1024, round(8000 * flush_interval * 1.024))) & ~15
 
 
 # The record's numeric fields, one array row each. (`codec` is kept per slot; `anchored` is true
@@ -61,6 +61,12 @@ def _setter(names: tuple[str, ...]) -> Callable[[HotState, list[Any]], None]:
 
 _get_ints, _get_floats = attrgetter(*INT_FIELDS), attrgetter(*FLOAT_FIELDS)
 _set_ints, _set_floats = _setter(INT_FIELDS), _setter(FLOAT_FIELDS)
+
+
+def _field(header: np.ndarray, offset: int, dtype: str) -> np.ndarray:
+    """Each row's field of `dtype` at `offset` of a contiguous (n, 12) header array, as int64."""
+    size = np.dtype(dtype).itemsize
+    return header[:, offset : offset + size].view(dtype)[:, 0].astype(np.int64)
 
 
 class FastLane:
@@ -106,6 +112,8 @@ class FastLane:
         )
         self._fill = np.concatenate([self._fill, np.zeros(capacity - old, np.int64)])
         self._store_view = self._store.data.cast("B")
+        # The same memory as 32-bit words (when a row is a whole number of them): see _store_audio
+        self._store_words = self._store.reshape(-1)[: self._store.size & ~3].view(np.uint32)
         self._append += [None] * (capacity - old)
         self._codec += [Encoding.PCMU] * (capacity - old)
         self._free += range(capacity - 1, old - 1, -1)
@@ -214,10 +222,10 @@ class FastLane:
         ok &= np.bincount(slots[known], minlength=self.capacity)[slots] == 1
         if not ok.any():
             return ok
-        header = rows[:, 2:12].astype(np.int64)
-        sequence = header[:, 0] << 8 | header[:, 1]
-        timestamp = header[:, 2] << 24 | header[:, 3] << 16 | header[:, 4] << 8 | header[:, 5]
-        ssrc = header[:, 6] << 24 | header[:, 7] << 16 | header[:, 8] << 8 | header[:, 9]
+        header = rows[:, :12].copy()  # contiguous: its fields can be viewed as big-endian words
+        sequence = _field(header, 2, ">u2")
+        timestamp = _field(header, 4, ">u4")
+        ssrc = _field(header, 8, ">u4")
         ok &= (ssrc == ints["ssrc"][slots]) & (sequence == ints["next"][slots] & 0xFFFF)
         ref = ints["ref_ts"][slots]
         ext = ref + ((timestamp - ref + 0x80000000) & 0xFFFFFFFF) - 0x80000000
@@ -252,16 +260,30 @@ class FastLane:
     ) -> None:
         """Copy the payload (after the 12-byte header) of each `rows[index]` to the end of its
         slot's store; a store without room is drained first. Each slot appears at most once.
-        (A memoryview slice assignment per packet: measured cheaper than numpy's scatter of
-        variable-length runs, ~0.3 µs per 160 bytes.)"""
+
+        The usual batch (payloads of one length, a multiple of 4 bytes: G.711 at any ptime)
+        is copied by one numpy scatter of 32-bit words, ~2x cheaper than a memoryview slice
+        assignment per packet (~0.3 µs per 160 bytes), which copies any other batch."""
         fill, size = self._fill, self.store_bytes
         full = fill[slots] + lengths > size
         if full.any():
             for slot in slots[full].tolist():
                 self.drain(slot)
-        store, source, width = self._store_view, rows.data.cast("B"), rows.shape[1]
-        targets = (slots * size + fill[slots]).tolist()
-        starts = (index * width + 12).tolist()
-        for target, start, length in zip(targets, starts, lengths.tolist(), strict=True):
-            store[target : target + length] = source[start : start + length]
+        targets = slots * size + fill[slots]
+        length = int(lengths[0])
+        words = length >> 2
+        if (
+            length & 3 == 0
+            and rows.flags.c_contiguous
+            and rows.shape[1] & 3 == 0
+            and not (lengths != length).any()
+            and not (targets & 3).any()
+        ):
+            source = rows.view(np.uint32)[index, 3 : 3 + words]  # the payload starts at word 3
+            self._store_words[(targets >> 2)[:, None] + np.arange(words)] = source
+        else:
+            store, source_bytes, width = self._store_view, rows.data.cast("B"), rows.shape[1]
+            starts = (index * width + 12).tolist()
+            for target, start, n in zip(targets.tolist(), starts, lengths.tolist(), strict=True):
+                store[target : target + n] = source_bytes[start : start + n]
         fill[slots] += lengths
