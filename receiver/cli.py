@@ -15,6 +15,7 @@ from receiver import __version__, config
 from receiver.http.auth import TOKEN_FILE, load_or_create_token
 from receiver.inspect import commands
 from receiver.logs import setup_logging
+from receiver.memory import keep_freed_memory
 from receiver.sender import command as send
 from receiver.server.banner import log_banner
 from receiver.server.lifecycle import Server, StartupError, tls_context
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tap-receiver: {exc}", file=sys.stderr)
         return 1
     setup_logging(cfg.log.level, cfg.log.format)
+    keep_freed_memory()  # before the server allocates (workers inherit it)
     for warning in warnings:
         log.warning("%s", warning)
     token: str | None

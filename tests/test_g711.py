@@ -23,6 +23,19 @@ def test_decode_all_codes_equals_g191(codec: str, expand: object) -> None:
     assert np.array_equal(g711.decode(codec, ALL_CODES), expected)
 
 
+@pytest.mark.parametrize("codec", ["PCMU", "PCMA"])
+def test_decode_every_pair_and_every_length_equals_audioop(codec: str) -> None:
+    """Batches are decoded a pair of bytes per look-up: every two-byte pair, odd and short
+    lengths and data that starts at an odd address decode as audioop decodes them."""
+    convert = audioop().ulaw2lin if codec == "PCMU" else audioop().alaw2lin
+    every_pair = np.arange(65536, dtype="<u2").tobytes()
+    odd_start = memoryview(b"\x00" + every_pair)[1:]
+    for data in (every_pair, every_pair[:-1], every_pair[:63], every_pair[:64], odd_start, b""):
+        expected = np.frombuffer(convert(bytes(data), 2), dtype="<i2")
+        decoded = g711.decode(codec, data)
+        assert decoded.dtype == np.int16 and np.array_equal(decoded, expected)
+
+
 def audioop() -> Any:
     """The stdlib C codec (Python >= 3.13: the audioop-lts test extra)."""
     if reference.audioop is None:

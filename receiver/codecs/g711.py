@@ -1,11 +1,15 @@
 """Vectorised G.711 (PCMU / PCMA) codec, built from the ITU-T G.711 / G.191 reference algorithm.
 
-Decoding is one table look-up per sample (`ndarray.take`), encoding one look-up in a 65 536-entry
-table indexed by the int16 sample's bit pattern. numpy costs ~1-2 µs per call whatever the size,
-so callers decode whole batches (a second of audio), never single 20 ms packets.
+Decoding is one table look-up per pair of samples (`ndarray.take` in a 65 536-entry table of
+both samples of every two-byte pair, ~1.3x faster than a look-up per byte), encoding one look-up
+in a 65 536-entry table indexed by the int16 sample's bit pattern. numpy costs ~1-2 µs per call
+whatever the size, so callers decode whole batches (a second of audio), never single 20 ms
+packets.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import numpy.typing as npt
@@ -71,18 +75,32 @@ def _alaw_encode_table() -> npt.NDArray[np.uint8]:
     return (code ^ 0x55).astype(np.uint8)
 
 
+def _pair_table(table: Int16Array) -> npt.NDArray[np.uint32]:
+    """Two bytes read as one native uint16 -> their two samples as one uint32, laid out so that
+    the result viewed as int16 is the samples in byte order."""
+    pair = np.arange(65536, dtype=np.uint32)
+    low, high = pair & 0xFF, pair >> 8
+    first, second = (low, high) if sys.byteorder == "little" else (high, low)
+    samples = np.empty((65536, 2), dtype=np.int16)
+    samples[:, 0], samples[:, 1] = table[first], table[second]
+    return samples.view(np.uint32)[:, 0].copy()
+
+
 _DECODE = {PCMU: _ulaw_decode_table(), PCMA: _alaw_decode_table()}
+_DECODE_PAIRS = {codec: _pair_table(table) for codec, table in _DECODE.items()}
 _ENCODE = {PCMU: _ulaw_encode_table(), PCMA: _alaw_encode_table()}
-for _decode_table in _DECODE.values():
-    _decode_table.flags.writeable = False
-for _encode_table in _ENCODE.values():
-    _encode_table.flags.writeable = False
+_TABLES: list[np.ndarray] = [*_DECODE.values(), *_DECODE_PAIRS.values(), *_ENCODE.values()]
+for _table in _TABLES:
+    _table.flags.writeable = False
 
 
 def decode(codec: str, data: bytes | bytearray | memoryview) -> Int16Array:
     """G.711 bytes -> int16 samples, one sample per byte."""
     codes = np.frombuffer(data, dtype=np.uint8)
-    return _DECODE[codec].take(codes)
+    if len(codes) & 1 or len(codes) < 64:  # odd (rare), or short: a look-up per byte
+        return _DECODE[codec].take(codes)
+    samples: Int16Array = _DECODE_PAIRS[codec].take(codes.view(np.uint16)).view(np.int16)
+    return samples
 
 
 def encode(codec: str, samples: npt.ArrayLike) -> bytes:

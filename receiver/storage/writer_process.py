@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import pickle
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from receiver.child_process import die_with_parent
+from receiver.memory import keep_freed_memory
 from receiver.storage.call_file import CallLeg
 from receiver.storage.wav_sink import SinkInfo, WavSink
 from receiver.storage.writer import DiskWriter, Finished, Pending
@@ -45,6 +47,7 @@ STATS_INTERVAL = 0.05  # seconds between the child's reports of its counters
 STARTUP_TIMEOUT = 30.0  # seconds the child may take to import and say it is ready
 NICENESS = 5  # the child's scheduling priority below the server's (about a quarter of a core)
 READ_CHUNK = 1 << 20
+GC_THRESHOLD = 50_000  # allocations between the writer's young-generation collections
 PIPE_SIZE = 1 << 20  # a flush of thousands of taps is megabytes: 64 KiB pipes take 16x the calls
 
 
@@ -473,6 +476,7 @@ def main(argv: list[str]) -> int:
     from receiver.logs import WorkerLogFilter, setup_logging
 
     die_with_parent()
+    keep_freed_memory()  # it unpickles every flush: megabytes
     # Below the event loop: where they compete for a core, receiving packets (which are lost if
     # not read in time) goes before writing them (which may lag, within max_unwritten_*) and
     # before creating new taps' files (admission refuses new taps while those lag).
@@ -488,6 +492,11 @@ def main(argv: list[str]) -> int:
     writer = DiskWriter(open_duty=1.0)
     writer.worker = int(worker) if worker else None
     child = _Child(writer, sys.stdout.buffer)
+    # Every batch unpickles a few small objects per tap (its runs and their lists): with the
+    # default thresholds the collector ran several times a batch, each time walking what was
+    # built at start-up too. Nothing here builds cycles that need collecting that soon.
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
     child.send(("ready",))
     source = sys.stdin.fileno()
     buffer = bytearray()
