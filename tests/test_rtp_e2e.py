@@ -232,6 +232,39 @@ def test_a_stall_of_the_receiver_does_not_split_calls(make_server: Any) -> None:
         assert rtp["received"] + rtp["lost"] == seconds * 50
 
 
+def test_a_stream_whose_first_packets_waited_in_the_socket_is_recorded_whole(
+    make_server: Any,
+) -> None:
+    """A burst of new streams can keep the receiver from reading for a while: a stream's first
+    packets then wait in the socket and its tap begins after them. That audio came in real time
+    (its first packet's arrival is the tap's start), so none of it is dropped as running ahead
+    of the wall clock. Here the server is stopped while a call's first 1.5 s arrive."""
+    server: ServerProcess = make_server("--no-auth", "--rtp-idle-timeout", IDLE)
+    assert server.proc is not None
+    seconds, seed = 3, 9
+    start_at = time.time() + 1.0
+    load = subprocess.Popen(
+        [sys.executable, "-m", "bench.rtp_load", "--port", str(server.rtp_port),
+         "--streams", "1", "--seconds", str(seconds), "--seed", str(seed),
+         "--sender", "sockets", "--start-at", repr(start_at)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    server.proc.send_signal(signal.SIGSTOP)
+    # The stimulus, not a wait: frozen from before the call's first packet until 1.5 s into it.
+    time.sleep(max(0.0, start_at + 1.5 - time.time()))
+    server.proc.send_signal(signal.SIGCONT)
+    assert load.poll() is None, "the call ended before the server resumed: nothing was tested"
+    out, _ = load.communicate(timeout=60)
+    assert json.loads(out)["packets_sent"] == seconds * 50
+    (sidecar,) = finished_sidecars(server, 1)
+    assert sidecar["rtp"]["received"] == seconds * 50
+    assert sidecar["frames_written"] == seconds * 8000
+    assert not sidecar.get("dropped_ahead_frames")
+    samples, _ = read_wav(server.recordings / sidecar["file"])
+    expected = reference.decode("PCMU", payload_for(0, seconds * 8000, seed))
+    assert np.array_equal(samples, expected)
+
+
 def test_dtmf_cn_and_ssrc_change_on_one_source(rtp_server: ServerProcess) -> None:
     sock = sender()
     dest = ("127.0.0.1", rtp_server.rtp_port)

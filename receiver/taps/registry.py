@@ -111,7 +111,9 @@ class TapRegistry:
             tap.sample_rate,
             tap.ahead_allowance,
             self.max_unwritten_seconds,
-            tap.started_monotonic,
+            # From its first audio: an RTP stream's first packet may have waited in the socket
+            # (a burst of new streams), and the audio that came meanwhile is not "ahead".
+            tap.first_audio_monotonic,
             on_drop=lambda kind: _warn_drop(tap, kind),
         )
         tap.sink = self.writer.new_sink(
