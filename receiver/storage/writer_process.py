@@ -91,6 +91,7 @@ class WriterProcess:
         self._out = bytearray()  # framed jobs not yet taken by the child's pipe
         self._in = bytearray()
         self._writing = False  # waiting for the pipe to take more
+        self._write_soon = False  # a write of what is queued is scheduled
         self._next_id = 0
         self._handles: dict[int, SinkHandle] = {}
         self._finishes: dict[int, Future[Finished]] = {}
@@ -244,9 +245,18 @@ class WriterProcess:
     # -- the pipes ----------------------------------------------------------------------------
 
     def _send(self, message: Any) -> None:
+        """Queue a job; the pipe is written once per turn of the event loop (a burst of new taps
+        sends two messages each: one write per message cost a system call each)."""
         if self._proc is None:
             return
         self._out += frame(message)
+        if not self._writing and not self._write_soon:
+            self._write_soon = True
+            assert self._loop is not None
+            self._loop.call_soon(self._write_queued)
+
+    def _write_queued(self) -> None:
+        self._write_soon = False
         if not self._writing:
             self._write_out()
 
