@@ -76,6 +76,21 @@ class Batch:
     def datas(self) -> list[bytes]:
         return [self.data(i) for i in range(self.count)]
 
+    def detached(self) -> Batch:
+        """A copy that stays valid after the reader's next read: its rows only as wide as its
+        longest datagram (rounded up to 16 bytes, the vectorised path reads whole words), its
+        keys taken now. (lengths, lane_keys and arrivals are the batch's own arrays already.)"""
+        width = min(MAX_DATAGRAM, max(16, (int(self.lengths.max()) + 15) & ~15))
+        if self._keys is not None:
+            keys = self._keys
+        elif self.lane_keys.all():  # IPv4 only: a lane key is the source's key
+            keys = self.lane_keys.tolist()
+        else:
+            keys = [self.key(i) for i in range(self.count)]
+        rows = self.rows[:, :width].copy()
+        return Batch(self._reader, self.count, rows, self.lengths, self.lane_keys, self.arrivals,
+                     keys)  # fmt: skip
+
 
 class Reader(Protocol):
     truncated: int  # datagrams longer than MAX_DATAGRAM, dropped

@@ -107,9 +107,11 @@ class FastLane:
         self.ints = dict(zip(INT_FIELDS, self._int_rows, strict=True))
         self.floats = dict(zip(FLOAT_FIELDS, self._float_rows, strict=True))
         self._states += [None] * (capacity - old)
-        self._store = np.concatenate(
-            [self._store, np.zeros((capacity - old, self.store_bytes), np.uint8)]
-        )
+        # The store is megabytes: the new rows are left unwritten (a row's bytes past its fill
+        # are never read), so growing copies the old rows once and touches nothing else.
+        store = np.empty((capacity, self.store_bytes), np.uint8)
+        store[:old] = self._store
+        self._store = store
         self._fill = np.concatenate([self._fill, np.zeros(capacity - old, np.int64)])
         self._store_view = self._store.data.cast("B")
         # The same memory as 32-bit words (when a row is a whole number of them): see _store_audio

@@ -3,10 +3,13 @@ the shared `rtp_port` and on per-tap ports from `rtp_port_range`.
 
 Datagrams are read in batches (`receiver.rtp.datagrams`: recvmmsg on Linux) every
 RECEIVE_INTERVAL from whichever sockets are readable, instead of one event-loop callback per
-datagram. In-order audio of known IPv4 streams is applied to their timelines a batch at a time
-(`receiver.rtp.fast_lane`); every other datagram goes through `handle`, which never raises: it
-looks the stream up by source and pushes the packet into it (`receiver.rtp.stream`). A periodic
-task releases packets held for reordering and ends idle streams.
+datagram. While one batch takes longer than that (a burst of new streams), what waits in the
+sockets is read ahead into the process's memory (`receiver.rtp.backlog`), so the kernel's capped
+buffer does not overflow. In-order audio of known IPv4 streams is applied to their timelines a
+batch at a time (`receiver.rtp.fast_lane`); every other datagram goes through `handle`, which
+never raises: it looks the stream up by source and pushes the packet into it
+(`receiver.rtp.stream`). A periodic task releases packets held for reordering and ends idle
+streams.
 
 A new source becomes a stream if admission allows it (receiver.taps.admission), under the name
 the control plane expects for it (receiver.taps.naming: a registered pool port or source), else
@@ -32,6 +35,7 @@ import numpy as np
 from receiver.codecs.encoding import Encoding
 from receiver.codecs.formats import default_rate
 from receiver.config import RtpSettings
+from receiver.rtp.backlog import Backlog
 from receiver.rtp.datagrams import BATCH, Batch, enable_timestamps, open_reader
 from receiver.rtp.fast_lane import FastLane, store_bytes_for
 from receiver.rtp.packet import (
@@ -57,6 +61,7 @@ RECEIVE_INTERVAL = 0.005  # how often readable sockets are drained (see datagram
 BEHIND = 0.25  # seconds a datagram may wait in the kernel...
 BEHIND_FOR = 1.0  # ... for this long before new streams are refused (a GC pause is not overload)
 MAX_BATCHES = 16  # per socket per drain, so one flooded socket cannot hold the loop for long
+READ_AHEAD_AFTER = RECEIVE_INTERVAL  # seconds into a batch after which waiting datagrams are read
 POLL_INTERVAL = 0.02  # how often held packets are checked against the jitter window
 IDLE_CHECK_INTERVAL = 0.25
 AHEAD_SLACK = 0.5  # seconds an RTP tap's audio may lead the wall clock beyond the jitter window
@@ -135,12 +140,16 @@ class RtpReceiver:
             "socket_errors": 0,
             "truncated": 0,  # datagrams longer than datagrams.MAX_DATAGRAM, dropped
             "fast_lane_packets": 0,  # applied by the vectorised path (fast_lane.py)
+            "read_ahead": 0,  # datagrams read ahead while a batch took long (backlog.py)
+            "read_ahead_full": 0,  # read-aheads cut short by the limit (rtp_recv_buffer)
         }
         self.totals: dict[str, int] = dict.fromkeys(_TOTALS, 0)  # of ended streams
         self.reader = open_reader()
+        # As much again as the socket buffer asked for, in the process's memory (backlog.py)
+        self.backlog = Backlog(settings.recv_buffer)
         self.lane = FastLane(store_bytes=store_bytes_for(flush_interval))
         self._selector = selectors.DefaultSelector()
-        self._closed = False  # sockets and selector closed (shutdown)
+        self._closed = False  # shutdown: sockets read for the last time, or closed
         self._pump: asyncio.Handle | None = None
 
     # -- sockets ------------------------------------------------------------------------------
@@ -169,6 +178,7 @@ class RtpReceiver:
         return endpoint
 
     def _detach(self, endpoint: RtpSocket) -> None:
+        self.backlog.discard(endpoint)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(endpoint.sock)
         endpoint.sock.close()
@@ -206,41 +216,54 @@ class RtpReceiver:
     # -- the hot path -------------------------------------------------------------------------
 
     def _receive_tick(self) -> None:
+        drained = True
         try:
-            self.receive()
+            drained = self.receive()
         except Exception:
             self.counters["internal_errors"] += 1
             if self.counters["internal_errors"] <= 10:  # runs every 5 ms: never a flood
                 log.exception("error receiving RTP")
-        self._pump = asyncio.get_running_loop().call_later(RECEIVE_INTERVAL, self._receive_tick)
+        # Behind: again once the loop's other callbacks have run, not after a pause
+        self._pump = asyncio.get_running_loop().call_later(
+            RECEIVE_INTERVAL if drained else 0, self._receive_tick
+        )
 
     def receive(self) -> bool:
-        """Drain every readable socket (up to MAX_BATCHES batches each). False if one may still
-        hold datagrams (it gave MAX_BATCHES full batches): the receiver is behind."""
+        """Drain every readable socket (up to MAX_BATCHES batches each), what was read ahead of
+        it first. False if one may still hold datagrams (it gave MAX_BATCHES full batches, or
+        some were read ahead and not handled yet): the receiver is behind."""
         if self._closed:
             return True
         read = self.reader.read
         drained = True
         oldest = float("inf")  # the arrival of the oldest datagram read now
-        for key, _ in self._selector.select(0):
-            endpoint: RtpSocket = key.data
+        ready: list[RtpSocket] = [key.data for key, _ in self._selector.select(0)]
+        ready += [e for e in self.backlog.sockets if e not in ready]
+        for endpoint in ready:
             for n in range(MAX_BATCHES):
-                try:
-                    batch = read(endpoint.sock)
-                except OSError as exc:
-                    self.counters["socket_errors"] += 1
-                    log.debug("UDP socket error on port %d: %s", endpoint.port, exc)
-                    break
+                batch = self.backlog.take(endpoint)
+                ahead = batch is not None
                 if batch is None:
-                    break
+                    try:
+                        batch = read(endpoint.sock)
+                    except OSError as exc:
+                        self._socket_error(exc)
+                        break
+                    if batch is None:
+                        break
                 if n == 0:
                     oldest = min(oldest, float(batch.arrivals[0]))
                 self.handle_batch(endpoint, batch)
-                if batch.count < BATCH:
+                if not ahead and batch.count < BATCH:
                     break
             else:
                 drained = False
-        self.counters["truncated"] = self.reader.truncated
+        counters = self.counters
+        counters["truncated"] = self.reader.truncated + self.backlog.reader.truncated
+        counters["read_ahead"] = self.backlog.datagrams
+        counters["read_ahead_full"] = self.backlog.full
+        if self.backlog:
+            drained = False
         # Behind: datagrams keep waiting in the kernel longer than BEHIND (the receiver cannot keep
         # up with what it has admitted), or a socket holds more than MAX_BATCHES batches.
         now = time.monotonic()
@@ -253,8 +276,22 @@ class RtpReceiver:
             self.behind = False
         return drained
 
+    def _socket_error(self, exc: OSError) -> None:
+        self.counters["socket_errors"] += 1
+        log.debug("UDP socket error: %s", exc)
+
+    def _read_ahead(self) -> None:
+        """A batch is taking long: take what waits in the sockets out of the kernel's buffer."""
+        if self._closed:
+            return
+        try:
+            self.backlog.fill(key.data for key, _ in self._selector.select(0))
+        except OSError as exc:
+            self._socket_error(exc)
+
     def handle_batch(self, sock: RtpSocket, batch: Batch) -> None:
-        """The fast lane takes what it can; the rest goes through `handle`, in arrival order."""
+        """The fast lane takes what it can; the rest goes through `handle`, in arrival order
+        (reading ahead whenever that has taken READ_AHEAD_AFTER)."""
         self.counters["datagrams"] += batch.count
         done = self.lane.process(batch)
         self.counters["fast_lane_packets"] += int(done.sum())
@@ -262,12 +299,17 @@ class RtpReceiver:
         streams = sock.streams
         arrivals = batch.arrivals.tolist()
         lane_keys = batch.lane_keys.tolist()
+        clock = time.monotonic
+        read_ahead_at = clock() + READ_AHEAD_AFTER
         for i in np.flatnonzero(~done).tolist():
             key = batch.key(i)
             try:
                 self.handle(batch.data(i), key, sock, arrivals[i], streams.get(key), lane_keys[i])
             except Exception:
                 self._internal_error(key)
+            if clock() >= read_ahead_at:
+                self._read_ahead()
+                read_ahead_at = clock() + READ_AHEAD_AFTER
 
     def _internal_error(self, key: Hashable) -> None:
         counters = self.counters
@@ -512,6 +554,13 @@ class RtpReceiver:
         them as new taps if they have not yet heard of the shutdown themselves. `release`
         closes it at the very end."""
         self.receive()
+        # What was read ahead is audio this machine has: all of it, reading nothing more.
+        self._closed = True
+        while self.backlog:
+            for endpoint in self.backlog.sockets:
+                batch = self.backlog.take(endpoint)
+                if batch is not None:
+                    self.handle_batch(endpoint, batch)
         if self._pump is not None:
             self._pump.cancel()
             self._pump = None
@@ -521,7 +570,6 @@ class RtpReceiver:
         for sock in list(self.pool_sockets.values()):
             self._detach(sock)
         self._selector.close()
-        self._closed = True
 
     def release(self) -> None:
         """The end of shutdown: close the shared socket too (see `stop_receiving`)."""

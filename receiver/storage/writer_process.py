@@ -185,12 +185,12 @@ class WriterProcess:
     def open(self, sink: SinkHandle, sidecar: dict[str, Any]) -> Future[None]:
         self.opens_requested += 1
         self._send(("open", sink.id, sidecar))
-        return _done()
+        return _DONE
 
     def write(self, batch: list[tuple[SinkHandle, Pending]]) -> Future[None]:
         self.bytes_queued += sum(p.nbytes for _, p in batch)
         self._send(("write", [(sink.id, pending) for sink, pending in batch]))
-        return _done()
+        return _DONE
 
     def finish(
         self,
@@ -208,7 +208,7 @@ class WriterProcess:
     def rename(self, sink: SinkHandle, new_id: str, sidecar: dict[str, Any]) -> Future[None]:
         sink.tap_id = new_id
         self._send(("rename", sink.id, new_id, sidecar))
-        return _done()
+        return _DONE
 
     def build_call(
         self,
@@ -228,7 +228,7 @@ class WriterProcess:
     def retry_sidecars(self) -> Future[None]:
         """Final sidecars the directory did not take: try them again (it is writable now)."""
         self._send(("retry_sidecars",))
-        return _done()
+        return _DONE
 
     @property
     def opening(self) -> int:
@@ -369,10 +369,16 @@ class WriterProcess:
         self._spawn()
 
 
-def _done() -> Future[None]:
+def _completed() -> Future[None]:
     future: Future[None] = Future()
     future.set_result(None)
     return future
+
+
+# What `open`, `write` and `rename` return: the child reports their outcomes on its own. A
+# Future costs ~25 µs to make (its Condition), once per new tap in a burst; this one is done and
+# never changes, so it is shared.
+_DONE = _completed()
 
 
 # -- the child -----------------------------------------------------------------------------------
