@@ -466,7 +466,8 @@ SETTINGS: tuple[Setting, ...] = (
         "rtp_recv_buffer",
         "size",
         32 * 1024 * 1024,
-        "SO_RCVBUF requested for the RTP socket (the kernel may grant less).",
+        "SO_RCVBUF requested for the RTP socket (the kernel may grant less); also the most "
+        "the receiver reads ahead into its own memory while a burst of new streams keeps it busy.",
         _positive,
     ),
     Setting(

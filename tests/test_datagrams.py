@@ -99,6 +99,34 @@ def test_every_datagram_in_order_with_its_source(family: int, host: str, which: 
         s.close()
 
 
+@pytest.mark.parametrize(("family", "host"), FAMILIES, ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("which", [0, 1], ids=["recvfrom", "default"])
+def test_a_detached_batch_outlives_the_next_read(family: int, host: str, which: int) -> None:
+    """What the receiver reads ahead (receiver.rtp.backlog): a copy of a batch, as narrow as its
+    longest datagram, that says the same after the reader has read over its buffer."""
+    reader = readers()[which]
+    rx, tx = pair(family, host)
+    first = [bytes([i]) * (i * 7 % 200) for i in range(40)]  # sizes 0..196, the longest not last
+    for data in first:
+        tx.sendto(data, rx.getsockname())
+    batch = reader.read(rx)  # loopback: each sendto has queued its datagram on return
+    assert batch is not None and batch.count == len(first)
+    copy = batch.detached()
+    keys = [batch.key(i) for i in range(batch.count)]
+    for data in reversed(first):  # over the reader's buffers, from another source
+        tx2 = socket.socket(family, socket.SOCK_DGRAM)
+        tx2.bind((host, 0))
+        tx2.sendto(data[::-1] + b"x", rx.getsockname())
+        tx2.close()
+    read_all(reader, rx, len(first))
+    assert copy.datas() == first
+    assert [copy.key(i) for i in range(copy.count)] == keys
+    assert copy.rows.shape[1] % 16 == 0 and copy.rows.shape[1] >= max(map(len, first))
+    assert copy.rows.flags.c_contiguous
+    for s in (rx, tx):
+        s.close()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="recvmmsg is Linux only")
 def test_an_oversized_datagram_is_counted_and_the_rest_is_intact() -> None:
     reader = open_reader()

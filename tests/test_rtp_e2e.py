@@ -265,6 +265,40 @@ def test_a_stream_whose_first_packets_waited_in_the_socket_is_recorded_whole(
     assert np.array_equal(samples, expected)
 
 
+def test_a_burst_of_new_streams_is_read_ahead_and_every_one_is_recorded_exactly(
+    make_server: Any,
+) -> None:
+    """500 new sources whose packets all wait in the socket when the server resumes (it is
+    stopped while they are sent, as after a restart while calls are tapped): creating their
+    streams holds the loop for longer than a tick, so the rest is read ahead into the
+    process's memory meanwhile (`read_ahead`), and every WAV is the audio sent, sample for
+    sample, with nothing lost."""
+    server: ServerProcess = make_server("--no-auth", "--rtp-idle-timeout", IDLE)
+    assert server.proc is not None
+    sources, packets = 500, 6
+    socks = [sender() for _ in range(sources)]
+    audio = [noise(160 * packets, 1000 + i) for i in range(sources)]
+    dest = ("127.0.0.1", server.rtp_port)
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        for n in range(packets):  # round by round, as live calls send
+            for sock, payload in zip(socks, audio, strict=True):
+                sock.sendto(packet(n, 160 * n, payload[160 * n : 160 * (n + 1)]), dest)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    sidecars = {s["tap_id"]: s for s in finished_sidecars(server, sources)}
+    assert len(sidecars) == sources
+    for sock, payload in zip(socks, audio, strict=True):
+        name = tap_name(sock)
+        assert sidecars[name]["rtp"]["received"] == packets, name
+        samples, _ = read_wav(server.recordings / f"{name}.wav")
+        assert np.array_equal(samples, reference.decode("PCMU", payload)), name
+    health = server.health()
+    assert health is not None
+    assert health["rtp"]["read_ahead"] > 0  # the path under test was taken
+    assert health["rtp"]["packets_refused"] == 0
+
+
 def test_dtmf_cn_and_ssrc_change_on_one_source(rtp_server: ServerProcess) -> None:
     sock = sender()
     dest = ("127.0.0.1", rtp_server.rtp_port)
