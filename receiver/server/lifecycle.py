@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import socket
@@ -31,6 +30,7 @@ from receiver.http.public_urls import ConnectInfo, PublicUrls
 from receiver.inspect.api import RecordingsApi
 from receiver.live.hub import LiveHub
 from receiver.live.nats_publisher import NatsLive
+from receiver.memory import collect_less
 from receiver.rtp.receiver import RtpReceiver
 from receiver.server.load import LoadMeter
 from receiver.server.loop import loop_name
@@ -339,10 +339,7 @@ class Server:
         ]
         if self.recover_interrupted:
             self._tasks.append(asyncio.create_task(self.recover(), name="recovery"))
-        # What exists now (modules, the app and its routes) lives as long as the process: keep
-        # it out of every later full garbage collection, whose pause grows with what it scans.
-        gc.collect()
-        gc.freeze()
+        collect_less()  # what exists now lives as long as the process (receiver.memory)
         log.info(
             "tap-receiver ready on %s://%s:%d (%s), recordings in %s",
             self.scheme,

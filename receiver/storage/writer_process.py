@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import gc
 import logging
 import os
 import pickle
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from receiver.child_process import die_with_parent
-from receiver.memory import keep_freed_memory
+from receiver.memory import collect_less, keep_freed_memory
 from receiver.storage.call_file import CallLeg
 from receiver.storage.wav_sink import SinkInfo, WavSink
 from receiver.storage.writer import DiskWriter, Finished, Pending
@@ -47,7 +46,6 @@ STATS_INTERVAL = 0.05  # seconds between the child's reports of its counters
 STARTUP_TIMEOUT = 30.0  # seconds the child may take to import and say it is ready
 NICENESS = 5  # the child's scheduling priority below the server's (about a quarter of a core)
 READ_CHUNK = 1 << 20
-GC_THRESHOLD = 50_000  # allocations between the writer's young-generation collections
 PIPE_SIZE = 1 << 20  # a flush of thousands of taps is megabytes: 64 KiB pipes take 16x the calls
 
 
@@ -508,11 +506,7 @@ def main(argv: list[str]) -> int:
     writer = DiskWriter(open_duty=1.0)
     writer.worker = int(worker) if worker else None
     child = _Child(writer, sys.stdout.buffer)
-    # Every batch unpickles a few small objects per tap (its runs and their lists): with the
-    # default thresholds the collector ran several times a batch, each time walking what was
-    # built at start-up too. Nothing here builds cycles that need collecting that soon.
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, 20, 20)
+    collect_less()  # every batch unpickles a few small objects per tap (receiver.memory)
     child.send(("ready",))
     source = sys.stdin.fileno()
     buffer = bytearray()
