@@ -247,7 +247,7 @@ class RtpReceiver:
                     try:
                         batch = read(endpoint.sock)
                     except OSError as exc:
-                        self._socket_error(exc)
+                        self._socket_error(exc, f"on port {endpoint.port}")
                         break
                     if batch is None:
                         break
@@ -276,9 +276,9 @@ class RtpReceiver:
             self.behind = False
         return drained
 
-    def _socket_error(self, exc: OSError) -> None:
+    def _socket_error(self, exc: OSError, where: str) -> None:
         self.counters["socket_errors"] += 1
-        log.debug("UDP socket error: %s", exc)
+        log.debug("UDP socket error %s: %s", where, exc)
 
     def _read_ahead(self) -> None:
         """A batch is taking long: take what waits in the sockets out of the kernel's buffer."""
@@ -287,7 +287,7 @@ class RtpReceiver:
         try:
             self.backlog.fill(key.data for key, _ in self._selector.select(0))
         except OSError as exc:
-            self._socket_error(exc)
+            self._socket_error(exc, "reading ahead")
 
     def handle_batch(self, sock: RtpSocket, batch: Batch) -> None:
         """The fast lane takes what it can; the rest goes through `handle`, in arrival order

@@ -367,16 +367,11 @@ class WriterProcess:
         self._spawn()
 
 
-def _completed() -> Future[None]:
-    future: Future[None] = Future()
-    future.set_result(None)
-    return future
-
-
-# What `open`, `write` and `rename` return: the child reports their outcomes on its own. A
-# Future costs ~25 µs to make (its Condition), once per new tap in a burst; this one is done and
-# never changes, so it is shared.
-_DONE = _completed()
+# What `open`, `write`, `rename` and `retry_sidecars` return: the child reports their outcomes on
+# its own. A Future costs ~25 µs to make (its Condition), once per new tap in a burst; this one is
+# done and never changes, so it is shared.
+_DONE: Future[None] = Future()
+_DONE.set_result(None)
 
 
 # -- the child -----------------------------------------------------------------------------------
