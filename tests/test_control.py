@@ -178,7 +178,7 @@ def test_source_registration_names_a_stream_on_the_shared_port(make_server: Any)
     late.bind(("127.0.0.1", 0))
     send_rtp(server.rtp_port, audio, late)
     provisional = f"rtp-127.0.0.1-{late.getsockname()[1]}"
-    assert (server.recordings / f"{provisional}.wav").exists()
+    wait_until(lambda: (server.recordings / f"{provisional}.wav").exists(), "its recording")
     late_source = f"127.0.0.1:{late.getsockname()[1]}"
     asyncio.run(
         post(f"{server.base_url}/api/taps", {"tap_id": "named-late", "source": late_source})

@@ -200,6 +200,50 @@ def test_a_gap_is_given_up_after_the_jitter_window_while_the_sender_pauses(
     assert (sidecar["rtp"]["lost"], sidecar["rtp"]["received"]) == (1, 11)
 
 
+def test_a_packet_that_came_just_in_time_fills_its_gap(make_server: Any) -> None:
+    """The jitter window is measured against what has been read, not against the clock: a
+    packet that reaches the socket just before its gap's deadline fills the gap, even when the
+    sockets are next read after that deadline (they are read every 20 ms, held packets are
+    released on their own timer). Several streams, their deadlines spread over a read interval;
+    each sends its missing packet 10 ms before the deadline. Nothing is lost."""
+    window, streams = 0.3, 6
+    server: ServerProcess = make_server(
+        "--no-auth", "--rtp-idle-timeout", "60", "--rtp-jitter-ms", str(int(window * 1000))
+    )
+    socks = [sender() for _ in range(streams)]
+    audio = [noise(160 * 8, seed=30 + k) for k in range(streams)]
+    dest = ("127.0.0.1", server.rtp_port)
+
+    def send(k: int, n: int) -> None:
+        socks[k].sendto(packet(n, 160 * n, audio[k][n * 160 : (n + 1) * 160]), dest)
+
+    sent_3 = []
+    for k in range(streams):
+        for n in (0, 1, 3):  # 3 is held behind the gap at 2 until the window has passed
+            send(k, n)
+        sent_3.append(time.monotonic())
+        time.sleep(0.007)  # pacing: the deadlines fall at different points of a read interval
+    in_time = []
+    for k in range(streams):
+        # pacing: the missing packet goes 10 ms before the deadline (the window after 3 arrived)
+        time.sleep(max(0.0, sent_3[k] + window - 0.010 - time.monotonic()))
+        send(k, 2)
+        if time.monotonic() < sent_3[k] + window:  # it reached the socket before the deadline
+            in_time.append(k)
+    for k in range(streams):
+        for n in range(4, 8):
+            send(k, n)
+    assert len(in_time) >= 2, "this machine was too slow to send in time: nothing was tested"
+    for k in in_time:
+        live = wait_for_live_frames(server, tap_name(socks[k]), 8 * 160)
+        assert (live["rtp"]["lost"], live["rtp"]["late"], live["rtp"]["received"]) == (0, 0, 8)
+    assert server.stop() == 0
+    for k in in_time:
+        samples, sidecar = finished_recording(server, tap_name(socks[k]))
+        assert np.array_equal(samples, reference.decode("PCMU", audio[k]))
+        assert (sidecar["rtp"]["lost"], sidecar["rtp"]["late"]) == (0, 0)
+
+
 def test_a_stall_of_the_receiver_does_not_split_calls(make_server: Any) -> None:
     """The server process is stopped for 2 s (4x the idle timeout) while 300 calls go on sending.
     When it resumes, tens of thousands of their packets are still queued in the socket buffer,

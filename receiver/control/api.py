@@ -344,7 +344,7 @@ class ControlApi:
             and addr != self.public_address
         ):  # machines of a fleet may share rtp_port_range: the address picks the machine
             return False, "no registered port matches"
-        # Sockets are read every 5 ms: read what arrived before this event, so a stream that
+        # Sockets are read every 20 ms: read what arrived before this event, so a stream that
         # has started is found (and named) now.
         self.rtp.receive()
         key = rtp_port_key(port)

@@ -77,10 +77,12 @@ class Discard:
 class RtpSocket:
     """One bound UDP socket: the shared port, or a pool port reserved for one tap."""
 
-    def __init__(self, sock: socket.socket, port: int, pool: bool) -> None:
+    def __init__(self, sock: socket.socket, port: int, pool: bool, calm_reads: int = 0) -> None:
         self.sock = sock
         self.port = port
         self.pool = pool
+        # Datagrams one drain may find and still leave the receiver its long sleep (receiver.py)
+        self.calm_reads = calm_reads
         self.owner: RtpStream | None = None  # a pool port's first stream: the tap it is for
         self.streams: dict[Hashable, RtpStream] = {}  # by the reader's source key
 

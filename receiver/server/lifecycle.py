@@ -332,7 +332,6 @@ class Server:
         self._tasks = [
             asyncio.create_task(self.registry.run_flusher(), name="flusher"),
             asyncio.create_task(self.live.run(), name="live"),
-            asyncio.create_task(self.rtp.run_housekeeping(), name="rtp-housekeeping"),
             asyncio.create_task(self.metrics.watch_loop_lag(), name="loop-lag"),
             asyncio.create_task(self.load.run(), name="load-meter"),
             asyncio.create_task(self.run_guards(), name="guards"),
