@@ -203,9 +203,10 @@ def test_a_gap_is_given_up_after_the_jitter_window_while_the_sender_pauses(
 def test_a_packet_that_came_just_in_time_fills_its_gap(make_server: Any) -> None:
     """The jitter window is measured against what has been read, not against the clock: a
     packet that reaches the socket just before its gap's deadline fills the gap, even when the
-    sockets are next read after that deadline (they are read every 20 ms, held packets are
-    released on their own timer). Several streams, their deadlines spread over a read interval;
-    each sends its missing packet 10 ms before the deadline. Nothing is lost."""
+    sockets are next read after that deadline (they are read every 20 ms; held packets are
+    released after a read, by the time up to which everything was read). Several streams,
+    their deadlines spread over a read interval; each sends its missing packet 10 ms before the
+    deadline. Nothing is lost."""
     window, streams = 0.3, 6
     server: ServerProcess = make_server(
         "--no-auth", "--rtp-idle-timeout", "60", "--rtp-jitter-ms", str(int(window * 1000))

@@ -77,7 +77,7 @@ class Discard:
 class RtpSocket:
     """One bound UDP socket: the shared port, or a pool port reserved for one tap."""
 
-    def __init__(self, sock: socket.socket, port: int, pool: bool, calm_reads: int = 0) -> None:
+    def __init__(self, sock: socket.socket, port: int, pool: bool, calm_reads: int) -> None:
         self.sock = sock
         self.port = port
         self.pool = pool
