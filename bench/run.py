@@ -1,6 +1,6 @@
 """Benchmark runner: step the load to find the maximum sustainable rate; print a table, write JSON.
 
-    python -m bench.run                 # the full table (about 7-8 minutes), README "Performance"
+    python -m bench.run                 # the full table (about 12 minutes), README "Performance"
     python -m bench.run --quick         # a few streams for a few seconds (the smoke test)
     python -m bench.run --series rtp1 --rtp-steps 3000 --seconds 60    # one point
     python -m bench.run --series sink,opus,g722 --codec-steps 300,600 --seconds 10
@@ -17,7 +17,8 @@ CPU microseconds per packet, RSS (idle and loaded, per tap), bytes and write cal
 vs expected), that every WAV has exactly the expected length, and that a sample of them equals
 the deterministic payloads sample for sample (decoded with the stdlib's audioop, independent of
 the receiver's codec). The same run measures a bare counting uvloop sink (bench.sink) on the
-same core, for the ratio to the limit.
+same core, for the ratio to the limit: at each count both run, the sink's step and the receiver's
+run back to back (`ratio_cpu_cost_by_streams` in the summary).
 
 A step is sustainable when nothing was lost, every WAV is exact and complete, and the senders kept
 their pace (otherwise the step is marked sender-limited and the series stops there).
@@ -617,6 +618,18 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def counts(steps: str) -> list[int]:
+    return [int(s) for s in steps.split(",") if s.strip()]
+
+
+def grouped(rows: list[Row]) -> list[Row]:
+    """The rows of each series together, series in the order they first ran."""
+    first: dict[tuple[str, int], int] = {}
+    for i, r in enumerate(rows):
+        first.setdefault((r.series, r.workers), i)
+    return sorted(rows, key=lambda r: first[(r.series, r.workers)])
+
+
 def best(rows: list[Row], series: str, workers: int) -> Row | None:
     good = [r for r in rows if r.series == series and r.workers == workers and r.sustainable]
     return max(good, key=lambda r: r.streams) if good else None
@@ -660,6 +673,14 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
             sink_row.us_per_packet / receiver.us_per_packet, 3
         )
         out["ratio_cpu_cost_at_streams"] = receiver.streams
+        # At every count both ran (back to back, see main)
+        by_count = {
+            str(n): round(same[("sink", n, t)].us_per_packet / r.us_per_packet, 3)
+            for (kind, n, t), r in same.items()
+            if kind == "rtp" and ("sink", n, t) in same and r.us_per_packet
+        }
+        if by_count:
+            out["ratio_cpu_cost_by_streams"] = by_count
     sinks = {r.streams: r for r in rows if r.series == "sink" and r.sustainable}
     for codec in ("opus", "g722"):  # CPU per packet against the bare sink at the same count
         same_count = [r for r in rows if r.series == codec and r.sustainable and r.streams in sinks]
@@ -748,24 +769,49 @@ def main(argv: list[str] | None = None) -> int:
     def over_budget() -> bool:
         return bool(time.monotonic() - started > args.budget)
 
+    def step(run_step: Any, count: int) -> bool:
+        """One step; False once the budget is spent or the step was not sustainable."""
+        if over_budget():
+            print(f"(budget of {args.budget:.0f} s reached: skipping the rest)", flush=True)
+            return False
+        row = run_step(count)
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+        return row.sustainable
+
     def stepped(run_step: Any, steps: str) -> None:
-        for count in [int(s) for s in steps.split(",") if s.strip()]:
-            if over_budget():
-                print(f"(budget of {args.budget:.0f} s reached: skipping the rest)", flush=True)
-                return
-            row = run_step(count)
-            rows.append(row)
-            print(table([row]).splitlines()[-1], flush=True)
-            if not row.sustainable:
+        for count in counts(steps):
+            if not step(run_step, count):
                 return
 
+    def sink(n: int) -> Row:
+        return sink_step(workdir, n, args.seconds, args)
+
+    def rtp1(n: int) -> Row:
+        return rtp_step(workdir, n, args.seconds, 1, args)
+
+    # The sink and the receiver at the same count run back to back: this VM's speed drifts over
+    # minutes, and the ratio compares the two.
+    if "sink" in series and "rtp1" in series:
+        series = [s for s in series if s != "sink"]
+        series[series.index("rtp1")] = "sink+rtp1"
     print(HEADER, flush=True)
     try:
         for name in series:
             if name == "sink":
-                stepped(lambda n: sink_step(workdir, n, args.seconds, args), args.sink_steps)
+                stepped(sink, args.sink_steps)
             elif name == "rtp1":
-                stepped(lambda n: rtp_step(workdir, n, args.seconds, 1, args), args.rtp_steps)
+                stepped(rtp1, args.rtp_steps)
+            elif name == "sink+rtp1":
+                sink_counts, rtp_counts = counts(args.sink_steps), counts(args.rtp_steps)
+                going = {"sink": True, "rtp": True}
+                for n in sorted(set(sink_counts) | set(rtp_counts)):
+                    if n in sink_counts and going["sink"]:
+                        going["sink"] = step(sink, n)
+                    if n in rtp_counts and going["rtp"]:
+                        going["rtp"] = step(rtp1, n)
+                    if over_budget():
+                        break
             elif name == "live":
                 steps = args.live_steps or args.rtp_steps
                 stepped(lambda n: rtp_step(workdir, n, args.seconds, 1, args, "live"), steps)
@@ -803,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     summary = summarize(rows)
     print()
-    print(table(rows))
+    print(table(grouped(rows)))
     print()
     print(json.dumps(summary, indent=2))
     result = {

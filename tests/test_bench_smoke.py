@@ -28,6 +28,9 @@ def test_bench_runner_quick(tmp_path: Path) -> None:
             assert row["wavs_exact"] and row["samples_compared"] > 0, row
             assert row["us_per_packet"] > 0 and row["rss_mib"] > 0, row
     assert data["summary"]["rtp_1_worker"]["max_streams"] == 40
+    # The sink and the receiver ran back to back at 40 streams: their ratio is reported there
+    assert set(data["summary"]["ratio_cpu_cost_by_streams"]) == {"40"}
+    assert [r["series"] for r in rows][:2] == ["sink", "rtp"]
     # 40 streams starting at once, and 80 offered: every one recorded exactly, none refused
     assert data["summary"]["burst_streams_exact"] == 40
     assert data["summary"]["overload"] == {

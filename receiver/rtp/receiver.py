@@ -327,15 +327,17 @@ class RtpReceiver:
         done = self.lane.process(batch)
         self.counters["fast_lane_packets"] += int(done.sum())
         self.counters["packets_refused"] += self.refused.drop(batch, done)
+        rest = np.flatnonzero(~done)
+        if not rest.size:
+            return
         streams = sock.streams
-        arrivals = batch.arrivals.tolist()
-        lane_keys = batch.lane_keys.tolist()
+        arrivals, lane_keys = batch.arrivals[rest].tolist(), batch.lane_keys[rest].tolist()
         clock = time.monotonic
         read_ahead_at = clock() + READ_AHEAD_AFTER
-        for i in np.flatnonzero(~done).tolist():
+        for i, arrival, lane_key in zip(rest.tolist(), arrivals, lane_keys, strict=True):
             key = batch.key(i)
             try:
-                self.handle(batch.data(i), key, sock, arrivals[i], streams.get(key), lane_keys[i])
+                self.handle(batch.data(i), key, sock, arrival, streams.get(key), lane_key)
             except Exception:
                 self._internal_error(key)
             if clock() >= read_ahead_at:
