@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -769,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     def over_budget() -> bool:
         return bool(time.monotonic() - started > args.budget)
 
-    def step(run_step: Any, count: int) -> bool:
+    def step(run_step: Callable[[int], Row], count: int) -> bool:
         """One step; False once the budget is spent or the step was not sustainable."""
         if over_budget():
             print(f"(budget of {args.budget:.0f} s reached: skipping the rest)", flush=True)
@@ -779,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table([row]).splitlines()[-1], flush=True)
         return row.sustainable
 
-    def stepped(run_step: Any, steps: str) -> None:
+    def stepped(run_step: Callable[[int], Row], steps: str) -> None:
         for count in counts(steps):
             if not step(run_step, count):
                 return
