@@ -39,6 +39,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -791,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
     def rtp1(n: int) -> Row:
         return rtp_step(workdir, n, args.seconds, 1, args)
 
+    def codec_step(codec: str, n: int) -> Row:
+        return rtp_step(workdir, n, args.seconds, 1, args, codec, codec=codec)
+
     # The sink and the receiver at the same count run back to back: this VM's speed drifts over
     # minutes, and the ratio compares the two.
     if "sink" in series and "rtp1" in series:
@@ -821,10 +825,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "ws":
                 stepped(lambda n: ws_step(workdir, n, args.seconds, 1, args), args.ws_steps)
             elif name in ("opus", "g722"):
-                stepped(
-                    lambda n, c=name: rtp_step(workdir, n, args.seconds, 1, args, c, codec=c),
-                    args.codec_steps,
-                )
+                stepped(partial(codec_step, name), args.codec_steps)
             elif name in ("burst", "overload"):
                 sustained = best(rows, "rtp", 1)
                 n = args.burst_streams or (sustained.streams if sustained else 0)
