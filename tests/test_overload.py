@@ -246,6 +246,41 @@ def test_kill_9_after_a_burst_loses_at_most_a_flush_of_the_recording_tap(
     assert frames >= sent_frames - int((flush + 0.5) * 8000), (frames, sent_frames)
 
 
+def test_kill_9_loses_at_most_a_flush_of_every_tap(make_server: Any, tmp_path: Path) -> None:
+    """Taps are flushed a slice at a time (ten slices of the default 1 s flush_interval): each
+    of a dozen recording taps, whatever its slice, keeps all but the last flush_interval of its
+    audio when the server is killed, and every one is exact."""
+    recordings = tmp_path / "slices"
+    flush = 1.0
+    server: ServerProcess = make_server(
+        "--no-auth", "--flush-interval", str(flush), recordings=recordings
+    )
+    senders = [RealTimeSender(server.rtp_port, seconds=60.0, seed=seed) for seed in range(12)]
+    for sender in senders:
+        sender.start()
+
+    def written(sender: RealTimeSender) -> int:
+        return wav_frames(recordings / f"{sender.name}.wav") or 0
+
+    # Every tap has had at least two batches written (two turns of its slice)
+    wait_until(lambda: all(written(s) > 8000 for s in senders), "two batches of every tap")
+    for sender in senders:
+        sender.stop.set()
+    for sender in senders:
+        sender.join()
+    server.kill9()
+    second: ServerProcess = make_server("--no-auth", recordings=recordings)
+    wait_for_health(second, lambda h: h["recovery"]["state"] == "done", "recovery done")
+    for sender in senders:
+        wav = recordings / f"{sender.name}.wav"
+        frames = assert_header_matches_data(wav)
+        samples, _ = read_wav(wav)
+        assert np.array_equal(samples, reference.decode("PCMU", sender.audio[:frames]))
+        # At most one flush (and what was still in flight) is missing.
+        sent_frames = sender.sent * 160
+        assert frames >= sent_frames - int((flush + 0.5) * 8000), (sender.name, frames)
+
+
 def test_thousands_of_interrupted_recordings_are_recovered_while_new_taps_record(
     make_server: Any, tmp_path: Path
 ) -> None:
