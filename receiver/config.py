@@ -357,7 +357,8 @@ SETTINGS: tuple[Setting, ...] = (
         "flush_interval",
         "float",
         1.0,
-        "Seconds of audio buffered per tap before a batch is written.",
+        "Seconds of audio buffered per tap before a batch is written (a tenth of the taps every "
+        "tenth of it, so thousands of taps never hold the event loop at once).",
         _between(0.05, 60),
     ),
     Setting(
