@@ -12,12 +12,12 @@ packet since it armed); after a packet the general path handled, `arm` tries aga
 qualifies only if its stream has no other packet in the batch, so packets of one stream are
 always applied in arrival order.
 
-The audio of applied packets is copied into a per-slot store (one row of a 2-D array; one slice
-assignment per packet) and handed to the tap's buffer as one chunk when the store is full, when
-the stream is synced or disarmed, and before every flush (`drain_all`): no call into the buffer
-per packet, and the buffer sees audio in exactly the order the timeline made it.
+The audio of applied packets is copied into a per-slot store (one row of a 2-D array, one numpy
+scatter per batch) and handed to the tap's buffer as one chunk when the store is full, when the
+stream is synced or disarmed, and before its tap is flushed (`drain`, `drain_all`): no call into
+the buffer per packet, and the buffer sees audio in exactly the order the timeline made it.
 
-The equivalence with the general path is a property test (tests/test_fuzz.py).
+The equivalence with the general path is a property test (tests/test_fuzz_fast_lane.py).
 """
 
 from __future__ import annotations
