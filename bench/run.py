@@ -17,8 +17,8 @@ CPU microseconds per packet, RSS (idle and loaded, per tap), bytes and write cal
 vs expected), that every WAV has exactly the expected length, and that a sample of them equals
 the deterministic payloads sample for sample (decoded with the stdlib's audioop, independent of
 the receiver's codec). The same run measures a bare counting uvloop sink (bench.sink) on the
-same core, for the ratio to the limit: at each count both run, the sink's step and the receiver's
-run back to back (`ratio_cpu_cost_by_streams` in the summary).
+same core, for the ratio to the limit: at each count in both --sink-steps and --rtp-steps, the
+sink's step and the receiver's run back to back (`ratio_cpu_cost_by_streams` in the summary).
 
 A step is sustainable when nothing was lost, every WAV is exact and complete, and the senders kept
 their pace (otherwise the step is marked sender-limited and the series stops there).
@@ -757,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rtp_steps, args.sink_steps, args.ws_steps = "40", "40", "20"
+        args.rtp_steps, args.sink_steps, args.ws_steps = "20,40", "20,40", "20"
         args.codec_steps = "40"
         args.seconds, args.hold_seconds = 2.0, 0.0
         args.processes = 2
@@ -772,18 +772,21 @@ def main(argv: list[str] | None = None) -> int:
         return bool(time.monotonic() - started > args.budget)
 
     def step(run_step: Callable[[int], Row], count: int) -> bool:
-        """One step; False once the budget is spent or the step was not sustainable."""
-        if over_budget():
-            print(f"(budget of {args.budget:.0f} s reached: skipping the rest)", flush=True)
-            return False
+        """One step; False if it was not sustainable."""
         row = run_step(count)
         rows.append(row)
         print(table([row]).splitlines()[-1], flush=True)
         return row.sustainable
 
+    def budget_left() -> bool:
+        if over_budget():
+            print(f"(budget of {args.budget:.0f} s reached: skipping the rest)", flush=True)
+            return False
+        return True
+
     def stepped(run_step: Callable[[int], Row], steps: str) -> None:
         for count in counts(steps):
-            if not step(run_step, count):
+            if not budget_left() or not step(run_step, count):
                 return
 
     def sink(n: int) -> Row:
@@ -810,13 +813,14 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "sink+rtp1":
                 sink_counts, rtp_counts = counts(args.sink_steps), counts(args.rtp_steps)
                 going = {"sink": True, "rtp": True}
-                for n in sorted(set(sink_counts) | set(rtp_counts)):
+                # The receiver's steps in the order given, each after the sink's at that count
+                for n in rtp_counts + [c for c in sink_counts if c not in rtp_counts]:
+                    if not budget_left():
+                        break
                     if n in sink_counts and going["sink"]:
                         going["sink"] = step(sink, n)
                     if n in rtp_counts and going["rtp"]:
                         going["rtp"] = step(rtp1, n)
-                    if over_budget():
-                        break
             elif name == "live":
                 steps = args.live_steps or args.rtp_steps
                 stepped(lambda n: rtp_step(workdir, n, args.seconds, 1, args, "live"), steps)

@@ -357,8 +357,9 @@ SETTINGS: tuple[Setting, ...] = (
         "flush_interval",
         "float",
         1.0,
-        "Seconds of audio buffered per tap before a batch is written (a tenth of the taps every "
-        "tenth of it, so thousands of taps never hold the event loop at once).",
+        "Seconds of audio buffered per tap before a batch is written (the taps take turns in "
+        "slices, one about every 0.1 s: a tenth of them at the default, so flushing thousands "
+        "of taps never holds the event loop for long).",
         _between(0.05, 60),
     ),
     Setting(

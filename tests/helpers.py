@@ -135,17 +135,19 @@ def wait_for_live(
 ) -> dict[str, Any]:
     """Wait until the active tap `name` (GET /api/taps/{name}) has `live` counters that
     `predicate` accepts, and return them. Fails at once if the tap is no longer active (its
-    recording has a sidecar but no live counters)."""
+    recording's sidecar says it ended, and there are no live counters)."""
 
     def check() -> dict[str, Any] | None:
         status, body = server.api_get(f"/api/taps/{name}")
         if status == 404:
             return None  # not started yet
         assert status == 200, (status, body)
-        live = body["live"]
-        if live is None and body["sidecar"] is None:
-            return None  # a file without a sidecar: a name the writer is claiming right now
-        assert live is not None, f"{name} ended while waiting for {what}: {body['sidecar']}"
+        live, sidecar = body["live"], body["sidecar"]
+        if live is None and (sidecar is None or sidecar.get("state") == "recording"):
+            # The writer has claimed the name (a file, maybe its first sidecar) and the server
+            # has not heard yet which tap it is: that message is on its way.
+            return None
+        assert live is not None, f"{name} ended while waiting for {what}: {sidecar}"
         return live if predicate(live) else None
 
     return wait_until(check, f"{name}: {what}", timeout)

@@ -28,9 +28,11 @@ def test_bench_runner_quick(tmp_path: Path) -> None:
             assert row["wavs_exact"] and row["samples_compared"] > 0, row
             assert row["us_per_packet"] > 0 and row["rss_mib"] > 0, row
     assert data["summary"]["rtp_1_worker"]["max_streams"] == 40
-    # The sink and the receiver ran back to back at 40 streams: their ratio is reported there
-    assert set(data["summary"]["ratio_cpu_cost_by_streams"]) == {"40"}
-    assert [r["series"] for r in rows][:2] == ["sink", "rtp"]
+    # The sink's and the receiver's steps at each count ran back to back, and their ratio is
+    # reported at each
+    steps = [(r["series"], r["streams"]) for r in rows][:4]
+    assert steps == [("sink", 20), ("rtp", 20), ("sink", 40), ("rtp", 40)]
+    assert set(data["summary"]["ratio_cpu_cost_by_streams"]) == {"20", "40"}
     # 40 streams starting at once, and 80 offered: every one recorded exactly, none refused
     assert data["summary"]["burst_streams_exact"] == 40
     assert data["summary"]["overload"] == {

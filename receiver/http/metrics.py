@@ -153,7 +153,7 @@ class Metrics:
         self.write_batch_seconds = _labelled(
             Histogram(
                 "tap_receiver_write_batch_seconds",
-                "Time to render and write one batch of all taps' audio.",
+                "Time to render and write one batch of audio (a slice of the taps, every ~0.1 s).",
                 labels,
                 buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
                 registry=self.registry,

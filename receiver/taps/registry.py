@@ -9,7 +9,6 @@ own bound) instead of queueing more for a writer that is behind.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ from receiver.taps.tap import Tap, utc_now_iso
 
 log = logging.getLogger("receiver.taps")
 BEHIND_LOG_INTERVAL = 10.0  # seconds between log lines about a writer that is behind
-FLUSH_SLICE = 0.1  # seconds between flushes, each of a slice of the taps (run_flusher)
+FLUSH_SLICE = 0.1  # about this many seconds between flushes, each of a slice of the taps
 
 
 class TapRegistry:
@@ -264,9 +263,10 @@ class TapRegistry:
             total.update(tap.dropped_frames())
         return total
 
-    def flush(self, part: int = 0, parts: int = 1) -> None:
+    def flush(self, part: int = 0, parts: int = 1) -> bool:
         """Hand pending audio to the writer as one batch: every tap's, or, of the taps split into
-        `parts` slices by serial number, those of slice `part`."""
+        `parts` slices by serial number, those of slice `part`. False if deferred: the writer
+        is behind (`max_unwritten_bytes`), and the taps keep their audio."""
         taps = None
         if parts > 1:
             taps = [tap for tap in self._active.values() if tap.serial % parts == part]
@@ -283,7 +283,7 @@ class TapRegistry:
                     unwritten,
                     self.max_unwritten_bytes,
                 )
-            return
+            return False
         batch = []
         for tap in self._active.values() if taps is None else taps:
             if tap.buffer.pending:
@@ -292,16 +292,27 @@ class TapRegistry:
                 batch.append((tap.sink, tap.buffer.take()))
         if batch:
             self.writer.write(batch)  # type: ignore[arg-type]
+        return True
 
     async def run_flusher(self) -> None:
-        """Every FLUSH_SLICE seconds the taps of one slice, so each tap's audio goes to the
-        writer every flush_interval and the event loop never spends one long stretch on all of
-        them: with thousands of taps that stretch (~15 µs a tap) outlasted what a socket buffer
-        capped by the host's rmem_max holds, and packets were lost every second."""
+        """The taps in slices (by serial number), one slice about every FLUSH_SLICE seconds, so
+        each tap's audio goes to the writer every flush_interval and the event loop never spends
+        one long stretch on all of them: with thousands of taps that stretch (~15 µs a tap)
+        outlasted what a socket buffer capped by the host's rmem_max holds, and packets were
+        lost every second. The times are fixed (no drift from the flushes' own cost). A slice
+        deferred because the writer is behind is the next one tried, so while the writer
+        catches up every slice waits its turn (none is passed over again and again)."""
         parts = max(1, round(self.flush_interval / FLUSH_SLICE))
-        for part in itertools.cycle(range(parts)):
-            await asyncio.sleep(self.flush_interval / parts)
-            self.flush(part, parts)
+        step = self.flush_interval / parts
+        loop = asyncio.get_running_loop()
+        due, part = loop.time(), 0
+        while True:
+            due += step
+            if due < loop.time() - self.flush_interval:  # a stall (the process was stopped)
+                due = loop.time()  # go on from now, without a burst of every slice at once
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if self.flush(part, parts):
+                part = (part + 1) % parts
 
     def finish_all(self, reason: str) -> list[Future[Finished]]:
         futures = [self.finish(tap, reason) for tap in list(self._active.values())]
