@@ -3,13 +3,14 @@ the shared `rtp_port` and on per-tap ports from `rtp_port_range`.
 
 Datagrams are read in batches (`receiver.rtp.datagrams`: recvmmsg on Linux) every RECEIVE_INTERVAL
 from whichever sockets are readable, instead of one event-loop callback per datagram; every
-SHORT_INTERVAL while a socket's buffer holds less than CALM_MARGIN times what one drain found in
-it. While one batch takes longer than SHORT_INTERVAL (a burst of new streams), what waits in the
-sockets is read ahead into the process's memory (`receiver.rtp.backlog`), so the kernel's capped
-buffer does not overflow. In-order audio of known IPv4 streams is applied to their timelines a
-batch at a time (`receiver.rtp.fast_lane`); every other datagram goes through `handle`, which never
-raises: it looks the stream up by source and pushes the packet into it (`receiver.rtp.stream`).
-After each drain, packets held for reordering are released and idle streams ended.
+SHORT_INTERVAL while a socket's buffer holds less than CALM_MARGIN times what a drain every
+RECEIVE_INTERVAL would find in it (`_judge_crowding`). While one batch takes longer than
+SHORT_INTERVAL (a burst of new streams), what waits in the sockets is read ahead into the
+process's memory (`receiver.rtp.backlog`), so the kernel's capped buffer does not overflow.
+In-order audio of known IPv4 streams is applied to their timelines a batch at a time
+(`receiver.rtp.fast_lane`); every other datagram goes through `handle`, which never raises: it
+looks the stream up by source and pushes the packet into it (`receiver.rtp.stream`). After each
+drain, packets held for reordering are released and idle streams ended.
 
 A new source becomes a stream if admission allows it (receiver.taps.admission), under the name
 the control plane expects for it (receiver.taps.naming: a registered pool port or source), else
@@ -159,7 +160,9 @@ class RtpReceiver:
         self._selector = selectors.DefaultSelector()
         self._closed = False  # shutdown: sockets read for the last time, or closed
         self._pump: asyncio.Handle | None = None
-        self._crowded = False  # the last drain found more than a socket's calm_reads
+        self._crowded = False  # a socket's traffic is more than its calm_reads per drain
+        self._window_start = 0.0  # datagrams found per socket since then (`_judge_crowding`)
+        self._window: dict[RtpSocket, int] = {}
         self.read_until = 0.0  # every datagram that reached the sockets before it is handled
         self._next_idle_check = 0.0
 
@@ -259,7 +262,7 @@ class RtpReceiver:
         if self._closed:
             return True
         read = self.reader.read
-        drained, crowded = True, False
+        drained = True
         started = time.monotonic()  # what had arrived by now is read, if the sockets drain
         oldest = float("inf")  # the arrival of the oldest datagram read now
         ready: list[RtpSocket] = [key.data for key, _ in self._selector.select(0)]
@@ -285,8 +288,9 @@ class RtpReceiver:
                     break
             else:
                 drained = False
-            crowded = crowded or found > endpoint.calm_reads
-        self._crowded = crowded
+            if found:
+                self._window[endpoint] = self._window.get(endpoint, 0) + found
+        self._judge_crowding(started)
         counters = self.counters
         counters["truncated"] = self.reader.truncated + self.backlog.reader.truncated
         counters["read_ahead"] = self.backlog.datagrams
@@ -306,6 +310,19 @@ class RtpReceiver:
         if drained:
             self.read_until = started
         return drained
+
+    def _judge_crowding(self, now: float) -> None:
+        """Every SHORT_INTERVAL at most: is a socket's traffic, as a drain every
+        RECEIVE_INTERVAL would find it, more than its calm_reads? Judged on what the drains
+        found over that time, not on the last one: a drain 5 ms (or, when behind, 0 ms) after
+        the one before finds a fraction, which must not make the next wait the long one."""
+        elapsed = now - self._window_start
+        if elapsed < SHORT_INTERVAL:
+            return
+        per_drain = RECEIVE_INTERVAL / elapsed
+        self._crowded = any(n * per_drain > e.calm_reads for e, n in self._window.items())
+        self._window.clear()
+        self._window_start = now
 
     def _socket_error(self, exc: OSError, where: str) -> None:
         self.counters["socket_errors"] += 1

@@ -307,10 +307,10 @@ class TapRegistry:
         loop = asyncio.get_running_loop()
         due, part = loop.time(), 0
         while True:
-            due += step
-            if due < loop.time() - self.flush_interval:  # a stall (the process was stopped)
-                due = loop.time()  # go on from now, without a burst of every slice at once
-            await asyncio.sleep(max(0.0, due - loop.time()))
+            # Fixed times; a slice that is late (the loop was busy) goes now, and the next one
+            # a step later: late slices never run back to back while the receiver catches up.
+            due = max(due + step, loop.time())
+            await asyncio.sleep(due - loop.time())
             if self.flush(part, parts):
                 part = (part + 1) % parts
 
